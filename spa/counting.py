@@ -1,0 +1,47 @@
+"""Params and MACs of a model, from its constants and the concrete shapes of one probe run."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+
+def count_params(proto: onnx.ModelProto) -> int:
+    """Elements of floating-point initializers (Constant nodes are moved there at load)."""
+    total = 0
+    for t in proto.graph.initializer:
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                           onnx.TensorProto.BFLOAT16):
+            total += int(np.prod(t.dims)) if len(t.dims) else 1
+    for n in proto.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value" and a.t.data_type == onnx.TensorProto.FLOAT:
+                    total += int(np.prod(a.t.dims)) if len(a.t.dims) else 1
+    return total
+
+
+def node_macs(node, shapes) -> int:
+    """MACs of one Conv, ConvTranspose, Gemm or MatMul node (others are negligible: 0)."""
+    op = node.op_type
+    try:
+        if op == "Conv":
+            w, y = shapes[node.input[1]], shapes[node.output[0]]
+            return int(np.prod(y)) * int(np.prod(w[1:]))
+        if op == "ConvTranspose":
+            w, x = shapes[node.input[1]], shapes[node.input[0]]
+            return int(np.prod(x)) * int(np.prod(w[1:]))
+        if op == "Gemm":
+            y = shapes[node.output[0]]
+            a = shapes[node.input[0]]
+            k = a[0] if any(at.name == "transA" and at.i for at in node.attribute) else a[1]
+            return int(np.prod(y)) * int(k)
+        if op == "MatMul":
+            a, y = shapes[node.input[0]], shapes[node.output[0]]
+            return int(np.prod(y)) * int(a[-1])
+    except (KeyError, IndexError, TypeError):
+        return 0
+    return 0
+
+
+def count_macs(proto: onnx.ModelProto, shapes: dict) -> int:
+    return sum(node_macs(n, shapes) for n in proto.graph.node)

@@ -1,0 +1,440 @@
+"""The channel model: axes -> atoms -> union-find -> factor units -> groups.
+
+Every axis ``(tensor, dim)`` gets one *atom* per position.  Operator rules (``spa.ops.rules``) tie
+atoms together (identity, offset and index maps) and declare *products*: an axis that is the
+row-major product of other axes (a flattened C*H*W, a hidden 768 split into 12 heads x 64 dims, a
+grouped convolution's G x C).  Union-find over the ties gives atom classes; a class that is a
+product of other classes is *composite*, every other class is a *unit* — the thing spa removes.
+An atom is removed when any unit it is made of is removed, so removing one head unit removes 64
+positions of the hidden axis, and removing one head-dim unit removes one position in every head.
+
+Units that touch the same set of axes form a *group*.  A group is prunable when none of its units
+is fixed (a graph input/output, an operator without a rule, a dim an operator cannot shrink).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ..ops.rules import RULES
+
+# reasons a unit cannot shrink, most informative first; R_SPATIAL marks positions that are not
+# channels at all (spatial and kernel dims): groups made of them are not reported
+R_SPATIAL, R_UNSUPPORTED, R_OUTPUT, R_INPUT, R_RULE = 0, 1, 2, 3, 4
+NO_REASON = 1 << 30
+
+
+@dataclass
+class Group:
+    """A set of coupled channels that must be removed together."""
+    id: int
+    units: np.ndarray                 # unit ids
+    axes: list                        # axis keys the group's channels run through
+    prunable: bool
+    reason: str = ""
+    approximate: bool = False         # reaches LayerNorm / mean / softmax over its axis
+    nodes: list = field(default_factory=list)
+    params: int = 0
+    macs: int = 0
+
+    @property
+    def channels(self) -> int:
+        return int(len(self.units))
+
+    def summary(self) -> dict:
+        ops = sorted({op for _, op in self.nodes})
+        return {"id": self.id, "channels": self.channels, "prunable": self.prunable,
+                "reason": self.reason, "approximate": self.approximate,
+                "ops": ops, "nodes": [n for n, _ in self.nodes][:12], "n_nodes": len(self.nodes),
+                "params": int(self.params), "macs": int(self.macs)}
+
+
+class RuleContext:
+    """What a rule sees of one node, and where it writes its declarations."""
+
+    def __init__(self, builder, node):
+        self.b = builder
+        self.node = node
+
+    # facts
+    def shape(self, name):
+        return self.b.shapes.get(name)
+
+    def rank(self, name):
+        s = self.b.shapes.get(name)
+        return None if s is None else len(s)
+
+    def size(self, axis):
+        return self.b.axis_size(axis)
+
+    def is_const(self, name):
+        return name in self.b.consts
+
+    def const(self, name):
+        return self.b.consts.get(name)
+
+    def value(self, name):
+        v = self.b.consts.get(name)
+        return v if v is not None else self.b.values.get(name)
+
+    def dynamic(self, name):
+        return self.b.dynamic.get(name)
+
+    def only_feeds_reshape_shapes(self, name):
+        return self.b.only_feeds_reshape_shapes(name)
+
+    # declarations
+    def tie(self, a, b):
+        self.b.tie(a, b)
+
+    def tie_map(self, out, inp, idx, out_offset=0):
+        self.b.tie_map(out, inp, np.asarray(idx, np.int64), out_offset)
+
+    def product(self, whole, parts):
+        self.b.product(whole, parts)
+
+    def virtual(self, tag, size):
+        return self.b.virtual(f"{self.node.name}#{tag}", size)
+
+    def fix(self, axis, positions=None):
+        self.b.fix(axis, R_RULE, f"{self.node.op_type} '{self.node.name}' cannot shrink {axis[0]}[{axis[1]}]", positions)
+
+    def spatial(self, axis):
+        self.b.fix(axis, R_SPATIAL, "spatial or kernel position")
+
+    def fix_tensor(self, name):
+        for d in range(self.rank(name) or 0):
+            self.fix((name, d))
+
+    def fix_all(self):
+        self.b.fix_node(self.node, R_RULE, f"{self.node.op_type} '{self.node.name}': rule cannot handle this form")
+
+    def sink(self, axis, kind, input_index):
+        self.b.sinks.append((axis, kind, self.node.name, input_index))
+
+    def rewrite(self, kind, **info):
+        self.b.rewrites.setdefault(self.node.name, []).append((kind, info))
+
+    def stat(self, input_index):
+        if len(self.node.input) > input_index:
+            self.b.stats.add(self.node.input[input_index])
+
+
+class Builder:
+    """Collects atoms, ties, products and fixes from every node's rule."""
+
+    def __init__(self, proto, probe):
+        self.proto = proto
+        self.shapes = probe.shapes
+        self.values = probe.values
+        self.dynamic = probe.dynamic
+        self.consts = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+        self.axis_index = {}          # axis -> (offset, size)
+        self.virtual_sizes = {}
+        self.n_atoms = 0
+        self.pairs_a, self.pairs_b = [], []
+        self.products = []
+        self.fixed = []               # (atoms, reason code, text)
+        self.sinks = []
+        self.rewrites = {}
+        self.stats = set()
+        self.consumers = {}
+        for node in proto.graph.node:
+            for i, name in enumerate(node.input):
+                if name:
+                    self.consumers.setdefault(name, []).append((node, i))
+
+    # axes and atoms
+    def axis_size(self, axis):
+        if axis in self.virtual_sizes:
+            return self.virtual_sizes[axis]
+        s = self.shapes.get(axis[0])
+        if s is None or axis[1] >= len(s):
+            return None
+        return int(s[axis[1]])
+
+    def atoms(self, axis):
+        got = self.axis_index.get(axis)
+        if got is None:
+            size = self.axis_size(axis)
+            if size is None:
+                return None
+            got = (self.n_atoms, size)
+            self.axis_index[axis] = got
+            self.n_atoms += size
+        return np.arange(got[0], got[0] + got[1])
+
+    def virtual(self, key, size):
+        axis = (key, 0)
+        self.virtual_sizes[axis] = int(size)
+        self.atoms(axis)
+        return axis
+
+    def tie(self, a, b):
+        ta, tb = self.atoms(a), self.atoms(b)
+        if ta is None or tb is None or len(ta) != len(tb):
+            for ax, t in ((a, ta), (b, tb)):
+                if t is not None:
+                    self.fix(ax, R_RULE, f"size of {a[0]}[{a[1]}] and {b[0]}[{b[1]}] disagree or is unknown")
+            return
+        self.pairs_a.append(ta)
+        self.pairs_b.append(tb)
+
+    def tie_map(self, out, inp, idx, out_offset):
+        to, ti = self.atoms(out), self.atoms(inp)
+        if to is None or ti is None:
+            for ax, t in ((out, to), (inp, ti)):
+                if t is not None:
+                    self.fix(ax, R_RULE, f"unknown size next to {ax[0]}[{ax[1]}]")
+            return
+        self.pairs_a.append(to[out_offset:out_offset + len(idx)])
+        self.pairs_b.append(ti[idx])
+
+    def product(self, whole, parts):
+        parts = [p for p in parts if self.axis_size(p) != 1]
+        if not parts:
+            return
+        if len(parts) == 1:
+            return self.tie(whole, parts[0])
+        sizes = [self.axis_size(p) for p in parts]
+        if None in sizes or self.axis_size(whole) != int(np.prod(sizes)):
+            for ax in [whole] + parts:
+                self.fix(ax, R_RULE, "product of sizes does not match")
+            return
+        for ax in [whole] + parts:
+            self.atoms(ax)
+        self.products.append((whole, parts))
+
+    def fix(self, axis, code, text, positions=None):
+        t = self.atoms(axis)
+        if t is None:
+            return
+        if positions is not None:
+            t = t[np.asarray(positions, np.int64)]
+        self.fixed.append((t, code, text))
+
+    def fix_node(self, node, code, text):
+        for name in list(node.input) + list(node.output):
+            if name:
+                for d in range(len(self.shapes.get(name, ()))):
+                    self.fix((name, d), code, text)
+
+    def only_feeds_reshape_shapes(self, name, _seen=None):
+        """True when every use of this shape value ends in a Reshape's shape input (rewritten)."""
+        seen = _seen if _seen is not None else set()
+        if name in seen:
+            return True
+        seen.add(name)
+        if name in {o.name for o in self.proto.graph.output}:
+            return False
+        for node, i in self.consumers.get(name, []):
+            if node.op_type == "Reshape" and i == 1:
+                continue
+            if node.op_type in ("Gather", "Concat", "Unsqueeze", "Squeeze", "Slice", "Cast", "Mul",
+                                "Div", "Add", "Sub", "Identity") and i == 0 or node.op_type == "Concat":
+                if all(self.only_feeds_reshape_shapes(o, seen) for o in node.output if o):
+                    continue
+            return False
+        return True
+
+
+def _components(n, a, b):
+    """Connected components over atom pairs: vectorised union-find (hooking + pointer jumping)."""
+    parent = np.arange(n, dtype=np.int64)
+    if len(a) == 0:
+        return parent
+    while True:
+        ra, rb = parent[a], parent[b]
+        lo, hi = np.minimum(ra, rb), np.maximum(ra, rb)
+        moved = lo != hi
+        if not moved.any():
+            return parent
+        np.minimum.at(parent, hi[moved], lo[moved])
+        while True:
+            nxt = parent[parent]
+            if np.array_equal(nxt, parent):
+                break
+            parent = nxt
+
+
+@dataclass
+class ChannelModel:
+    """Everything later stages need: which atoms each unit removes, and the groups."""
+    axis_index: dict                  # axis -> (offset, size)
+    n_atoms: int
+    pair_atom: np.ndarray             # atom -> unit incidence (an atom may be made of several units)
+    pair_unit: np.ndarray
+    n_units: int
+    groups: list
+    rewrites: dict
+    sinks: list
+    stats: set
+    consts: dict
+
+    def removed_atoms(self, units) -> np.ndarray:
+        """Boolean mask over atoms removed when ``units`` go."""
+        gone = np.zeros(self.n_units, bool)
+        gone[np.asarray(units, np.int64)] = True
+        mask = np.zeros(self.n_atoms, bool)
+        mask[self.pair_atom[gone[self.pair_unit]]] = True
+        return mask
+
+    def keep(self, mask, axis):
+        """Indices kept on ``axis`` under an atom mask (None when the axis is untouched)."""
+        got = self.axis_index.get(axis)
+        if got is None:
+            return None
+        part = mask[got[0]:got[0] + got[1]]
+        if not part.any():
+            return None
+        return np.flatnonzero(~part)
+
+
+def build(proto, probe) -> ChannelModel:
+    """Run every rule, resolve atoms into units and units into groups."""
+    b = Builder(proto, probe)
+    for node in proto.graph.node:
+        rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        has_sub = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+        if rule is None or has_sub:
+            b.fix_node(node, R_UNSUPPORTED, f"no rule for operator {node.op_type or '?'} ('{node.name}')")
+            if has_sub:
+                from ..io import _graph_refs
+                for a in node.attribute:
+                    for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                        for ref in _graph_refs(g):
+                            for d in range(len(b.shapes.get(ref, ()))):
+                                b.fix((ref, d), R_UNSUPPORTED, f"read inside the subgraph of {node.op_type} '{node.name}'")
+            continue
+        rule(RuleContext(b, node))
+    for vi in proto.graph.input:
+        for d in range(len(b.shapes.get(vi.name, ()))):
+            b.fix((vi.name, d), R_INPUT, f"graph input '{vi.name}'")
+    for vi in proto.graph.output:
+        for d in range(len(b.shapes.get(vi.name, ()))):
+            b.fix((vi.name, d), R_OUTPUT, f"graph output '{vi.name}'")
+    return _resolve(b, proto)
+
+
+def _resolve(b: Builder, proto) -> ChannelModel:
+    n = b.n_atoms
+    pa = np.concatenate(b.pairs_a) if b.pairs_a else np.zeros(0, np.int64)
+    pb = np.concatenate(b.pairs_b) if b.pairs_b else np.zeros(0, np.int64)
+    conflict_atoms = []
+    # products: a composite class must decompose the same way everywhere; equal-shaped
+    # decompositions are unified factor by factor, others block.
+    for _ in range(20):
+        root = _components(n, pa, pb)
+        decomp, extra_a, extra_b = {}, [], []
+        for whole, parts in b.products:
+            sizes = [b.axis_size(p) for p in parts]
+            w = root[b.atoms(whole)]
+            coords = np.unravel_index(np.arange(len(w)), sizes)
+            facs = np.stack([root[b.atoms(p)][c] for p, c in zip(parts, coords)], axis=1)
+            for cw, f in zip(w.tolist(), map(tuple, facs.tolist())):
+                old = decomp.get(cw)
+                if old is None:
+                    decomp[cw] = f
+                elif old != f:
+                    if len(old) == len(f):
+                        extra_a.extend(old)
+                        extra_b.extend(f)
+                    else:
+                        conflict_atoms.append(cw)
+        if not extra_a:
+            break
+        pa = np.concatenate([pa, np.asarray(extra_a, np.int64)])
+        pb = np.concatenate([pb, np.asarray(extra_b, np.int64)])
+    # expand composites into leaf classes
+    leaves_of = {}
+
+    def leaves(c, depth=0):
+        got = leaves_of.get(c)
+        if got is not None:
+            return got
+        if c not in decomp or depth > 50:
+            return (c,)
+        out = tuple(x for f in decomp[c] for x in leaves(f, depth + 1))
+        leaves_of[c] = out
+        return out
+
+    is_comp = np.zeros(n, bool)
+    if decomp:
+        is_comp[np.fromiter(decomp.keys(), np.int64)] = True
+    atom_cls = root
+    comp_atoms = np.flatnonzero(is_comp[atom_cls])
+    leaf_atoms = np.flatnonzero(~is_comp[atom_cls])
+    pair_atom = [leaf_atoms]
+    pair_cls = [atom_cls[leaf_atoms]]
+    if len(comp_atoms):
+        expanded = [leaves(c) for c in atom_cls[comp_atoms].tolist()]
+        lens = np.fromiter((len(e) for e in expanded), np.int64, len(expanded))
+        pair_atom.append(np.repeat(comp_atoms, lens))
+        pair_cls.append(np.fromiter((x for e in expanded for x in e), np.int64, int(lens.sum())))
+    pair_atom = np.concatenate(pair_atom)
+    pair_cls = np.concatenate(pair_cls)
+    unit_cls, pair_unit = np.unique(pair_cls, return_inverse=True)
+    n_units = len(unit_cls)
+    # fixedness: any unit making up a fixed atom cannot shrink
+    atom_reason = np.full(n, NO_REASON, np.int64)
+    texts = []
+    for atoms, code, text in b.fixed:
+        texts.append(text)
+        key = code * (1 << 20) + len(texts) - 1
+        np.minimum.at(atom_reason, atoms, key)
+    for c in conflict_atoms:
+        texts.append("reshapes disagree on how to split this axis")
+        atom_reason[atom_cls == c] = np.minimum(atom_reason[atom_cls == c], R_RULE * (1 << 20) + len(texts) - 1)
+    unit_reason = np.full(n_units, NO_REASON, np.int64)
+    np.minimum.at(unit_reason, pair_unit, atom_reason[pair_atom])
+    # axis membership -> groups
+    axes = list(b.axis_index)
+    atom_axis = np.empty(n, np.int64)
+    for i, ax in enumerate(axes):
+        off, size = b.axis_index[ax]
+        atom_axis[off:off + size] = i
+    ua = np.unique(np.stack([pair_unit, atom_axis[pair_atom]], 1), axis=0)
+    rng = np.random.default_rng(12345)
+    axis_hash = rng.integers(1, 2 ** 62, len(axes), dtype=np.int64).astype(np.uint64)
+    unit_hash = np.zeros(n_units, np.uint64)
+    np.add.at(unit_hash, ua[:, 0], axis_hash[ua[:, 1]])
+    fixed_flag = (unit_reason != NO_REASON).astype(np.uint64)
+    key = unit_hash * np.uint64(2) + fixed_flag
+    _, group_of_unit = np.unique(key, return_inverse=True)
+    order = np.argsort(group_of_unit, kind="stable")
+    bounds = np.flatnonzero(np.diff(group_of_unit[order])) + 1
+    weight_axes = {i for i, ax in enumerate(axes) if ax[0] in b.consts}
+    approx_axes = {ax for ax, kind, _, _ in b.sinks if kind == "approx"}
+    first_unit_axes = {}
+    for u, ai in ua.tolist():
+        first_unit_axes.setdefault(u, []).append(ai)
+    tensor_nodes = {}
+    for node in proto.graph.node:
+        for name in list(node.input) + list(node.output):
+            if name:
+                tensor_nodes.setdefault(name, []).append((node.name, node.op_type))
+    groups = []
+    for units in np.split(order, bounds):
+        ax_ids = first_unit_axes[int(units[0])]
+        if not any(a in weight_axes for a in ax_ids):
+            continue   # spatial, batch or sequence positions: not channels
+        group_axes = [axes[a] for a in ax_ids]
+        reason_code = int(unit_reason[units].min())
+        if reason_code != NO_REASON and reason_code >> 20 == R_SPATIAL:
+            continue
+        prunable = reason_code == NO_REASON and len(units) > 1
+        reason = "" if prunable else ("a single channel" if reason_code == NO_REASON else texts[reason_code % (1 << 20)])
+        seen, nodes = set(), []
+        for ax in group_axes:
+            for nn in tensor_nodes.get(ax[0], []):
+                if nn not in seen:
+                    seen.add(nn)
+                    nodes.append(nn)
+        groups.append(Group(id=len(groups), units=np.sort(units), axes=group_axes, prunable=prunable,
+                            reason=reason, approximate=any(ax in approx_axes for ax in group_axes),
+                            nodes=nodes))
+    return ChannelModel(axis_index=b.axis_index, n_atoms=n, pair_atom=pair_atom, pair_unit=pair_unit,
+                        n_units=n_units, groups=groups, rewrites=b.rewrites, sinks=b.sinks,
+                        stats=b.stats, consts=b.consts)

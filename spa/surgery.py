@@ -1,0 +1,195 @@
+"""Graph surgery: remove the planned channels from a model (onnx-graphsurgeon).
+
+Every constant axis that carries a removed atom is sliced; parameters that encode sizes or
+positions (Conv ``group``, Reshape targets, Split sizes, Slice bounds, Gather indices, Resize sizes,
+Expand shapes) are rewritten from the kept counts; stale shape information is dropped.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .errors import SpaError
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def apply(proto: onnx.ModelProto, cm, probe, removed_units) -> onnx.ModelProto:
+    """Return a new model without the atoms of ``removed_units`` (proto is not changed)."""
+    mask = cm.removed_atoms(removed_units)
+    graph = gs.import_onnx(proto)
+    tensors = graph.tensors()
+
+    def kept(axis):
+        return cm.keep(mask, axis)
+
+    def new_size(name, d):
+        k = kept((name, d))
+        return int(probe.shapes[name][d]) if k is None else len(k)
+
+    for axis in cm.axis_index:
+        k = kept(axis)
+        if k is None:
+            continue
+        if len(k) == 0:
+            raise SpaError(f"internal: the plan would empty {axis[0]}[{axis[1]}]; please report this model")
+    # 1. slice constants
+    for name, value in cm.consts.items():
+        t = tensors.get(name)
+        if not isinstance(t, gs.Constant):
+            continue
+        arr = None
+        for d in range(value.ndim):
+            k = kept((name, d))
+            if k is not None:
+                arr = np.take(value if arr is None else arr, k, axis=d)
+        if arr is not None:
+            t.values = np.ascontiguousarray(arr)
+    # 2. rewrite parameters
+    nodes = {n.name: n for n in graph.nodes}
+    for node_name, items in cm.rewrites.items():
+        node = nodes[node_name]
+        for kind, info in items:
+            _REWRITE[kind](node, info, kept, new_size, probe)
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph, do_type_check=False)
+    # inputs and outputs never change; intermediate shapes are stale: drop them
+    del out.graph.value_info[:]
+    for field in ("input", "output"):
+        del getattr(out.graph, field)[:]
+        getattr(out.graph, field).extend(getattr(proto.graph, field))
+    out.ir_version = proto.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(proto.opset_import)
+    out.producer_name = proto.producer_name
+    out.producer_version = proto.producer_version
+    del out.metadata_props[:]
+    out.metadata_props.extend(proto.metadata_props)
+    return out
+
+
+def _const(node, tag, values):
+    return gs.Constant(f"{node.name}__spa_{tag}", np.asarray(values, np.int64))
+
+
+def rw_group(node, info, kept, new_size, probe):
+    k = kept(info["virtual"])
+    if k is not None:
+        node.attrs["group"] = int(len(k))
+
+
+def rw_reshape(node, info, kept, new_size, probe):
+    y = node.outputs[0].name
+    x = node.inputs[0].name
+    shape = probe.shapes[y]
+    target = [new_size(y, d) for d in range(len(shape))]
+    dyn_y = probe.dynamic.get(y) or (False,) * len(shape)
+    dyn_x = probe.dynamic.get(x) or (False,) * len(probe.shapes[x])
+    allowzero = int(node.attrs.get("allowzero", 0))
+    minus_one_used = False
+    for d, is_dyn in enumerate(dyn_y):
+        if not is_dyn:
+            continue
+        if not allowzero and d < len(dyn_x) and dyn_x[d] and probe.shapes[x][d] == shape[d]:
+            target[d] = 0
+        elif not minus_one_used:
+            target[d], minus_one_used = -1, True
+        else:
+            raise SpaError(f"internal: Reshape '{node.name}' has two dynamic dims")
+    node.inputs[1] = _const(node, "shape", target)
+
+
+def rw_split(node, info, kept, new_size, probe):
+    axis = info["axis"]
+    sizes = [new_size(o.name, axis) for o in node.outputs]
+    if "split" in node.attrs:
+        node.attrs["split"] = sizes
+    else:
+        node.attrs.pop("num_outputs", None)
+        while len(node.inputs) < 2:
+            node.inputs.append(gs.Variable.empty())
+        node.inputs[1] = _const(node, "split", sizes)
+
+
+def rw_slice(node, info, kept, new_size, probe):
+    x, y = node.inputs[0].name, node.outputs[0].name
+    axes_sliced = [a for a, ok in info["sliced"].items() if ok]
+    starts, ends = [], []
+    for a in axes_sliced:
+        n = probe.shapes[x][a]
+        # the first position the slice reads in the original input
+        first = _first_index(node, a, n, len(probe.shapes[x]))
+        kx = kept((x, a))
+        new_first = first if kx is None else int(np.searchsorted(kx, first))
+        starts.append(new_first)
+        ends.append(new_first + new_size(y, a))
+    if not axes_sliced:
+        return
+    if len(node.inputs) == 1:
+        node.attrs.update(starts=starts, ends=ends, axes=axes_sliced)
+        return
+    while len(node.inputs) < 5:
+        node.inputs.append(gs.Variable.empty())
+    node.inputs[1] = _const(node, "starts", starts)
+    node.inputs[2] = _const(node, "ends", ends)
+    node.inputs[3] = _const(node, "axes", axes_sliced)
+    node.inputs[4] = _const(node, "steps", [1] * len(axes_sliced))
+
+
+def _first_index(node, axis, n, rank):
+    if len(node.inputs) == 1:
+        starts, axes = node.attrs["starts"], node.attrs.get("axes", list(range(len(node.attrs["starts"]))))
+    else:
+        starts = list(np.ravel(node.inputs[1].values))
+        axes = list(np.ravel(node.inputs[3].values)) if len(node.inputs) > 3 and isinstance(node.inputs[3], gs.Constant) \
+            else list(range(len(starts)))
+    for s, a in zip(starts, axes):
+        a = int(a)
+        if a < 0:
+            a += rank
+        if a == axis:
+            s = int(s)
+            return int(np.clip(s + n if s < 0 else s, 0, n))
+    return 0
+
+
+def rw_gather(node, info, kept, new_size, probe):
+    data = node.inputs[0].name
+    axis = info["axis"]
+    k = kept((data, axis))
+    if k is None:
+        return
+    n = probe.shapes[data][axis]
+    idx = np.asarray(node.inputs[1].values).astype(np.int64)
+    idx = np.where(idx < 0, idx + n, idx)
+    new_pos = np.full(n, -1, np.int64)
+    new_pos[k] = np.arange(len(k))
+    mapped = new_pos[idx]
+    if mapped.ndim == 1:
+        mapped = mapped[mapped >= 0]
+    elif (mapped < 0).any():
+        raise SpaError(f"internal: Gather '{node.name}' reads a removed position")
+    node.inputs[1] = gs.Constant(f"{node.name}__spa_indices", mapped.astype(node.inputs[1].values.dtype))
+
+
+def rw_sizes(node, info, kept, new_size, probe):
+    y = node.outputs[0].name
+    if not isinstance(node.inputs[3], gs.Constant):
+        return
+    node.inputs[3] = _const(node, "sizes", [new_size(y, d) for d in range(len(probe.shapes[y]))])
+
+
+def rw_expand(node, info, kept, new_size, probe):
+    y = node.outputs[0].name
+    target = list(np.ravel(node.inputs[1].values))
+    r = len(probe.shapes[y])
+    off = len(target) - r
+    for d in range(r):
+        if off + d >= 0 and int(target[off + d]) not in (1, -1):
+            target[off + d] = new_size(y, d)
+    node.inputs[1] = _const(node, "shape", target)
+
+
+_REWRITE = {"group": rw_group, "reshape": rw_reshape, "split": rw_split, "slice": rw_slice,
+            "gather": rw_gather, "sizes": rw_sizes, "expand": rw_expand}
