@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
@@ -48,7 +49,15 @@ class G:
                               [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
                               [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
                               self.inits)
-        return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+        # give the outputs their shapes (from one onnxruntime run) so the model passes onnx.checker
+        import onnxruntime as ort
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        feed = {n: np.zeros(s, np.float32) for n, s in inputs}
+        for out, value in zip(m.graph.output, sess.run(None, feed)):
+            out.CopyFrom(helper.make_tensor_value_info(out.name, TensorProto.FLOAT, list(value.shape)))
+        onnx.checker.check_model(m)
+        return m
 
 
 def residual_chain():

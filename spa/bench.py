@@ -1,0 +1,314 @@
+"""Latency benchmark of ONNX models in ONNX Runtime, all models in one process, interleaved.
+
+Python API::
+
+    benchmark(models, provider="cpu", batches=(1,), threads=None, warmup=10, iters=50,
+              input_shapes=None, allow_fallback=False, progress=None) -> dict
+    format_bench(result) -> str
+    plot_bench(result, path)
+
+CLI: ``bench_command`` (``spa bench MODEL [MODEL...] ...``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import click
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from spa.check import CheckError, _graph_inputs, _load_proto, _one_line, cuda_available, \
+    make_inputs, parse_input_shapes, session
+from spa.errors import SpaError
+
+# --provider name -> ORT providers to request (in order of preference).
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+_SHORT = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda",
+          "TensorrtExecutionProvider": "tensorrt"}
+_UNAVAILABLE = {
+    "cuda": "CUDA execution provider is not available (onnxruntime-gpu with a CUDA GPU is "
+            "needed); pass --allow-cpu-fallback to measure on CPU",
+    "tensorrt": "TensorRT execution provider is not available (onnxruntime-gpu with TensorRT "
+                "and a CUDA GPU is needed); pass --allow-cpu-fallback to measure on CPU",
+}
+
+
+class BenchError(SpaError):
+    """The benchmark cannot run as asked (provider missing, model unusable, ...)."""
+
+
+def _schedule(n_models: int, iters: int) -> list[int]:
+    """Model indices in run order: each iteration runs every model once, and the starting
+    model rotates by one per iteration (0 1 2, 1 2 0, 2 0 1, ...)."""
+    return [(i + k) % n_models for i in range(iters) for k in range(n_models)]
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _gpu_name():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        return out.strip().splitlines()[0] if out.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _make_session(model, provider, threads, allow_fallback):
+    """(session, provider actually used) for the --provider name ``provider``."""
+    if provider not in PROVIDERS:
+        raise BenchError(f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}")
+    wanted = PROVIDERS[provider]
+    usable = provider == "cpu" or (wanted[0] in ort.get_available_providers()
+                                   and cuda_available())
+    if not usable:
+        if not allow_fallback:
+            raise BenchError(_UNAVAILABLE[provider])
+        wanted = PROVIDERS["cpu"]
+    try:
+        sess = session(model, wanted, threads=threads)
+    except CheckError as e:
+        raise BenchError(str(e)) from e
+    used = _SHORT.get(sess.get_providers()[0], sess.get_providers()[0])
+    if used != provider and not allow_fallback:  # ORT fell back silently
+        raise BenchError(_UNAVAILABLE[provider])
+    return sess, used
+
+
+def _runner(sess, used, inputs):
+    """A no-argument callable that runs the model once. On a GPU, inputs are copied to the
+    device once and outputs stay there (IO binding), so host/device copies are not timed."""
+    if used == "cpu":
+        feeds = {i.name: inputs[i.name] for i in sess.get_inputs()}
+        return lambda: sess.run(None, feeds)
+    binding = sess.io_binding()
+    for i in sess.get_inputs():
+        binding.bind_ortvalue_input(i.name, ort.OrtValue.ortvalue_from_numpy(inputs[i.name],
+                                                                             "cuda", 0))
+    for o in sess.get_outputs():
+        binding.bind_output(o.name, "cuda")
+
+    def run():
+        sess.run_with_iobinding(binding)
+
+    return run
+
+
+def _skip_reason(model, batch):
+    """Why ``model`` cannot run at ``batch`` (a static first dim that differs), else None."""
+    for name, _, dims in _graph_inputs(_load_proto(model)):
+        if dims and dims[0] is not None and dims[0] != batch:
+            return f"input {name!r} has a static batch dimension {dims[0]}"
+    return None
+
+
+def benchmark(models, provider="cpu", batches=(1,), threads=None, warmup=10, iters=50,
+              input_shapes=None, allow_fallback=False, progress=None) -> dict:
+    """Median/p90/p99 latency of each model at each batch size, measured interleaved.
+
+    ``models``: paths or ModelProtos. ``provider``: "cpu", "cuda" or "tensorrt".
+    ``batches`` replaces the first dimension of inputs whose first dimension is dynamic; a
+    model whose first dimension is static and different is skipped at that batch (listed in
+    ``result["skipped"]``). ``input_shapes`` (name → shape) fixes other dynamic dimensions; a
+    name must be an input of at least one model. ``threads`` sets intra_op_num_threads.
+    ``progress``, if given, is called with one line of text per model and batch.
+    """
+    if not models:
+        raise BenchError("no models to benchmark")
+    if iters < 1 or warmup < 0:
+        raise BenchError("--iters must be at least 1 and --warmup at least 0")
+    ort.set_default_logger_severity(3)
+    input_shapes = dict(input_shapes or {})
+    labels = [os.fspath(m) if not isinstance(m, onnx.ModelProto) else
+              (m.graph.name or f"model{k}") for k, m in enumerate(models)]
+    protos = [_load_proto(m) for m in models]
+    names = [{n for n, _, _ in _graph_inputs(p)} for p in protos]
+    unknown = sorted(set(input_shapes) - set().union(*names))
+    if unknown:
+        raise BenchError(f"--input-shapes names {', '.join(unknown)}, not an input of any model")
+
+    sessions = [_make_session(m, provider, threads, allow_fallback) for m in models]
+    gpu = any(used != "cpu" for _, used in sessions)
+    results, skipped = [], []
+    for batch in batches:
+        runners, active = [], []
+        for k, (model, (sess, used)) in enumerate(zip(protos, sessions)):
+            reason = _skip_reason(model, batch)
+            if reason:
+                skipped.append({"model": labels[k], "batch": batch, "reason": reason})
+                if progress:
+                    progress(f"{labels[k]} batch {batch}: skipped ({reason})")
+                continue
+            shapes = {n: s for n, s in input_shapes.items() if n in names[k]}
+            try:
+                inputs = make_inputs(model, shapes, seed=0, batch=batch)
+                run = _runner(sess, used, inputs)
+                run()  # fail early, outside the timed loop
+            except Exception as e:  # noqa: BLE001 - ORT raises its own types
+                raise BenchError(f"{labels[k]} batch {batch}: {_one_line(e)}") from e
+            runners.append(run)
+            active.append(k)
+        if not active:
+            continue
+        times = [[] for _ in active]
+        for j in _schedule(len(active), warmup):
+            runners[j]()
+        for j in _schedule(len(active), iters):
+            start = time.perf_counter()
+            runners[j]()
+            times[j].append(time.perf_counter() - start)
+        base = None
+        for j, k in enumerate(active):
+            ms = np.asarray(times[j]) * 1e3
+            median = float(np.median(ms))
+            if k == 0:
+                base = median
+            row = {"model": labels[k], "provider": sessions[k][1], "batch": batch,
+                   "median_ms": median, "p90_ms": float(np.percentile(ms, 90)),
+                   "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
+                   "throughput": batch / (median / 1e3) if median > 0 else None,
+                   "speedup": (base / median if base is not None and median > 0 else None)}
+            results.append(row)
+            if progress:
+                progress(f"{labels[k]} batch {batch} [{row['provider']}]: "
+                         f"median {median:.3f} ms, p90 {row['p90_ms']:.3f} ms")
+    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "onnxruntime": ort.__version__,
+               "gpu": _gpu_name() if gpu else None}
+    return {"machine": machine, "results": results, "skipped": skipped}
+
+
+def format_bench(result) -> str:
+    """A readable terminal table of a ``benchmark`` result."""
+    m = result["machine"]
+    lines = [f"cpu: {m['cpu']} ({m['cores']} cores), onnxruntime {m['onnxruntime']}"
+             + (f", gpu: {m['gpu']}" if m.get("gpu") else "")]
+    header = ["model", "provider", "batch", "median ms", "p90 ms", "p99 ms", "mean ms",
+              "samples/s", "speedup"]
+    rows = [[r["model"], r["provider"], str(r["batch"]), f"{r['median_ms']:.3f}",
+             f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['mean_ms']:.3f}",
+             "-" if r["throughput"] is None else f"{r['throughput']:.1f}",
+             "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"]
+            for r in result["results"]]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    for n, row in enumerate([header] + rows):
+        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    for s in result.get("skipped", []):
+        lines.append(f"skipped: {s['model']} batch {s['batch']}: {s['reason']}")
+    return "\n".join(lines)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BenchError("--plot needs matplotlib: pip install 'spa[plot]'") from None
+    return plt
+
+
+def plot_bench(result, path) -> None:
+    """Bar chart of median latency (one group of bars per provider and batch) saved to
+    ``path``. Needs matplotlib (``pip install 'spa[plot]'``)."""
+    plt = _pyplot()
+    rows = result["results"]
+    groups = list(dict.fromkeys((r["provider"], r["batch"]) for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    width = 0.8 / max(len(models), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(groups) + 2), 4))
+    for i, model in enumerate(models):
+        xs, ys = [], []
+        for g, (prov, batch) in enumerate(groups):
+            for r in rows:
+                if r["model"] == model and (r["provider"], r["batch"]) == (prov, batch):
+                    xs.append(g + i * width)
+                    ys.append(r["median_ms"])
+        ax.bar(xs, ys, width, label=os.path.basename(model))
+    ax.set_xticks([g + width * (len(models) - 1) / 2 for g in range(len(groups))])
+    ax.set_xticklabels([f"{p}\nbatch {b}" for p, b in groups])
+    ax.set_ylabel("median latency (ms)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _batches_option(ctx, param, value):
+    try:
+        batches = [int(b) for b in str(value).split(",") if b.strip()]
+    except ValueError:
+        raise click.BadParameter("expected comma-separated integers, e.g. 1,8,32") from None
+    if not batches or any(b < 1 for b in batches):
+        raise click.BadParameter("expected positive integers, e.g. 1,8,32")
+    return batches
+
+
+def _shapes_option(ctx, param, values):
+    try:
+        return parse_input_shapes(values)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@click.command("bench")
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu",
+              show_default=True, help="ONNX Runtime execution provider.")
+@click.option("--batch", "batches", default="1", show_default=True, callback=_batches_option,
+              help="Batch sizes, comma-separated (e.g. 1,8,32).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="intra_op_num_threads (default: ONNX Runtime's choice).")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Untimed runs per model and batch.")
+@click.option("--iters", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Timed runs per model and batch.")
+@click.option("--input-shapes", multiple=True, callback=_shapes_option,
+              help="Shapes of inputs, e.g. 'x:[1,3,224,224]' (repeatable or comma-separated).")
+@click.option("--allow-cpu-fallback", is_flag=True,
+              help="Measure on CPU when the requested GPU provider is not available.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Save a bar chart to this file (needs matplotlib).")
+def bench_command(models, provider, batches, threads, warmup, iters, input_shapes,
+                  allow_cpu_fallback, as_json, plot):
+    """Measure the latency of MODELS in ONNX Runtime.
+
+    Models run interleaved (round-robin) in one process; speedup is relative to the first
+    MODEL at the same provider and batch. Progress goes to stderr."""
+    try:
+        if plot:
+            _pyplot()  # fail before measuring, not after
+        result = benchmark(list(models), provider=provider, batches=batches, threads=threads,
+                           warmup=warmup, iters=iters, input_shapes=input_shapes,
+                           allow_fallback=allow_cpu_fallback,
+                           progress=lambda line: click.echo(line, err=True))
+        if plot:
+            plot_bench(result, plot)
+    except (SpaError, OSError, ValueError) as e:
+        click.echo(f"spa: error: {_one_line(e)}", err=True)
+        sys.exit(2)
+    click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))

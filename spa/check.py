@@ -1,0 +1,431 @@
+"""Validation in the manner of ``polygraphy run``: run two models on the same inputs and compare.
+
+Python API::
+
+    make_inputs(model_or_path, input_shapes=None, seed=0, batch=None) -> {name: ndarray}
+    compare(reference, candidate, inputs=None, input_shapes=None, seed=0,
+            atol=1e-5, rtol=1e-4, providers=None) -> dict
+    format_check(result) -> str
+    parse_input_shapes(values) -> {name: [int, ...]}
+    session(model, providers=None, threads=None) -> onnxruntime.InferenceSession
+    cuda_available() -> bool
+
+CLI: ``check_command`` (``spa check ORIGINAL OTHER ...``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+
+import click
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from spa.errors import SpaError
+
+# Sizes given to dynamic dimensions that neither ``input_shapes`` nor ``batch`` fixes:
+# (first dimension, every other dimension). The first dimension is usually the batch;
+# 224 is the usual image side.
+DEFAULT_DYNAMIC_DIMS = (1, 224)
+
+# Models whose serialised protobuf reaches this size cannot be passed to ORT as bytes.
+_PROTO_LIMIT = 2**31 - 1
+
+# Execution providers accepted by the ``--provider`` flag of ``spa check``.
+CHECK_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+class CheckError(SpaError):
+    """A model could not be loaded, prepared or run for the comparison."""
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _load_proto(model_or_path) -> onnx.ModelProto:
+    """The ModelProto (weights not loaded when read from a path: only the signature is needed)."""
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path
+    path = os.fspath(model_or_path)
+    try:
+        return onnx.load(path, load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises several types
+        raise CheckError(f"cannot read ONNX model {path}: {_one_line(e)}") from e
+
+
+def session(model, providers=None, threads=None) -> ort.InferenceSession:
+    """An ORT InferenceSession for a path or ModelProto, ORT's C++ log at severity 3 (errors).
+
+    A ModelProto of 2 GB or more is saved with external data to a temporary directory first.
+    ``providers`` is a list of ORT provider names (default: CPU only); ``threads`` sets
+    ``intra_op_num_threads``.
+    """
+    ort.set_default_logger_severity(3)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    providers = list(providers or ["CPUExecutionProvider"])
+    try:
+        if not isinstance(model, onnx.ModelProto):
+            return ort.InferenceSession(os.fspath(model), options, providers=providers)
+        if _proto_size(model) < _PROTO_LIMIT:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        with tempfile.TemporaryDirectory(prefix="spa-check-") as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)  # save_model with external data rewrites the proto in place
+            onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location="model.onnx.data")
+            return ort.InferenceSession(path, options, providers=providers)
+    except CheckError:
+        raise
+    except Exception as e:  # noqa: BLE001 - ORT raises its own pybind exception types
+        raise CheckError(f"onnxruntime cannot load {_label(model)}: {_one_line(e)}") from e
+
+
+def _proto_size(model: onnx.ModelProto) -> int:
+    try:
+        return model.ByteSize()
+    except Exception:  # noqa: BLE001 - very large protos may refuse to report a size
+        return _PROTO_LIMIT
+
+
+def _label(model) -> str:
+    return "the model" if isinstance(model, onnx.ModelProto) else os.fspath(model)
+
+
+def _one_line(e) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _graph_inputs(model: onnx.ModelProto):
+    """Declared graph inputs that are not initializers: [(name, elem_type, [dim or None])]."""
+    initializers = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            continue
+        tensor = vi.type.tensor_type
+        dims = None
+        if tensor.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        specs.append((vi.name, tensor.elem_type, dims))
+    return specs
+
+
+def _graph_outputs(model: onnx.ModelProto):
+    specs = []
+    for vi in model.graph.output:
+        tensor = vi.type.tensor_type
+        rank = len(tensor.shape.dim) if tensor.HasField("shape") else None
+        specs.append((vi.name, tensor.elem_type, rank))
+    return specs
+
+
+def _random_array(rng, shape, elem_type, name):
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except Exception as e:  # noqa: BLE001
+        raise CheckError(f"input {name!r}: unsupported element type {elem_type}") from e
+    if dtype == np.bool_:
+        return rng.random(shape) < 0.5
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(shape).astype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        return rng.integers(0, 4, size=shape).astype(dtype)
+    raise CheckError(f"input {name!r}: cannot make random data of type {dtype} (pass --inputs)")
+
+
+def make_inputs(model_or_path, input_shapes=None, seed=0, batch=None) -> dict:
+    """Random inputs for the declared graph inputs (initializers listed as inputs are skipped).
+
+    Shape of each input: ``input_shapes[name]`` if given (it must name a graph input), else
+    the declared shape with each dynamic dimension set from ``DEFAULT_DYNAMIC_DIMS``
+    (1 for the first dimension, 224 for the others). ``batch``, if given, then replaces the
+    first dimension of every input whose declared first dimension is dynamic.
+    Floats are standard normal, integers uniform in [0, 4), bools fair coin flips.
+    """
+    model = _load_proto(model_or_path)
+    specs = _graph_inputs(model)
+    input_shapes = dict(input_shapes or {})
+    unknown = sorted(set(input_shapes) - {name for name, _, _ in specs})
+    if unknown:
+        known = ", ".join(name for name, _, _ in specs)
+        raise CheckError(f"--input-shapes names {', '.join(unknown)}, not a model input "
+                         f"(inputs: {known})")
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for name, elem_type, dims in specs:
+        if name in input_shapes:
+            shape = [int(d) for d in input_shapes[name]]
+        elif dims is None:
+            raise CheckError(f"input {name!r} has no declared shape: pass --input-shapes")
+        else:
+            shape = [d if d is not None else DEFAULT_DYNAMIC_DIMS[0 if i == 0 else 1]
+                     for i, d in enumerate(dims)]
+        if batch is not None and dims and dims[0] is None and shape:
+            shape[0] = int(batch)
+        inputs[name] = _random_array(rng, tuple(shape), elem_type, name)
+    return inputs
+
+
+def parse_input_shapes(values) -> dict:
+    """Parse ``name:[1,3,224,224]`` specs (a string or an iterable of strings, each possibly a
+    comma-separated list like ``a:[1,3],b:[2]``) into ``{name: [1, 3, 224, 224]}``.
+
+    Names may contain ':' (``input:0:[1,3]``). Raises ValueError on bad syntax or repeats.
+    """
+    if isinstance(values, str):
+        values = [values]
+    shapes = {}
+    pattern = re.compile(r"\s*([^\[\]]+?)\s*:\s*\[([^\]]*)\]\s*(,|$)")
+    for text in values or ():
+        pos = 0
+        while pos < len(text):
+            m = pattern.match(text, pos)
+            if not m:
+                raise ValueError(f"bad input shape {text[pos:]!r}: expected name:[d0,d1,...]")
+            name, dims = m.group(1), m.group(2).strip()
+            try:
+                shape = [int(d) for d in dims.split(",")] if dims else []
+            except ValueError:
+                raise ValueError(f"bad input shape {m.group(0).strip()!r}: "
+                                 "dimensions must be integers") from None
+            if name in shapes:
+                raise ValueError(f"input {name!r} is given more than one shape")
+            shapes[name] = shape
+            pos = m.end()
+    return shapes
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+def _type_name(elem_type) -> str:
+    try:
+        return onnx.TensorProto.DataType.Name(elem_type).lower()
+    except ValueError:
+        return str(elem_type)
+
+
+def _signature(ref: onnx.ModelProto, cand: onnx.ModelProto) -> dict:
+    """Signature differences: input/output names, and the ranks and dtypes of shared names."""
+    problems = []
+    for kind, ref_specs, cand_specs in (
+        ("input", [(n, t, None if d is None else len(d)) for n, t, d in _graph_inputs(ref)],
+         [(n, t, None if d is None else len(d)) for n, t, d in _graph_inputs(cand)]),
+        ("output", _graph_outputs(ref), _graph_outputs(cand)),
+    ):
+        ref_map = {n: (t, r) for n, t, r in ref_specs}
+        cand_map = {n: (t, r) for n, t, r in cand_specs}
+        for name in ref_map:
+            if name not in cand_map:
+                problems.append(f"{kind} {name!r} missing from the candidate")
+        for name in cand_map:
+            if name not in ref_map:
+                problems.append(f"{kind} {name!r} only in the candidate")
+        for name, (rtype, rrank) in ref_map.items():
+            if name not in cand_map:
+                continue
+            ctype, crank = cand_map[name]
+            if rtype != ctype:
+                problems.append(f"{kind} {name!r} dtype {_type_name(rtype)} vs {_type_name(ctype)}")
+            if rrank is not None and crank is not None and rrank != crank:
+                problems.append(f"{kind} {name!r} rank {rrank} vs {crank}")
+    return {"ok": not problems, "problems": problems}
+
+
+def _num(x):
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _metrics(name, ref, cand, atol, rtol) -> dict:
+    entry = {"name": name, "shape": list(ref.shape), "max_abs": None, "mean_abs": None,
+             "max_rel": None, "mean_rel": None, "cosine": None, "top1": None, "passed": False}
+    if ref.shape != cand.shape:
+        entry["error"] = f"shape {list(ref.shape)} vs {list(cand.shape)}"
+        return entry
+    b = ref.astype(np.float64).ravel()
+    a = cand.astype(np.float64).ravel()
+    if a.size:
+        diff = np.abs(a - b)
+        rel = diff / np.maximum(np.abs(b), 1e-12)
+        na, nb = np.linalg.norm(a), np.linalg.norm(b)
+        cosine = 1.0 if na == 0 and nb == 0 else (0.0 if na == 0 or nb == 0
+                                                  else float(a @ b) / (na * nb))
+        entry.update(max_abs=_num(diff.max()), mean_abs=_num(diff.mean()),
+                     max_rel=_num(rel.max()), mean_rel=_num(rel.mean()), cosine=_num(cosine))
+    else:
+        entry.update(max_abs=0.0, mean_abs=0.0, max_rel=0.0, mean_rel=0.0, cosine=1.0)
+    if ref.ndim == 2 and ref.shape[1] > 1 and ref.shape[0] > 0:
+        entry["top1"] = float(np.mean(np.argmax(ref, axis=1) == np.argmax(cand, axis=1)))
+    entry["passed"] = bool(np.allclose(a, b, rtol=rtol, atol=atol, equal_nan=True))
+    return entry
+
+
+def _run(sess, inputs):
+    names = [i.name for i in sess.get_inputs()]
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        raise CheckError(f"no data for input(s) {', '.join(missing)}")
+    outputs = [o.name for o in sess.get_outputs()]
+    try:
+        values = sess.run(outputs, {n: inputs[n] for n in names})
+    except Exception as e:  # noqa: BLE001
+        raise CheckError(f"onnxruntime failed to run the model: {_one_line(e)}") from e
+    return dict(zip(outputs, values))
+
+
+def compare(reference, candidate, inputs=None, input_shapes=None, seed=0, atol=1e-5, rtol=1e-4,
+            providers=None) -> dict:
+    """Run ``reference`` and ``candidate`` (paths or ModelProtos) on the same inputs and compare.
+
+    ``inputs`` (name → array) are used as given; inputs they do not cover are generated by
+    ``make_inputs`` (from the reference, then from the candidate for its extra inputs).
+    An output passes when ``|cand - ref| <= atol + rtol * |ref|`` element-wise; the check
+    passes when the signatures match and every output passes.
+    """
+    ref_proto, cand_proto = _load_proto(reference), _load_proto(candidate)
+    signature = _signature(ref_proto, cand_proto)
+    given = dict(inputs or {})
+    shapes = dict(input_shapes or {})
+    ref_names = {n for n, _, _ in _graph_inputs(ref_proto)}
+    cand_names = {n for n, _, _ in _graph_inputs(cand_proto)}
+    unknown = sorted(set(shapes) - ref_names - cand_names)
+    if unknown:
+        raise CheckError(f"--input-shapes names {', '.join(unknown)}, not a model input")
+    feeds = make_inputs(ref_proto, {k: v for k, v in shapes.items() if k in ref_names}, seed)
+    extra = make_inputs(cand_proto, {k: v for k, v in shapes.items() if k in cand_names}, seed)
+    for name, value in extra.items():
+        feeds.setdefault(name, value)
+    feeds.update(given)
+
+    ref_out = _run(session(reference, providers), feeds)
+    cand_out = _run(session(candidate, providers), feeds)
+    outputs = [_metrics(name, value, np.asarray(cand_out[name]), atol, rtol)
+               for name, value in ref_out.items() if name in cand_out]
+    passed = signature["ok"] and bool(outputs) and all(o["passed"] for o in outputs)
+    return {"passed": passed, "atol": atol, "rtol": rtol, "signature": signature,
+            "outputs": outputs}
+
+
+def _fmt(x, spec=".3g"):
+    return "-" if x is None else format(x, spec)
+
+
+def format_check(result) -> str:
+    """A readable terminal table of a ``compare`` result."""
+    header = ["output", "shape", "max_abs", "mean_abs", "max_rel", "mean_rel", "cosine", "top1",
+              "result"]
+    rows = []
+    for o in result["outputs"]:
+        status = "ok" if o["passed"] else ("FAIL " + o["error"] if o.get("error") else "FAIL")
+        rows.append([o["name"], "x".join(map(str, o["shape"])) or "scalar", _fmt(o["max_abs"]),
+                     _fmt(o["mean_abs"]), _fmt(o["max_rel"]), _fmt(o["mean_rel"]),
+                     _fmt(o["cosine"], ".6f"), _fmt(o["top1"], ".3f"), status])
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for problem in result["signature"]["problems"]:
+        lines.append(f"signature: {problem}")
+    verdict = "PASSED" if result["passed"] else "FAILED"
+    lines.append(f"{verdict} (atol={result.get('atol')}, rtol={result.get('rtol')}: "
+                 "|candidate - reference| <= atol + rtol * |reference|)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _load_npz(path) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as e:  # noqa: BLE001
+        raise CheckError(f"cannot read inputs from {path}: {_one_line(e)}") from e
+
+
+def _shapes_option(ctx, param, values):
+    try:
+        return parse_input_shapes(values)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@click.command("check")
+@click.argument("original", type=click.Path(exists=True, dir_okay=False))
+@click.argument("other", type=click.Path(exists=True, dir_okay=False))
+@click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False),
+              help="Input arrays (.npz, keyed by input name); missing inputs are random.")
+@click.option("--input-shapes", multiple=True, callback=_shapes_option,
+              help="Shapes of inputs, e.g. 'x:[1,3,224,224]' (repeatable or comma-separated).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random inputs.")
+@click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute tolerance.")
+@click.option("--rtol", type=float, default=1e-4, show_default=True, help="Relative tolerance.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--provider", type=click.Choice(sorted(CHECK_PROVIDERS)), default="cpu",
+              show_default=True, help="ONNX Runtime execution provider.")
+def check_command(original, other, inputs_path, input_shapes, seed, atol, rtol, as_json,
+                  provider):
+    """Compare the outputs of ORIGINAL and OTHER on the same inputs.
+
+    Exit code 0 if every output matches within tolerance, 1 if not, 2 on usage or load errors.
+    """
+    try:
+        inputs = _load_npz(inputs_path) if inputs_path else None
+        if provider == "cuda" and not cuda_available():
+            raise CheckError("CUDA execution provider is not available (onnxruntime-gpu with a "
+                             "CUDA GPU is needed); use --provider cpu")
+        result = compare(original, other, inputs=inputs, input_shapes=input_shapes, seed=seed,
+                         atol=atol, rtol=rtol, providers=CHECK_PROVIDERS[provider])
+    except (SpaError, OSError, ValueError) as e:
+        click.echo(f"spa: error: {_one_line(e)}", err=True)
+        sys.exit(2)
+    click.echo(json.dumps(result, indent=2) if as_json else format_check(result))
+    sys.exit(0 if result["passed"] else 1)
+
+
+_CUDA_WORKS = None
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA session really runs on CUDA here (ORT falls back to CPU silently when
+    the CUDA libraries or the GPU are missing). Probed once per process."""
+    global _CUDA_WORKS
+    if _CUDA_WORKS is None:
+        _CUDA_WORKS = False
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            from onnx import TensorProto, helper
+
+            x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+            y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+            probe = helper.make_model(
+                helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y]),
+                opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+            options = ort.SessionOptions()
+            options.log_severity_level = 4
+            ort.set_default_logger_severity(4)  # a failed CUDA library load logs an error
+            try:
+                sess = ort.InferenceSession(probe.SerializeToString(), options,
+                                            providers=["CUDAExecutionProvider"])
+                _CUDA_WORKS = "CUDAExecutionProvider" in sess.get_providers()
+            except Exception:  # noqa: BLE001
+                pass
+            finally:
+                ort.set_default_logger_severity(3)
+    return _CUDA_WORKS
