@@ -1,40 +1,99 @@
-"""L1 / L2 magnitude of every weight slice a channel owns, summed over the slices.
+"""L1 / L2 magnitude of every weight slice a channel owns, reduced over the slices.
 
 A channel owns a slice of each weight tensor along every axis it runs through: the output filter
-of the Conv that makes it, the BN scale and shift, the input columns of every consumer.  The raw
-score sums |w| (L1) or w^2 (L2, square-rooted at the end) over all of them; ``normalise`` divides
-by the group mean so that scores are comparable across groups for a global ranking.  BN running
-statistics are not weights and are left out.
+of the Conv that makes it, the BN scale and shift, the input columns of every consumer.  Each slice
+gets a value (sum |w| for L1, sum w^2 for L2) and the channel's raw score reduces the values of its
+slices with ``sum`` (the default), ``mean`` or ``max``; L2 is square-rooted at the end.
+``normalise`` divides by the group mean so that scores are comparable across groups for a global
+ranking.  BN running statistics are not weights and are left out.
 """
 from __future__ import annotations
 
 import numpy as np
 
+REDUCTIONS = ("sum", "mean", "max")
+NORMALISATIONS = ("mean", "max", "none")
 
-def magnitude_scores(cm, criterion: str = "l2") -> np.ndarray:
-    """Raw per-unit scores for every unit of the channel model (vectorised over all weights)."""
-    if criterion not in ("l1", "l2"):
-        raise ValueError(f"unknown magnitude criterion {criterion!r}")
-    per_atom = np.zeros(cm.n_atoms, np.float64)
+
+class SliceAccumulator:
+    """Per-atom values from any number of slices, reduced per unit (vectorised, O(atoms + pairs))."""
+
+    def __init__(self, cm):
+        self.cm = cm
+        self.total = np.zeros(cm.n_atoms, np.float64)
+        self.count = np.zeros(cm.n_atoms, np.float64)
+        self.peak = np.full(cm.n_atoms, -np.inf)
+
+    def add(self, axis, values) -> bool:
+        got = self.cm.axis_index.get(axis)
+        values = np.asarray(values, np.float64).reshape(-1)
+        if got is None or got[1] != len(values):
+            return False
+        sl = slice(got[0], got[0] + got[1])
+        self.total[sl] += values
+        self.count[sl] += 1
+        np.maximum(self.peak[sl], values, out=self.peak[sl])
+        return True
+
+    def covered(self) -> np.ndarray:
+        """Units with at least one slice."""
+        cm = self.cm
+        return np.bincount(cm.pair_unit, weights=self.count[cm.pair_atom], minlength=cm.n_units) > 0
+
+    def reduce(self, reduction: str = "sum") -> np.ndarray:
+        cm = self.cm
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+        if reduction == "max":
+            out = np.full(cm.n_units, -np.inf)
+            np.maximum.at(out, cm.pair_unit, self.peak[cm.pair_atom])
+            out[~np.isfinite(out)] = 0.0
+            return out
+        s = np.bincount(cm.pair_unit, weights=self.total[cm.pair_atom], minlength=cm.n_units)
+        if reduction == "mean":
+            c = np.bincount(cm.pair_unit, weights=self.count[cm.pair_atom], minlength=cm.n_units)
+            s = s / np.maximum(c, 1.0)
+        return s
+
+
+def weight_slices(cm, fn):
+    """Feed ``fn(name, value, d)`` -> per-position values for every channel axis of every weight."""
+    acc = SliceAccumulator(cm)
     for name, value in cm.consts.items():
         if name in cm.stats or not np.issubdtype(value.dtype, np.floating) or value.ndim == 0:
             continue
-        mag = np.abs(value.astype(np.float64)) if criterion == "l1" else np.square(value.astype(np.float64))
         for d in range(value.ndim):
             got = cm.axis_index.get((name, d))
             if got is None or got[1] <= 1:
                 continue
-            other = tuple(i for i in range(value.ndim) if i != d)
-            per_atom[got[0]:got[0] + got[1]] += mag.sum(axis=other) if other else mag
-    scores = np.bincount(cm.pair_unit, weights=per_atom[cm.pair_atom], minlength=cm.n_units)
+            acc.add((name, d), fn(name, value, d))
+    return acc
+
+
+def magnitude_scores(cm, criterion: str = "l2", reduction: str = "sum") -> np.ndarray:
+    """Raw per-unit scores for every unit of the channel model (vectorised over all weights)."""
+    if criterion not in ("l1", "l2"):
+        raise ValueError(f"unknown magnitude criterion {criterion!r}")
+
+    def per_slice(name, value, d):
+        v = value.astype(np.float64)
+        mag = np.abs(v) if criterion == "l1" else np.square(v)
+        other = tuple(i for i in range(value.ndim) if i != d)
+        return mag.sum(axis=other) if other else mag
+
+    scores = weight_slices(cm, per_slice).reduce(reduction)
     return np.sqrt(scores) if criterion == "l2" else scores
 
 
-def normalise(scores: np.ndarray, groups) -> np.ndarray:
-    """Divide each group's scores by their mean (the normalisation named in reports: 'mean')."""
+def normalise(scores: np.ndarray, groups, how: str = "mean") -> np.ndarray:
+    """Divide each group's scores by their mean (or max); ``none`` leaves them as they are."""
+    if how not in NORMALISATIONS:
+        raise ValueError(f"unknown normalisation {how!r}; choose one of {', '.join(NORMALISATIONS)}")
     out = scores.astype(np.float64).copy()
+    if how == "none":
+        return out
     for g in groups:
         s = out[g.units]
-        m = s.mean() if len(s) else 0.0
+        m = (s.mean() if how == "mean" else s.max()) if len(s) else 0.0
         out[g.units] = s / m if m > 0 else 1.0
     return out

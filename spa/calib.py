@@ -1,0 +1,189 @@
+"""Calibration data and activation statistics gathered with onnxruntime.
+
+``--calib FILE.npz`` holds arrays keyed by model input name (``.npy`` for a single-input model),
+samples along the first axis; ``--calib random`` draws synthetic inputs of the probed shapes.
+``collect`` exposes the tensors where channels are consumed (the *sink* inputs of the channel
+model: Conv X[1], Gemm/MatMul contraction axes, reductions) as extra outputs and keeps running
+per-channel sums batch by batch, so memory is bounded by one batch whatever the data size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import io
+from .errors import SpaError
+
+
+def _quiet(msg):
+    pass
+
+
+@dataclass
+class ChannelStats:
+    """Running sums over every position of one tensor, per position of its channel axis."""
+    n: int
+    abs_sum: np.ndarray
+    sum: np.ndarray
+    sq_sum: np.ndarray
+
+    @property
+    def mean_abs(self):
+        return self.abs_sum / max(self.n, 1)
+
+    @property
+    def rms(self):
+        return np.sqrt(self.sq_sum / max(self.n, 1))
+
+    @property
+    def var(self):
+        m = self.sum / max(self.n, 1)
+        return np.maximum(self.sq_sum / max(self.n, 1) - m * m, 0.0)
+
+
+@dataclass
+class ActStats:
+    """Statistics per sink axis ``(tensor, dim)``; ``source`` and ``samples`` go in the report."""
+    axes: dict = field(default_factory=dict)
+    source: str = ""
+    samples: int = 0
+    batches: int = 0
+
+    def get(self, axis):
+        return self.axes.get(axis)
+
+
+def sink_axes(an) -> list:
+    """Activation axes (not weights) where the channels of prunable groups are consumed."""
+    cm = an.channels
+    wanted = {ax for g in an.groups if g.prunable for ax in g.axes}
+    out, seen = [], set()
+    for axis, kind, _, _ in cm.sinks:
+        if axis in wanted and axis[0] not in cm.consts and axis not in seen:
+            seen.add(axis)
+            out.append(axis)
+    return out
+
+
+def batches(an, spec, *, n_batches: int = 8, batch_size: int | None = None, seed: int = 0, max_samples=None):
+    """Feeds of the probed input shapes from ``spec`` ('random', a .npz or a .npy path).
+
+    Returns ``(description, list_of_feeds)``.  The batch dimension follows the probe (the model is
+    normalised for those shapes); data with more samples is cut into batches of that size.
+    """
+    ref = an.probe.inputs
+    if not ref:
+        raise SpaError("the model has no inputs to calibrate")
+    if str(spec) == "random":
+        rng = np.random.default_rng(seed + 1)
+        feeds = []
+        for _ in range(n_batches):
+            feed = {}
+            for name, v in ref.items():
+                if np.issubdtype(v.dtype, np.floating):
+                    feed[name] = rng.standard_normal(v.shape).astype(v.dtype)
+                elif v.dtype == np.bool_:
+                    feed[name] = rng.integers(0, 2, v.shape).astype(np.bool_)
+                else:
+                    feed[name] = rng.integers(0, 4, v.shape).astype(v.dtype)
+            feeds.append(feed)
+        return f"random ({n_batches} batches)", feeds
+    path = Path(spec)
+    if not path.exists():
+        raise SpaError(f"--calib: {path}: no such file (give a .npz, a .npy, or 'random')")
+    try:
+        loaded = np.load(str(path), allow_pickle=False)
+    except Exception as exc:
+        raise SpaError(f"--calib: {path}: cannot read ({type(exc).__name__}); expected .npz or .npy") from None
+    if isinstance(loaded, np.ndarray):
+        if len(ref) != 1:
+            raise SpaError(f"--calib: a .npy file suits a single-input model; this one has inputs "
+                           f"{', '.join(ref)}: use a .npz keyed by input name")
+        arrays = {next(iter(ref)): loaded}
+    else:
+        arrays = {k: loaded[k] for k in loaded.files}
+        missing = [k for k in ref if k not in arrays]
+        if missing:
+            raise SpaError(f"--calib: {path} lacks input(s) {', '.join(missing)} (has {', '.join(arrays) or 'nothing'})")
+    n = None
+    for name, v in ref.items():
+        a = arrays[name]
+        if a.ndim == v.ndim - 1 and tuple(a.shape) == tuple(v.shape[1:]):
+            a = a[None]
+        if a.ndim != v.ndim or tuple(a.shape[1:]) != tuple(v.shape[1:]):
+            raise SpaError(f"--calib: input '{name}' has samples of shape {list(a.shape[1:])}, the model was "
+                           f"probed with {list(v.shape[1:])}; pass --input-shapes '{name}:[1,...]' to match")
+        arrays[name] = a
+        n = a.shape[0] if n is None else min(n, a.shape[0])
+    if max_samples:
+        n = min(n, int(max_samples))
+    b = next(iter(ref.values())).shape[0] or 1
+    if batch_size and _batch_dynamic(an):
+        b = int(batch_size)
+    if n < b:
+        raise SpaError(f"--calib: {path} holds {n} samples, fewer than one batch of {b}")
+    feeds = []
+    for start in range(0, n - b + 1, b):
+        feeds.append({name: np.ascontiguousarray(arrays[name][start:start + b]).astype(v.dtype, copy=False)
+                      for name, v in ref.items()})
+    return f"{path.name} ({len(feeds) * b} samples)", feeds
+
+
+def _batch_dynamic(an) -> bool:
+    dyn = an.probe.dynamic
+    return all(dyn.get(name) is not None and len(dyn[name]) and dyn[name][0] for name in an.probe.inputs)
+
+
+def collect(an, feeds, *, axes=None, progress=_quiet, source: str = "") -> ActStats:
+    """Run ``feeds`` through the model and keep per-channel running sums on ``axes`` (default: sinks)."""
+    axes = sink_axes(an) if axes is None else list(axes)
+    stats = ActStats(source=source)
+    if not axes or not feeds:
+        return stats
+    proto = onnx.ModelProto()
+    proto.CopyFrom(an.model)
+    del proto.graph.value_info[:]
+    have = {o.name for o in proto.graph.output} | {i.name for i in proto.graph.input}
+    tensors = sorted({ax[0] for ax in axes})
+    for t in tensors:
+        if t not in have:
+            proto.graph.output.append(onnx.ValueInfoProto(name=t))
+            have.add(t)
+    sess = io.session(proto)
+    out_names = [o.name for o in sess.get_outputs()]
+    wanted = [t for t in tensors if t in out_names]
+    for i, feed in enumerate(feeds):
+        progress(f"calibration batch {i + 1}/{len(feeds)}")
+        try:
+            values = dict(zip(wanted, sess.run(wanted, feed)))
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[-1][:300]
+            raise SpaError(f"--calib: onnxruntime cannot run the calibration batch ({msg})") from None
+        values.update({k: v for k, v in feed.items() if k in tensors})
+        for axis in axes:
+            v = values.get(axis[0])
+            if v is None or not np.issubdtype(v.dtype, np.floating) or axis[1] >= v.ndim:
+                continue
+            x = np.moveaxis(v, axis[1], -1).reshape(-1, v.shape[axis[1]]).astype(np.float64)
+            got = stats.axes.get(axis)
+            if got is None:
+                c = x.shape[1]
+                got = stats.axes[axis] = ChannelStats(0, np.zeros(c), np.zeros(c), np.zeros(c))
+            got.n += x.shape[0]
+            got.abs_sum += np.abs(x).sum(0)
+            got.sum += x.sum(0)
+            got.sq_sum += np.einsum("ij,ij->j", x, x)
+        stats.samples += next(iter(feed.values())).shape[0] if feed else 0
+        stats.batches += 1
+    return stats
+
+
+def gather(an, spec, *, n_batches: int = 8, batch_size=None, max_samples=None, seed: int = 0,
+           progress=_quiet) -> ActStats:
+    """``batches`` + ``collect``: the activation statistics the calibrated criteria need."""
+    desc, feeds = batches(an, spec, n_batches=n_batches, batch_size=batch_size, seed=seed, max_samples=max_samples)
+    progress(f"calibrating on {desc}: {len(sink_axes(an))} activation tensors")
+    return collect(an, feeds, progress=progress, source=desc)
