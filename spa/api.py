@@ -12,7 +12,7 @@ from .counting import count_macs, count_params, node_macs
 from .errors import SpaError
 from .graph.channels import ChannelModel, build
 from .plan import plan as make_plan
-from .scoring import CRITERIA, magnitude_scores, normalise
+from .scoring import CRITERIA
 
 
 def _quiet(msg):
@@ -103,44 +103,113 @@ class PruneResult:
     report: dict = field(default_factory=dict)
 
 
-def prune(model, ratio: float = 0.3, *, criterion: str = "l2", global_rank: bool = False,
-          round_to: int = 1, exclude: str | None = None, max_ratio: float = 0.9,
+def prune(model, ratio: float = 0.3, *, criterion: str = "l2", reduction: str = "sum",
+          normalisation: str | None = None, global_rank: bool = False, round_to: int = 1,
+          exclude: str | None = None, max_ratio: float = 0.9, target=None, overrides=None, steps: int = 1,
+          calib=None, calib_batches: int = 8, calib_batch_size: int | None = None, seed: int = 0,
           input_shapes=None, output=None, progress=_quiet, analysis: Analysis | None = None) -> PruneResult:
-    """Remove ``ratio`` of the channels of every prunable group (or globally) and return the model.
+    """Remove channels from ``model`` and return the smaller model with a report.
 
-    ``model`` is a path or an ``onnx.ModelProto``; with ``output`` the validated model is written
-    there atomically.  The report holds params and MACs before and after and one entry per group.
+    ``ratio`` removes that fraction of every prunable group (or, with ``global_rank``, of all
+    channels ranked together); ``target`` ('macs=2', 'params=1.5') instead searches the global
+    threshold that reaches that reduction factor.  ``overrides`` ({group id or node regex: ratio}
+    or a JSON path) fixes some groups' ratios; ``steps`` > 1 prunes iteratively, re-analysing and
+    re-scoring the pruned model each step.  Calibrated criteria (act_mean, wanda, flap) need
+    ``calib`` ('random', or a .npz/.npy path).  With ``output`` the validated model is written there.
     """
-    if criterion not in CRITERIA:
+    from . import calib as calib_mod
+    from .plan import CostModel, parse_target, plan_target, resolve_overrides
+    from .scoring import score
+    scorer = CRITERIA.get(criterion)
+    if scorer is None:
         raise SpaError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    if scorer.needs_calib and calib is None:
+        raise SpaError(f"criterion {criterion!r} needs calibration data: pass --calib FILE.npz or --calib random")
+    if steps < 1:
+        raise SpaError(f"--steps must be >= 1, got {steps}")
+    tgt = parse_target(target)
+    if tgt is None and not 0.0 <= ratio < 1.0:
+        raise SpaError(f"--ratio must be in [0, 1), got {ratio}")
     t0 = time.perf_counter()
     an = analysis or analyze(model, input_shapes=input_shapes, progress=progress)
-    cm = an.channels
-    progress(f"scoring {sum(g.channels for g in an.groups if g.prunable)} channels in "
-             f"{sum(g.prunable for g in an.groups)} prunable groups ({criterion})")
-    raw = magnitude_scores(cm, criterion)
-    scores = normalise(raw, an.groups)
-    removal = make_plan(an.groups, scores, ratio, global_rank=global_rank, round_to=round_to,
-                        exclude=exclude, max_ratio=max_ratio)
-    units = np.concatenate(list(removal.values())) if removal else np.zeros(0, np.int64)
-    progress(f"removing {len(units)} channels from {len(removal)} groups")
-    pruned = surgery.apply(an.model, cm, an.probe, units)
-    progress("validating the pruned model in onnxruntime")
-    after_probe = validate(pruned, an, input_shapes)
+    first = an
+    history, current, after_probe = [], an.model, an.probe
+    for step in range(1, steps + 1):
+        if step > 1:
+            progress(f"step {step}/{steps}: re-analysing the pruned model")
+            an = analyze(current, input_shapes=input_shapes, progress=progress)
+        cm = an.channels
+        tag = f"step {step}/{steps}: " if steps > 1 else ""
+        stats = None
+        if scorer.needs_calib:
+            stats = calib_mod.gather(an, calib, n_batches=calib_batches, batch_size=calib_batch_size,
+                                     seed=seed, progress=progress)
+        progress(f"{tag}scoring {sum(g.channels for g in an.groups if g.prunable)} channels in "
+                 f"{sum(g.prunable for g in an.groups)} prunable groups ({criterion}, {reduction})")
+        sc = score(an, criterion, stats=stats, reduction=reduction, normalisation=normalisation, seed=seed + step - 1)
+        fixed = resolve_overrides(an.groups, overrides)
+        info = {}
+        if tgt is not None:
+            kind, factor = tgt
+            base0 = first.macs if kind == "macs" else first.params
+            now = an.macs if kind == "macs" else an.params
+            goal = base0 / factor ** (step / steps)
+            rel = max(now / goal, 1.0) if goal > 0 else 1.0
+            removal, info = plan_target(an.groups, sc.normalised, CostModel(an), (kind, rel), round_to=round_to,
+                                        exclude=exclude, max_ratio=max_ratio, overrides=fixed)
+        else:
+            r = 1.0 - (1.0 - ratio) ** (1.0 / steps)
+            stepped = {k: 1.0 - (1.0 - v) ** (1.0 / steps) for k, v in fixed.items()}
+            removal = make_plan(an.groups, sc.normalised, r, global_rank=global_rank, round_to=round_to,
+                                exclude=exclude, max_ratio=max_ratio, overrides=stepped)
+        units = np.concatenate(list(removal.values())) if removal else np.zeros(0, np.int64)
+        progress(f"{tag}removing {len(units)} channels from {len(removal)} groups")
+        if len(units):
+            current = surgery.apply(an.model, cm, an.probe, units)
+            progress("validating the pruned model in onnxruntime")
+            after_probe = validate(current, first, input_shapes)
+        history.append((an, sc, removal, fixed, info, stats))
+    pruned = current
+    an, sc, removal, fixed, info, stats = history[-1]
     report = {
-        "criterion": criterion, "reduction": "sum", "normalisation": "mean",
-        "ratio": ratio, "global": global_rank, "round_to": round_to, "exclude": exclude,
-        "before": {"params": an.params, "macs": an.macs},
+        "criterion": criterion, "reduction": sc.reduction, "normalisation": sc.normalisation,
+        "ratio": None if tgt else ratio, "global": bool(global_rank or tgt), "round_to": round_to,
+        "exclude": exclude, "max_ratio": max_ratio, "steps": steps, "seed": seed,
+        "before": {"params": first.params, "macs": first.macs},
         "after": {"params": count_params(pruned), "macs": count_macs(pruned, after_probe.shapes)},
         "groups": [],
     }
+    if tgt:
+        report["target"] = f"{tgt[0]}={tgt[1]:g}"
+        reached = first.macs / max(report["after"]["macs"], 1) if tgt[0] == "macs" \
+            else first.params / max(report["after"]["params"], 1)
+        report["target_reached"] = round(reached, 4)
+        report["target_reachable"] = all(h[4].get("reachable", True) for h in history)
+        report["plan"] = info
+    if stats is not None:
+        report["calibration"] = {"source": stats.source, "samples": stats.samples, "batches": stats.batches,
+                                 "tensors": len(stats.axes)}
+    if fixed:
+        report["overrides"] = {str(k): v for k, v in fixed.items()}
+    if sc.notes:
+        report["fallbacks"] = {str(k): v for k, v in sc.notes.items()}
+    if steps > 1:
+        report["step_summaries"] = [
+            {"step": i + 1, "params": h[0].params, "macs": h[0].macs,
+             "removed": int(sum(len(v) for v in h[2].values())), **({"plan": h[4]} if h[4] else {})}
+            for i, h in enumerate(history)]
     for g in an.groups:
         entry = g.summary()
         gone = removal.get(g.id, np.zeros(0, np.int64))
         entry.update(kept=g.channels - len(gone), removed=int(len(gone)),
                      removed_channels=[int(np.searchsorted(g.units, u)) for u in gone])
         if g.prunable:
-            entry["scores"] = [round(float(s), 6) for s in scores[g.units]]
+            entry.update(criterion=criterion, reduction=sc.reduction,
+                         scores=[round(float(s), 6) for s in sc.normalised[g.units]])
+            if g.id in sc.notes:
+                entry["fallback"] = sc.notes[g.id]
+            if g.id in fixed:
+                entry["override"] = fixed[g.id]
         report["groups"].append(entry)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     if output is not None:

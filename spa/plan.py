@@ -41,14 +41,26 @@ def selectable(groups, exclude: str | None = None):
 
 
 def plan(groups, scores, ratio: float, *, global_rank: bool = False, round_to: int = 1,
-         exclude: str | None = None, max_ratio: float = 0.9) -> dict:
-    """Map group id -> unit ids to remove.  ``scores`` are normalised per-unit scores."""
+         exclude: str | None = None, max_ratio: float = 0.9, overrides: dict | None = None) -> dict:
+    """Map group id -> unit ids to remove.  ``scores`` are normalised per-unit scores.
+
+    ``overrides`` ({group id: ratio}, see ``resolve_overrides``) sets those groups' local ratio,
+    whatever the global ranking says; they take no part in it.
+    """
+    overrides = dict(overrides or {})
     if not 0.0 <= ratio < 1.0:
         raise SpaError(f"--ratio must be in [0, 1), got {ratio}")
     if round_to < 1:
         raise SpaError(f"--round-to must be >= 1, got {round_to}")
     chosen = selectable(groups, exclude)
     removal = {}
+    for g in chosen:
+        if g.id in overrides:
+            n = _n_remove(g.channels, int(math.floor(g.channels * overrides[g.id] + 1e-9)), round_to, 1.0)
+            if n:
+                order = np.argsort(scores[g.units], kind="stable")
+                removal[g.id] = np.sort(g.units[order[:n]])
+    chosen = [g for g in chosen if g.id not in overrides]
     if not chosen or ratio == 0:
         return removal
     if global_rank:
@@ -66,3 +78,190 @@ def plan(groups, scores, ratio: float, *, global_rank: bool = False, round_to: i
             order = np.argsort(scores[g.units], kind="stable")
             removal[g.id] = np.sort(g.units[order[:n]])
     return removal
+
+
+# ----------------------------------------------------------------------------------------------
+# overrides and cost targets
+
+
+def parse_target(target):
+    """'macs=2' / 'params=1.5' (or a (kind, factor) pair) -> ('macs', 2.0)."""
+    if target is None:
+        return None
+    if isinstance(target, (tuple, list)):
+        kind, factor = target
+    else:
+        kind, sep, factor = str(target).partition("=")
+        if not sep:
+            raise SpaError(f"--target: expected macs=F or params=F, got {target!r}")
+    kind = kind.strip().lower()
+    if kind not in ("macs", "params"):
+        raise SpaError(f"--target: unknown quantity {kind!r}; use macs=F or params=F")
+    try:
+        factor = float(factor)
+    except ValueError:
+        raise SpaError(f"--target: the reduction factor must be a number, got {factor!r}") from None
+    if not factor >= 1.0:
+        raise SpaError(f"--target: the reduction factor must be >= 1 (2 halves the {kind}), got {factor}")
+    return kind, factor
+
+
+def resolve_overrides(groups, overrides) -> dict:
+    """``{group id or node-name regex: ratio}`` (a dict, or a path to a JSON file) -> {group id: ratio}.
+
+    A key made of digits is a group id; any other key is a regular expression searched in the
+    names of the group's nodes.  A JSON file may also hold ``{"overrides": {...}}``.  Later keys win.
+    """
+    if not overrides:
+        return {}
+    if not isinstance(overrides, dict):
+        import json
+        from pathlib import Path
+        path = Path(overrides)
+        try:
+            overrides = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise SpaError(f"--overrides: {path}: no such file") from None
+        except ValueError as exc:
+            raise SpaError(f"--overrides: {path}: not JSON ({exc})") from None
+        if isinstance(overrides, dict) and isinstance(overrides.get("overrides"), dict):
+            overrides = overrides["overrides"]
+        if not isinstance(overrides, dict):
+            raise SpaError("--overrides: expected a JSON object {group id or node regex: ratio}")
+    by_id = {g.id: g for g in groups}
+    out = {}
+    for key, value in overrides.items():
+        try:
+            r = float(value)
+        except (TypeError, ValueError):
+            raise SpaError(f"--overrides: ratio for {key!r} must be a number, got {value!r}") from None
+        if not 0.0 <= r < 1.0:
+            raise SpaError(f"--overrides: ratio for {key!r} must be in [0, 1), got {r}")
+        skey = str(key)
+        if skey.isdigit():
+            if int(skey) not in by_id:
+                raise SpaError(f"--overrides: no group {skey}")
+            out[int(skey)] = r
+            continue
+        try:
+            pat = re.compile(skey)
+        except re.error as exc:
+            raise SpaError(f"--overrides: invalid regular expression {skey!r} ({exc})") from None
+        for g in groups:
+            if any(pat.search(name) for name, _ in g.nodes):
+                out[g.id] = r
+    return out
+
+
+def _ranked(chosen, scores):
+    """Per group: units sorted by ascending score, and those sorted scores."""
+    out = {}
+    for g in chosen:
+        order = np.argsort(scores[g.units], kind="stable")
+        out[g.id] = (g.units[order], scores[g.units][order])
+    return out
+
+
+def _removal_at(chosen, ranked, threshold, round_to, max_ratio, fixed):
+    removal = {}
+    for g in chosen:
+        units, s = ranked[g.id]
+        if g.id in fixed:
+            want = int(math.floor(g.channels * fixed[g.id] + 1e-9))
+            n = _n_remove(g.channels, want, round_to, 1.0)
+        else:
+            want = int(np.searchsorted(s, threshold, side="right"))
+            n = _n_remove(g.channels, want, round_to, max_ratio)
+        if n:
+            removal[g.id] = np.sort(units[:n])
+    return removal
+
+
+class CostModel:
+    """First-order params and MACs after removing units, from kept fractions (no surgery).
+
+    A Conv/Gemm/MatMul's MACs scale with the kept fraction of its input-channel axis times that of
+    its output-channel axis; a weight's size with the product of the kept fractions of its axes.
+    """
+
+    def __init__(self, an):
+        from .api import _mac_axes
+        from .counting import node_macs
+        cm = an.channels
+        self.cm = cm
+        self.params, self.macs = an.params, an.macs
+        self.items = {"macs": [], "params": []}
+        shapes = an.probe.shapes
+        for node in an.model.graph.node:
+            m = node_macs(node, shapes)
+            if m:
+                self._add("macs", m, _mac_axes(node, shapes))
+        for name, value in cm.consts.items():
+            if np.issubdtype(value.dtype, np.floating) and value.ndim:
+                self._add("params", value.size, [(name, d) for d in range(value.ndim)])
+
+    def _add(self, kind, cost, axes):
+        ranges = [self.cm.axis_index[a] for a in axes if a in self.cm.axis_index and self.cm.axis_index[a][1] > 1]
+        if ranges:
+            self.items[kind].append((float(cost), ranges))
+
+    def estimate(self, units) -> dict:
+        units = np.asarray(units, np.int64)
+        if len(units) == 0:
+            return {"params": self.params, "macs": self.macs}
+        mask = self.cm.removed_atoms(units)
+        cs = np.concatenate([[0], np.cumsum(mask)])
+        out = {}
+        for kind, base in (("params", self.params), ("macs", self.macs)):
+            saved = 0.0
+            for cost, ranges in self.items[kind]:
+                kept = 1.0
+                for off, size in ranges:
+                    kept *= 1.0 - (cs[off + size] - cs[off]) / size
+                saved += cost * (1.0 - kept)
+            out[kind] = int(round(base - saved))
+        return out
+
+
+def _all_units(removal):
+    return np.concatenate(list(removal.values())) if removal else np.zeros(0, np.int64)
+
+
+def plan_target(groups, scores, cost: CostModel, target, *, round_to: int = 1, exclude: str | None = None,
+                max_ratio: float = 0.9, overrides: dict | None = None):
+    """Search the global score threshold whose removal reaches ``target`` (kind, factor).
+
+    Returns ``(removal, info)``; ``info`` holds the estimate and whether the target was reachable.
+    The threshold moves over the sorted scores, so the result is the smallest removal (one channel
+    per group at a time) whose estimated cost meets the target.
+    """
+    kind, factor = parse_target(target)
+    if round_to < 1:
+        raise SpaError(f"--round-to must be >= 1, got {round_to}")
+    chosen = selectable(groups, exclude)
+    fixed = dict(overrides or {})
+    ranked = _ranked(chosen, scores)
+    base = cost.params if kind == "params" else cost.macs
+    goal = base / factor
+    free = [g for g in chosen if g.id not in fixed]
+    cands = np.unique(np.concatenate([ranked[g.id][1] for g in free])) if free else np.zeros(0)
+    cands = np.concatenate([[-np.inf], cands])
+
+    def at(i):
+        rem = _removal_at(chosen, ranked, cands[i], round_to, max_ratio, fixed)
+        return rem, cost.estimate(_all_units(rem))
+
+    lo, hi = 0, len(cands) - 1
+    rem, est = at(hi)
+    reachable = est[kind] <= goal
+    if reachable:
+        while lo < hi:  # smallest index whose estimate meets the goal
+            mid = (lo + hi) // 2
+            if at(mid)[1][kind] <= goal:
+                hi = mid
+            else:
+                lo = mid + 1
+        rem, est = at(hi)
+    info = {"target": f"{kind}={factor:g}", "goal": int(round(goal)), "estimate": est,
+            "reachable": bool(reachable), "threshold": float(cands[hi]) if np.isfinite(cands[hi]) else None}
+    return rem, info
