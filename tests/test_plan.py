@@ -1,0 +1,129 @@
+"""Plans: cost targets met within one channel step per group, overrides, iterative steps, CLI."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import graphs
+import spa
+from spa.cli import cli
+from spa.errors import SpaError
+from spa.plan import CostModel, parse_target, resolve_overrides
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def _step_cost(report, kind):
+    """The most one more channel per pruned group could change the cost."""
+    return sum(g[kind] / g["channels"] for g in report["groups"] if g["prunable"] and g["removed"])
+
+
+@pytest.mark.parametrize("name", ["residual_chain", "concat_split", "flatten_gemm", "squeeze_excitation"])
+@pytest.mark.parametrize("kind,factor", [("macs", 2.0), ("params", 1.5), ("macs", 1.25)])
+def test_target_met_within_one_channel_step(name, kind, factor):
+    m = getattr(graphs, name)()
+    r = spa.prune(m, target=f"{kind}={factor}")
+    rep = r.report
+    goal = rep["before"][kind] / factor
+    assert rep["target_reachable"]
+    assert rep["after"][kind] <= goal + 1
+    assert rep["after"][kind] >= goal - _step_cost(rep, kind) - 1
+    assert rep["target"] == f"{kind}={factor:g}" and rep["global"]
+
+
+@pytest.mark.parametrize("name", ["residual_chain", "concat_split", "grouped_depthwise", "channel_shuffle", "flatten_gemm"])
+def test_cost_estimate_matches_pruned_model(name):
+    m = getattr(graphs, name)()
+    for ratio in (0.25, 0.5):
+        r = spa.prune(m, ratio)
+        an = spa.analyze(m)
+        est = CostModel(an).estimate(np.zeros(0, np.int64))
+        assert est == {"params": an.params, "macs": an.macs}
+    r = spa.prune(m, target="macs=1.5")
+    assert r.report["plan"]["estimate"] == r.report["after"]
+
+
+def test_unreachable_target_is_reported():
+    r = spa.prune(graphs.residual_chain(), target="macs=1000")
+    assert not r.report["target_reachable"]
+    assert all(g["kept"] >= 1 for g in r.report["groups"])
+
+
+def test_parse_target_errors():
+    assert parse_target("macs=2") == ("macs", 2.0)
+    for bad in ("flops=2", "macs", "macs=x", "params=0.5"):
+        with pytest.raises(SpaError, match="--target"):
+            parse_target(bad)
+
+
+def test_overrides_by_id_and_regex(tmp_path):
+    m = graphs.residual_chain()
+    an = spa.analyze(m)
+    prunable = [g for g in an.groups if g.prunable]
+    first, second = prunable[0], prunable[1]
+    elsewhere = {n for g in an.groups if g.id != second.id for n, _ in g.nodes}
+    node = next(n for n, op in second.nodes if n not in elsewhere)   # a node only this group touches
+    over = resolve_overrides(an.groups, {str(first.id): 0.0, f"^{node}$": 0.5})
+    assert over == {first.id: 0.0, second.id: 0.5}
+    r = spa.prune(m, 0.25, overrides=over)
+    by_id = {g["id"]: g for g in r.report["groups"]}
+    assert by_id[first.id]["removed"] == 0
+    assert by_id[second.id]["removed"] == second.channels // 2 and by_id[second.id]["override"] == 0.5
+    path = tmp_path / "o.json"
+    path.write_text(json.dumps({str(first.id): 0.0}))
+    r = spa.prune(m, target="macs=1.5", overrides=str(path))
+    assert {g["id"]: g for g in r.report["groups"]}[first.id]["removed"] == 0
+    path.write_text("{not json")
+    with pytest.raises(SpaError, match="--overrides"):
+        spa.prune(m, 0.3, overrides=str(path))
+    with pytest.raises(SpaError, match="no group"):
+        spa.prune(m, 0.3, overrides={"999": 0.5})
+
+
+def test_iterative_steps():
+    m = graphs.residual_chain()
+    r = spa.prune(m, 0.5, steps=3)
+    assert [s["step"] for s in r.report["step_summaries"]] == [1, 2, 3]
+    assert r.report["after"]["params"] < r.report["before"]["params"]
+    r = spa.prune(m, target="macs=2", steps=2, criterion="wanda", calib="random")
+    rep = r.report
+    assert rep["after"]["macs"] <= rep["before"]["macs"] / 2 + 1
+    assert len(rep["step_summaries"]) == 2
+
+
+def test_max_ratio_caps_groups_under_target():
+    r = spa.prune(graphs.residual_chain(), target="macs=4", max_ratio=0.5)
+    for g in r.report["groups"]:
+        if g["prunable"]:
+            assert g["removed"] <= g["channels"] // 2
+
+
+def test_cli_options(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(graphs.residual_chain(), str(path))
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    res = run("prune", path, "-o", out, "--target", "macs=2", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["target"] == "macs=2" and data["before"]["macs"] / data["after"]["macs"] >= 2
+    (tmp_path / "ov.json").write_text(json.dumps({"0": 0.0}))
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32))
+    for extra in (["--criterion", "fpgm", "--reduction", "max"], ["--criterion", "lamp", "--global"],
+                  ["--criterion", "wanda", "--calib", "random", "--calib-batches", "2"],
+                  ["--criterion", "flap", "--calib", tmp_path / "c.npz"],
+                  ["--criterion", "bn_scale", "--normalisation", "max"],
+                  ["--overrides", tmp_path / "ov.json", "--steps", "2"],
+                  ["--target", "params=1.5", "--criterion", "random", "--seed", "3"]):
+        res = run("prune", path, "-o", out, "--report", rep, *extra)
+        assert res.exit_code == 0, (extra, res.output)
+        report = json.loads(rep.read_text())
+        assert report["after"]["macs"] < report["before"]["macs"], extra
+        assert "criterion" in res.stdout
+    res = run("prune", path, "-o", out, "--criterion", "act_mean")
+    assert res.exit_code == 2 and "calib" in res.output
+    res = run("prune", path, "-o", out, "--target", "flops=2")
+    assert res.exit_code == 2 and "--target" in res.output
