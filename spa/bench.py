@@ -227,13 +227,13 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise BenchError("--plot needs matplotlib: pip install 'spa[plot]'") from None
+        raise BenchError("--plot needs matplotlib: pip install 'spa-prune[plot]'") from None
     return plt
 
 
 def plot_bench(result, path) -> None:
     """Bar chart of median latency (one group of bars per provider and batch) saved to
-    ``path``. Needs matplotlib (``pip install 'spa[plot]'``)."""
+    ``path``. Needs matplotlib (``pip install 'spa-prune[plot]'``)."""
     plt = _pyplot()
     rows = result["results"]
     groups = list(dict.fromkeys((r["provider"], r["batch"]) for r in rows))
