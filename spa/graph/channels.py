@@ -410,6 +410,7 @@ def _resolve(b: Builder, proto) -> ChannelModel:
     first_unit_axes = {}
     for u, ai in ua.tolist():
         first_unit_axes.setdefault(u, []).append(ai)
+    node_order = {node.name: i for i, node in enumerate(proto.graph.node)}
     tensor_nodes = {}
     for node in proto.graph.node:
         for name in list(node.input) + list(node.output):
@@ -434,7 +435,11 @@ def _resolve(b: Builder, proto) -> ChannelModel:
                     nodes.append(nn)
         groups.append(Group(id=len(groups), units=np.sort(units), axes=group_axes, prunable=prunable,
                             reason=reason, approximate=any(ax in approx_axes for ax in group_axes),
-                            nodes=nodes))
+                            nodes=sorted(nodes, key=lambda nn: node_order[nn[0]])))
+    # number groups in graph order (by their first node), so ids read top to bottom
+    groups.sort(key=lambda g: (node_order[g.nodes[0][0]] if g.nodes else -1, -g.channels))
+    for i, g in enumerate(groups):
+        g.id = i
     return ChannelModel(axis_index=b.axis_index, n_atoms=n, pair_atom=pair_atom, pair_unit=pair_unit,
                         n_units=n_units, groups=groups, rewrites=b.rewrites, sinks=b.sinks,
                         stats=b.stats, consts=b.consts)
