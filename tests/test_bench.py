@@ -127,13 +127,13 @@ def test_plot(paths, tmp_path, monkeypatch):
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        with pytest.raises(BenchError, match=r"pip install 'spa\[plot\]'"):
+        with pytest.raises(BenchError, match=r"pip install 'spa-prune\[plot\]'"):
             plot_bench(result, tmp_path / "p.png")
     else:
         plot_bench(result, tmp_path / "p.png")
         assert (tmp_path / "p.png").stat().st_size > 0
         monkeypatch.setitem(sys.modules, "matplotlib", None)
-        with pytest.raises(BenchError, match=r"pip install 'spa\[plot\]'"):
+        with pytest.raises(BenchError, match=r"pip install 'spa-prune\[plot\]'"):
             plot_bench(result, tmp_path / "q.png")
 
 
