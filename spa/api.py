@@ -226,6 +226,8 @@ def validate(pruned: onnx.ModelProto, an: Analysis, input_shapes=None) -> io.Pro
         except onnx.checker.ValidationError as exc:
             if _checker_ok(an.model):  # only complain about what pruning broke
                 raise SpaError(f"internal: pruned model fails onnx.checker ({str(exc).splitlines()[0]})") from None
+    if input_shapes is None:  # the sizes the analysis ran with
+        input_shapes = {k: list(np.shape(v)) for k, v in an.probe.inputs.items()}
     try:
         pr = io.probe(pruned, input_shapes)
     except SpaError as exc:

