@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
 from .errors import SpaError
 
@@ -40,7 +41,18 @@ def _shapes(values):
     if not values:
         return None
     from .check import parse_input_shapes
-    return parse_input_shapes(values)
+    try:
+        return parse_input_shapes(values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--input-shapes'") from None
+
+
+def _known_inputs(an, shapes):
+    """--input-shapes must name inputs of the model (the probe would silently ignore others)."""
+    unknown = sorted(set(shapes or ()) - set(an.probe.inputs))
+    if unknown:
+        raise SpaError(f"--input-shapes names {', '.join(unknown)}, not a model input "
+                       f"(inputs: {', '.join(an.probe.inputs) or 'none'})")
 
 
 class _Group(click.Group):
@@ -71,6 +83,7 @@ def inspect(model, as_json, show_all, input_shapes):
     from .api import analyze
     path, shapes = _resolve_model(model, input_shapes)
     an = analyze(path, input_shapes=shapes, progress=_progress)
+    _known_inputs(an, shapes)
     summary = an.summary()
     if as_json:
         click.echo(json.dumps(summary, indent=1))
@@ -124,26 +137,66 @@ def _criteria():
 @click.option("--json", "as_json", is_flag=True, help="print the JSON report on stdout instead of the summary")
 @click.option("--input-shapes", multiple=True, help=SHAPES_HELP)
 @click.option("--force", is_flag=True, help="allow OUTPUT to be the input model")
+@click.option("--check", "do_check", is_flag=True,
+              help="after writing, compare pruned and original outputs in onnxruntime (CPU) and report the agreement")
+@click.option("--atol", type=float, default=None,
+              help="with --check (implied): fail (exit 1) unless |pruned - original| <= atol + rtol*|original| "
+                   "[default when only --rtol is given: 1e-5]")
+@click.option("--rtol", type=float, default=None,
+              help="with --check (implied): relative tolerance of that test [default when only --atol is given: 1e-4]")
+@click.option("--bench", "do_bench", is_flag=True,
+              help="after writing, measure original vs pruned latency in onnxruntime (interleaved) and the speedup")
+@click.option("--bench-provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+              help="execution provider of --bench")
+@click.option("--bench-warmup", type=click.IntRange(min=0), default=3, show_default=True,
+              help="untimed runs per model for --bench")
+@click.option("--bench-iters", type=click.IntRange(min=1), default=20, show_default=True,
+              help="timed runs per model for --bench")
 def prune(model, output, ratio, target, criterion, reduction, normalisation, calib, calib_batches, calib_batch_size,
-          seed, global_rank, max_ratio, overrides, steps, round_to, exclude, report, as_json, input_shapes, force):
-    """Remove channels from MODEL and write the smaller model to OUTPUT."""
+          seed, global_rank, max_ratio, overrides, steps, round_to, exclude, report, as_json, input_shapes, force,
+          do_check, atol, rtol, do_bench, bench_provider, bench_warmup, bench_iters):
+    """Remove channels from MODEL and write the smaller model to OUTPUT.
+
+    Exit code 0 on success (--check only reports unless --atol/--rtol is given), 1 when --atol/--rtol
+    is given and an output is out of tolerance (the model is written all the same), 2 on errors.
+    """
+    from .api import analyze
     from .api import prune as do_prune
     from .io import save_model
     src, shapes = _resolve_model(model, input_shapes)
-    if Path(src).resolve() == Path(output).resolve() and not force:
-        raise SpaError("output would overwrite the input model; choose another -o or pass --force")
+    do_check = do_check or atol is not None or rtol is not None
+    if Path(src).resolve() == Path(output).resolve():
+        if not force:
+            raise SpaError("output would overwrite the input model; choose another -o or pass --force")
+        if do_check or do_bench:
+            raise SpaError("--check and --bench compare with the input model, which -o would overwrite; "
+                           "write the pruned model elsewhere")
+    if do_bench:
+        _bench_provider_usable(bench_provider)  # fail before pruning, not after
+    an = analyze(src, input_shapes=shapes, progress=_progress)
+    _known_inputs(an, shapes)
     result = do_prune(src, ratio, criterion=criterion, reduction=reduction, normalisation=normalisation,
                       global_rank=global_rank, round_to=round_to, exclude=exclude, max_ratio=max_ratio,
                       target=target, overrides=overrides, steps=steps, calib=calib, calib_batches=calib_batches,
                       calib_batch_size=calib_batch_size, seed=seed, input_shapes=shapes,
-                      progress=_progress)
+                      progress=_progress, analysis=an)
     save_model(result.model, output)
     rep = result.report
     rep["output"] = output
+    # the pruned model is validated (and its shape constants folded) at the sizes the analysis ran with:
+    # check and bench use exactly those
+    used = {name: [int(d) for d in np.shape(value)] for name, value in an.probe.inputs.items()}
+    if do_check:
+        rep["check"] = _run_check(src, output, used, seed, atol, rtol)
+    if do_bench:
+        rep["bench"] = _run_bench(src, output, used, bench_provider, bench_warmup, bench_iters)
     if report:
         Path(report).write_text(json.dumps(rep, indent=1))
+    failed = do_check and rep["check"]["passed"] is False
     if as_json:
         click.echo(json.dumps(rep, indent=1))
+        if failed:
+            sys.exit(1)
         return
     b, a = rep["before"], rep["after"]
     pruned_groups = sum(1 for g in rep["groups"] if g.get("removed"))
@@ -162,6 +215,108 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                f"MACs {_human(b['macs'])} -> {_human(a['macs'])} ({b['macs'] / max(a['macs'], 1):.2f}x)   "
                f"{pruned_groups} groups pruned, {rep['seconds']:.1f}s")
     click.echo(f"wrote {output}")
+    if do_check:
+        click.echo(_format_check(rep["check"]))
+    if do_bench:
+        click.echo(_format_bench(rep["bench"]))
+    if failed:
+        sys.exit(1)
+
+
+def _shape_text(shapes) -> str:
+    return ", ".join(f"{k}:[{','.join(map(str, v))}]" for k, v in shapes.items())
+
+
+def _run_check(reference, candidate, shapes, seed, atol, rtol) -> dict:
+    """``spa.check.compare`` of the pruned model against the original, as the report's "check" entry.
+
+    Without tolerances (mode "report") nothing is judged: ``passed`` is null unless the two models
+    cannot be compared at all (signature or output shape mismatch), which is false."""
+    from .check import compare
+    tolerance = atol is not None or rtol is not None
+    _progress(f"checking the pruned model against the original in onnxruntime (cpu; {_shape_text(shapes)})")
+    res = compare(reference, candidate, input_shapes=shapes, seed=seed,
+                  atol=1e-5 if atol is None else atol, rtol=1e-4 if rtol is None else rtol,
+                  providers=["CPUExecutionProvider"])
+    if not tolerance:
+        comparable = res["signature"]["ok"] and bool(res["outputs"]) \
+            and not any(o.get("error") for o in res["outputs"])
+        res["passed"] = None if comparable else False
+        res["atol"] = res["rtol"] = None
+        for o in res["outputs"]:
+            o["passed"] = False if o.get("error") else None
+    return {"mode": "tolerance" if tolerance else "report", "passed": res["passed"], "atol": res["atol"],
+            "rtol": res["rtol"], "provider": "cpu", "seed": seed, "input_shapes": shapes,
+            "signature": res["signature"], "outputs": res["outputs"]}
+
+
+def _fmt(x, spec=".3g"):
+    return "-" if x is None else format(x, spec)
+
+
+def _format_check(chk) -> str:
+    lines = [f"check: pruned vs original in onnxruntime cpu, random inputs {_shape_text(chk['input_shapes'])} "
+             f"(seed {chk['seed']})"]
+    for o in chk["outputs"]:
+        shape = "x".join(map(str, o["shape"])) or "scalar"
+        if o.get("error"):
+            lines.append(f"  {o['name']} [{shape}]: cannot compare: {o['error']}")
+            continue
+        top1 = "" if o["top1"] is None else f"  top-1 {o['top1']:.3f}"
+        verdict = "" if o["passed"] is None else ("  ok" if o["passed"] else "  OUT OF TOLERANCE")
+        lines.append(f"  {o['name']} [{shape}]: cosine {_fmt(o['cosine'], '.6f')}{top1}  "
+                     f"max abs {_fmt(o['max_abs'])}  mean abs {_fmt(o['mean_abs'])}  "
+                     f"max rel {_fmt(o['max_rel'])}  mean rel {_fmt(o['mean_rel'])}{verdict}")
+    for problem in chk["signature"]["problems"]:
+        lines.append(f"  signature: {problem}")
+    if chk["mode"] == "report":
+        lines.append("  (agreement reported, not judged: pass --atol/--rtol for a pass/fail check)"
+                     if chk["passed"] is None else "check FAILED: the models cannot be compared")
+    else:
+        lines.append(f"check {'PASSED' if chk['passed'] else 'FAILED'} (atol={chk['atol']}, rtol={chk['rtol']}: "
+                     "|pruned - original| <= atol + rtol * |original|)")
+    return "\n".join(lines)
+
+
+def _bench_provider_usable(provider):
+    if provider == "cpu":
+        return
+    import onnxruntime as ort
+    from .bench import PROVIDERS
+    from .check import cuda_available
+    if PROVIDERS[provider][0] not in ort.get_available_providers() or not cuda_available():
+        raise SpaError(f"--bench-provider {provider}: {PROVIDERS[provider][0]} is not usable here "
+                       "(onnxruntime-gpu with a CUDA GPU is needed); use --bench-provider cpu")
+
+
+def _run_bench(dense, pruned, shapes, provider, warmup, iters) -> dict:
+    """``spa.bench.benchmark`` of the original and the pruned model, as the report's "bench" entry."""
+    from .bench import benchmark
+    first = next(iter(shapes.values()), [])
+    batch = first[0] if first else 1  # benchmark sets dim 0 of dynamic inputs to the batch: keep the used one
+    _progress(f"benchmarking original vs pruned ({provider}, {warmup} warmup + {iters} timed runs each, "
+              f"interleaved)")
+    from .bench import BenchError
+    try:
+        res = benchmark([dense, pruned], provider=provider, batches=(batch,), warmup=warmup, iters=iters,
+                        input_shapes=shapes, progress=_progress)
+    except BenchError as exc:  # its advice names `spa bench` flags
+        raise SpaError(str(exc).replace("pass --allow-cpu-fallback to measure on CPU",
+                                        "use --bench-provider cpu")) from None
+    rows = {r["model"]: r for r in res["results"]}
+    d, p = rows.get(str(dense)), rows.get(str(pruned))
+    return {"provider": provider, "batch": batch, "warmup": warmup, "iters": iters, "input_shapes": shapes,
+            "original_ms": d and d["median_ms"], "pruned_ms": p and p["median_ms"],
+            "speedup": p and p["speedup"], **res}
+
+
+def _format_bench(b) -> str:
+    prov = b["results"][-1]["provider"] if b["results"] else b["provider"]
+    head = f"latency: onnxruntime {prov}, batch {b['batch']}, median of {b['iters']} interleaved runs:"
+    if b["original_ms"] is None or b["pruned_ms"] is None:
+        return head + " not measured (" + "; ".join(s["reason"] for s in b["skipped"]) + ")"
+    return (head + f" original {b['original_ms']:.3f} ms -> pruned {b['pruned_ms']:.3f} ms "
+            f"({_fmt(b['speedup'], '.2f')}x speedup)")
 
 
 def _register_optional():
