@@ -107,7 +107,8 @@ def prune(model, ratio: float = 0.3, *, criterion: str = "l2", reduction: str = 
           normalisation: str | None = None, global_rank: bool = False, round_to: int = 1,
           exclude: str | None = None, max_ratio: float = 0.9, target=None, overrides=None, steps: int = 1,
           calib=None, calib_batches: int = 8, calib_batch_size: int | None = None, seed: int = 0,
-          input_shapes=None, output=None, progress=_quiet, analysis: Analysis | None = None) -> PruneResult:
+          hessian: str = "auto", input_shapes=None, output=None, progress=_quiet,
+          analysis: Analysis | None = None) -> PruneResult:
     """Remove channels from ``model`` and return the smaller model with a report.
 
     ``ratio`` removes that fraction of every prunable group (or, with ``global_rank``, of all
@@ -115,7 +116,10 @@ def prune(model, ratio: float = 0.3, *, criterion: str = "l2", reduction: str = 
     threshold that reaches that reduction factor.  ``overrides`` ({group id or node regex: ratio}
     or a JSON path) fixes some groups' ratios; ``steps`` > 1 prunes iteratively, re-analysing and
     re-scoring the pruned model each step.  Calibrated criteria (act_mean, wanda, flap) need
-    ``calib`` ('random', or a .npz/.npy path).  With ``output`` the validated model is written there.
+    ``calib`` ('random', or a .npz/.npy path).  ``criterion='obspa'`` chooses channels by Optimal
+    Brain Surgeon cost and compensates the kept weights, with Hessians from ``hessian`` ('auto',
+    'synthetic', 'bn', 'identity'; ``calib`` data when given).  With ``output`` the validated model
+    is written there.
     """
     from . import calib as calib_mod
     from .plan import CostModel, parse_target, plan_target, resolve_overrides
@@ -147,6 +151,10 @@ def prune(model, ratio: float = 0.3, *, criterion: str = "l2", reduction: str = 
         progress(f"{tag}scoring {sum(g.channels for g in an.groups if g.prunable)} channels in "
                  f"{sum(g.prunable for g in an.groups)} prunable groups ({criterion}, {reduction})")
         sc = score(an, criterion, stats=stats, reduction=reduction, normalisation=normalisation, seed=seed + step - 1)
+        obs = None
+        if criterion == "obspa":
+            obs = _obspa_setup(an, sc, hessian, calib, global_rank or tgt is not None, calib_batches,
+                               calib_batch_size, seed, progress)
         fixed = resolve_overrides(an.groups, overrides)
         info = {}
         if tgt is not None:
@@ -162,15 +170,18 @@ def prune(model, ratio: float = 0.3, *, criterion: str = "l2", reduction: str = 
             stepped = {k: 1.0 - (1.0 - v) ** (1.0 / steps) for k, v in fixed.items()}
             removal = make_plan(an.groups, sc.normalised, r, global_rank=global_rank, round_to=round_to,
                                 exclude=exclude, max_ratio=max_ratio, overrides=stepped)
+        source = an.model
+        if obs is not None:
+            source, cm = _obspa_apply(an, sc, obs, removal, progress)
         units = np.concatenate(list(removal.values())) if removal else np.zeros(0, np.int64)
         progress(f"{tag}removing {len(units)} channels from {len(removal)} groups")
         if len(units):
-            current = surgery.apply(an.model, cm, an.probe, units)
+            current = surgery.apply(source, cm, an.probe, units)
             progress("validating the pruned model in onnxruntime")
             after_probe = validate(current, first, input_shapes)
-        history.append((an, sc, removal, fixed, info, stats))
+        history.append((an, sc, removal, fixed, info, stats, obs))
     pruned = current
-    an, sc, removal, fixed, info, stats = history[-1]
+    an, sc, removal, fixed, info, stats, obs = history[-1]
     report = {
         "criterion": criterion, "reduction": sc.reduction, "normalisation": sc.normalisation,
         "ratio": None if tgt else ratio, "global": bool(global_rank or tgt), "round_to": round_to,
@@ -189,6 +200,9 @@ def prune(model, ratio: float = 0.3, *, criterion: str = "l2", reduction: str = 
     if stats is not None:
         report["calibration"] = {"source": stats.source, "samples": stats.samples, "batches": stats.batches,
                                  "tensors": len(stats.axes)}
+    if obs is not None:
+        report["obspa"] = {"hessian": hessian, "source": obs["hs"].desc, "damp": obs["damp"],
+                           "not_modelled": obs["skipped"]}
     if fixed:
         report["overrides"] = {str(k): v for k, v in fixed.items()}
     if sc.notes:
@@ -210,12 +224,62 @@ def prune(model, ratio: float = 0.3, *, criterion: str = "l2", reduction: str = 
                 entry["fallback"] = sc.notes[g.id]
             if g.id in fixed:
                 entry["override"] = fixed[g.id]
+            if obs is not None and g.id in obs["results"]:
+                r = obs["results"][g.id]
+                entry["obspa"] = {"cost": r.cost, "hessian": r.sources, "inverse": sorted(set(r.how))}
         report["groups"].append(entry)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     if output is not None:
         io.save_model(pruned, output)
         report["output"] = str(output)
     return PruneResult(pruned, report)
+
+
+def _obspa_setup(an, sc, hessian, calib, need_scores, n_batches, batch_size, seed, progress) -> dict:
+    """Consumers and Hessians of every group; with a global plan or a target, the groups' scores
+    become their single-removal OBS costs (a local ratio needs only counts: the greedy picks)."""
+    from .scoring import normalise, obspa
+    consumers, skipped = obspa.find_consumers(an)
+    per_group = obspa.group_consumers(an, consumers)
+    used = [c for items in per_group.values() for c, _ in items]
+    progress(f"obspa: {len(used)} consumer weights in {len(per_group)} groups; Hessians: {hessian}")
+    hs = obspa.hessians(an, used, hessian, calib, n_batches=n_batches, batch_size=batch_size, seed=seed,
+                        progress=progress)
+    for g in an.groups:
+        if g.prunable and g.id not in per_group:
+            sc.notes[g.id] = "obspa: no consumer weight modelled; l2, not compensated"
+    if need_scores:
+        progress("obspa: single-removal costs of every channel")
+        groups = {g.id: g for g in an.groups}
+        for gid, s in obspa.group_scores(an, per_group, hs).items():
+            sc.raw[groups[gid].units] = s
+        sc.normalised = normalise(sc.raw, an.groups, sc.normalisation)
+    return {"per_group": per_group, "hs": hs, "skipped": skipped, "damp": obspa.DAMP, "results": {}}
+
+
+def _obspa_apply(an, sc, obs, removal, progress):
+    """Let OBS choose which channels go (as many per group as the plan says) and compensate the
+    kept weights; returns the model and channel model carrying the compensated weights."""
+    import dataclasses
+    from .scoring import normalise, obspa
+    counts = {gid: len(u) for gid, u in removal.items()}
+    results, new = obspa.prune_groups(an, obs["per_group"], obs["hs"], counts, progress=progress)
+    groups = {g.id: g for g in an.groups}
+    for gid, r in results.items():
+        units = groups[gid].units
+        removal[gid] = units[r.removed]
+        if len(r.first_costs) == len(units):
+            sc.raw[units] = r.first_costs
+    sc.normalised = normalise(sc.raw, an.groups, sc.normalisation)
+    obs["results"] = results
+    if not new:
+        return an.model, an.channels
+    model = onnx.ModelProto()
+    model.CopyFrom(an.model)
+    for init in model.graph.initializer:
+        if init.name in new:
+            init.CopyFrom(onnx.numpy_helper.from_array(new[init.name], init.name))
+    return model, dataclasses.replace(an.channels, consts={**an.channels.consts, **new})
 
 
 def validate(pruned: onnx.ModelProto, an: Analysis, input_shapes=None) -> io.Probe:

@@ -124,6 +124,9 @@ def _criteria():
               help="calibration data: .npz keyed by input name, .npy (single input), or 'random'")
 @click.option("--calib-batches", type=int, default=8, show_default=True, help="with --calib random: batches drawn")
 @click.option("--calib-batch-size", type=int, default=None, help="samples per batch when the batch dim is dynamic")
+@click.option("--hessian", type=click.Choice(["auto", "synthetic", "bn", "identity"]), default="auto", show_default=True,
+              help="--criterion obspa: where E[x x^T] of each consumer input comes from (auto: --calib data if "
+                   "given, else synthetic)")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of --criterion random and --calib random")
 @click.option("--global", "global_rank", is_flag=True, help="rank all channels together instead of per group")
 @click.option("--max-ratio", type=float, default=0.9, show_default=True,
@@ -153,7 +156,7 @@ def _criteria():
 @click.option("--bench-iters", type=click.IntRange(min=1), default=20, show_default=True,
               help="timed runs per model for --bench")
 def prune(model, output, ratio, target, criterion, reduction, normalisation, calib, calib_batches, calib_batch_size,
-          seed, global_rank, max_ratio, overrides, steps, round_to, exclude, report, as_json, input_shapes, force,
+          hessian, seed, global_rank, max_ratio, overrides, steps, round_to, exclude, report, as_json, input_shapes, force,
           do_check, atol, rtol, do_bench, bench_provider, bench_warmup, bench_iters):
     """Remove channels from MODEL and write the smaller model to OUTPUT.
 
@@ -178,7 +181,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
     result = do_prune(src, ratio, criterion=criterion, reduction=reduction, normalisation=normalisation,
                       global_rank=global_rank, round_to=round_to, exclude=exclude, max_ratio=max_ratio,
                       target=target, overrides=overrides, steps=steps, calib=calib, calib_batches=calib_batches,
-                      calib_batch_size=calib_batch_size, seed=seed, input_shapes=shapes,
+                      calib_batch_size=calib_batch_size, seed=seed, hessian=hessian, input_shapes=shapes,
                       progress=_progress, analysis=an)
     save_model(result.model, output)
     rep = result.report

@@ -38,6 +38,9 @@ CRITERIA = {s.name: s for s in (
     Scorer("act_mean", act_mean_scores, needs_calib=True, doc="mean |activation| of the channel"),
     Scorer("wanda", wanda_scores, needs_calib=True, doc="|W| x input activation norm over consumers"),
     Scorer("flap", flap_scores, needs_calib=True, doc="activation variance x squared consumer column norm"),
+    # the scores here are only L2, the fallback for groups OBS cannot model: spa.prune replaces
+    # them with OBS removal costs and compensates the kept weights (spa.scoring.obspa)
+    Scorer("obspa", l2_scores, doc="Optimal Brain Surgeon removal cost + weight compensation (no data needed)"),
 )}
 
 

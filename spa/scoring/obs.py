@@ -583,7 +583,8 @@ def obs_group(consumers, n_remove, damp=0.01, max_steps=32, dtype=np.float64, re
 
     Returns ``(removed, W_news)``: channel ids in removal order and, per consumer, the compensated
     weight in the original ``[out, in]`` layout with the removed columns exactly zero.  With
-    ``return_info`` a third item ``{"cost", "step_costs", "lam", "how"}`` is added.
+    ``return_info`` a third item ``{"cost", "step_costs", "first_costs", "lam", "how"}`` is added
+    (``first_costs``: every channel's single-removal cost before anything was removed).
     """
     states, where, C = _states(consumers, damp, dtype)
     n_remove = int(n_remove)
@@ -593,11 +594,13 @@ def obs_group(consumers, n_remove, damp=0.01, max_steps=32, dtype=np.float64, re
     k = 1 if (all_block or max_steps is None) else max(1, math.ceil(n_remove / max(int(max_steps), 1)))
     order = np.arange(C)                    # channel ids by storage position; alive = order[:na]
     na = C
-    removed, step_costs = [], []
+    removed, step_costs, first_costs = [], [], None
     while len(removed) < n_remove:
         kk = min(k, n_remove - len(removed))
         cost = sum(s.costs(order[:na]) for s in states)
         cost = np.where(np.isfinite(cost), cost, np.inf)
+        if first_costs is None:
+            first_costs = cost.copy()
         pos = np.argpartition(cost, kk - 1)[:kk] if kk < na else np.arange(na)
         pos = pos[np.argsort(cost[pos], kind="stable")]
         chosen = order[pos].copy()
@@ -617,7 +620,9 @@ def obs_group(consumers, n_remove, damp=0.01, max_steps=32, dtype=np.float64, re
         st = states[si]
         W_news.append(_scatter(st, lo, hi, alive, np.asarray(c[0]).shape[1], C, st.b))
     if return_info:
-        info = {"cost": float(sum(step_costs)), "step_costs": step_costs,
+        if first_costs is None:
+            first_costs = sum(s.costs(np.arange(C)) for s in states) if C else np.zeros(0)
+        info = {"cost": float(sum(step_costs)), "step_costs": step_costs, "first_costs": first_costs,
                 "lam": [s.lam for s in states], "how": [s.how for s in states]}
         return removed, W_news, info
     return removed, W_news

@@ -1,0 +1,487 @@
+"""OBSPA in the pipeline: which weights read each group, where their Hessians come from, and the
+greedy selection with weight compensation written back into the model (``--criterion obspa``).
+
+The numerical core is :mod:`spa.scoring.obs`; this module supplies what it needs (see
+``docs/obspa.md``, "Wiring"):
+
+* **consumers** -- every *contract* sink of the channel model whose other operand is a constant
+  weight used by that node alone: Conv (``group == 1``, 2-D), Gemm (``transA == 0``, alpha = beta
+  = 1), MatMul with a 2-D constant ``B``.  Each reads an input axis whose positions map to the
+  group's units (one position per unit, or several: flatten before a Linear, attention heads);
+  positions of other groups are *fixed* columns (never removed, used for compensation); a bias
+  (Conv ``B``, Gemm ``C``, the constant Add after a MatMul) is a fixed constant-1 column so it
+  absorbs the mean of removed channels.  Grouped and depthwise convolutions pass channels through
+  to their own consumers and are not compensated; activation x activation products (attention
+  scores) have no weight: a group read only by those falls back to L2.
+* **Hessians** ``H = E[x x^T]`` per consumer input (tensor + conv geometry), from ``synthetic``
+  inputs (random, of the probed shapes) or calibration data run through onnxruntime (patch rows
+  sampled, running sums, bounded memory), from the BatchNormalization (+ activation) feeding the
+  consumer (``bn``; no data at all, other consumers fall back to synthetic), or the identity (the
+  control: OBS then equals L2 and nothing is compensated).
+* **selection** -- the planner decides how many channels each group loses (for a global plan or a
+  target, from the single-removal OBS costs); then :func:`obs_group` removes that many greedily
+  over all consumers of the group and compensates the kept weights.  Groups are processed in graph
+  order and a weight read by several groups sees the compensation and removals of earlier ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import SpaError
+from .obs import hessian_from_bn, obs_group, obs_scores, split_bias, with_bias
+from .structure import axis_pairs
+
+HESSIANS = ("auto", "synthetic", "bn", "identity")
+#: patch rows kept per consumer input and calibration batch (random subset): bounds both the
+#: im2col memory and the ``rows x in^2`` accumulation cost on large feature maps.
+ROWS_PER_BATCH = 4096
+DAMP = 0.01
+#: precision of the dense OBS engine: float32 halves the inverse/downdate time of the big layers
+#: (docs/obspa.md: resnet50 12.5 s vs 20.9 s) and agrees with float64 (tests/test_obs.py)
+DTYPE = np.float32
+_ACTIVATIONS = {"Relu": "relu", "Sigmoid": "sigmoid", "HardSwish": "hardswish", "HardSigmoid": "hardsigmoid",
+                "Tanh": "tanh", "Identity": "none"}
+
+
+def _quiet(msg):
+    pass
+
+
+@dataclass
+class Consumer:
+    """A node that reads channels through a constant weight, as OBS sees it."""
+    node: str
+    weight: str                # constant, used by this node only
+    transposed: bool           # W [out, in] is the constant transposed (MatMul B, Gemm transB=0)
+    bias: str | None           # constant bias of the output (None: no bias column)
+    axis: tuple                # the sink axis (x, d) whose positions the columns follow
+    taps: int                  # columns per position (Conv kh*kw, else 1)
+    conv: tuple | None         # (kh, kw, strides, pads, dilations) for Conv, else None
+
+    @property
+    def key(self):
+        """Consumers with equal keys read the same tensor the same way: one Hessian."""
+        return (self.axis, self.conv)
+
+    def matrix(self, value):
+        v = np.asarray(value, np.float64)
+        return v.T if self.transposed else v.reshape(v.shape[0], -1)
+
+    def restore(self, W, like):
+        return (W.T if self.transposed else W.reshape(like.shape)).astype(like.dtype)
+
+
+@dataclass
+class Hessians:
+    """``(H, mean)`` per consumer key, and which source gave each."""
+    H: dict = field(default_factory=dict)
+    mean: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+    desc: str = ""
+
+
+# ------------------------------------------------------------------------------------------------
+# consumers
+# ------------------------------------------------------------------------------------------------
+
+def _attr(node, name, default):
+    for a in node.attribute:
+        if a.name == name:
+            if a.type == a.INTS:
+                return list(a.ints)
+            if a.type == a.FLOAT:
+                return a.f
+            if a.type == a.STRING:
+                return a.s.decode()
+            return a.i
+    return default
+
+
+def _conv_geometry(node, x_shape, y_shape, w_shape):
+    if len(w_shape) != 4 or len(x_shape) != 4:
+        return None
+    kh, kw = int(w_shape[2]), int(w_shape[3])
+    strides = [int(s) for s in _attr(node, "strides", [1, 1])]
+    dil = [int(d) for d in _attr(node, "dilations", [1, 1])]
+    pads = [int(p) for p in _attr(node, "pads", [0, 0, 0, 0])]
+    auto = _attr(node, "auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0, 0, 0, 0]
+        for i, k in enumerate((kh, kw)):
+            total = max((y_shape[2 + i] - 1) * strides[i] + (k - 1) * dil[i] + 1 - x_shape[2 + i], 0)
+            small, big = total // 2, total - total // 2
+            pads[i], pads[i + 2] = (small, big) if auto == "SAME_UPPER" else (big, small)
+    return (kh, kw, tuple(strides), tuple(pads), tuple(dil))
+
+
+def _bias_after_matmul(node, consumers_of, consts, n_out):
+    """The constant of the single Add that follows a MatMul on its last axis, if any."""
+    nxt = consumers_of.get(node.output[0], [])
+    if len(nxt) != 1 or nxt[0].op_type != "Add":
+        return None
+    add = nxt[0]
+    other = [t for t in add.input if t != node.output[0]]
+    if len(other) != 1 or other[0] not in consts:
+        return None
+    b = consts[other[0]]
+    return other[0] if b.size == n_out and b.shape[-1] == n_out else None
+
+
+def find_consumers(an):
+    """``(consumers, skipped)``: the modelled consumers, and ``{node: why}`` for contract sinks that
+    are not (grouped convs, activation x activation products, shared or odd weights)."""
+    cm, shapes = an.channels, an.probe.shapes
+    graph = an.model.graph
+    nodes = {n.name: n for n in graph.node}
+    uses, consumers_of = {}, {}
+    for n in graph.node:
+        for t in n.input:
+            uses[t] = uses.get(t, 0) + 1
+            consumers_of.setdefault(t, []).append(n)
+    out, skipped = [], {}
+    for axis, kind, node_name, index in cm.sinks:
+        node = nodes.get(node_name)
+        if kind != "contract" or node is None:
+            continue
+        op, why = node.op_type, None
+        weight = node.input[1] if len(node.input) > 1 else ""
+        if index != 0 or weight not in cm.consts:
+            why = "no constant weight (activation x activation)"
+        elif uses.get(weight, 0) != 1:
+            why = "weight shared by several nodes"
+        elif op == "Conv":
+            w = cm.consts[weight]
+            geom = _conv_geometry(node, shapes.get(node.input[0], ()), shapes.get(node.output[0], ()), w.shape)
+            if int(_attr(node, "group", 1)) != 1:
+                why = "grouped convolution (passes channels through)"
+            elif geom is None:
+                why = "only 2-D convolutions are modelled"
+            else:
+                bias = node.input[2] if len(node.input) > 2 and node.input[2] in cm.consts else None
+                out.append(Consumer(node_name, weight, False, bias, axis, geom[0] * geom[1], geom))
+        elif op == "Gemm":
+            w = cm.consts[weight]
+            if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
+                why = "Gemm with transA or alpha/beta != 1"
+            else:
+                tb = bool(_attr(node, "transB", 0))
+                n_out = w.shape[0] if tb else w.shape[1]
+                c = node.input[2] if len(node.input) > 2 and node.input[2] in cm.consts else None
+                bias = c if c is not None and cm.consts[c].size == n_out and uses.get(c, 0) == 1 else None
+                out.append(Consumer(node_name, weight, not tb, bias, axis, 1, None))
+        elif op == "MatMul":
+            w = cm.consts[weight]
+            if w.ndim != 2:
+                why = "MatMul with a batched weight"
+            else:
+                bias = _bias_after_matmul(node, consumers_of, cm.consts, w.shape[1])
+                if bias is not None and uses.get(bias, 0) != 1:
+                    bias = None
+                out.append(Consumer(node_name, weight, True, bias, axis, 1, None))
+        else:
+            why = f"{op} is not modelled"
+        if why:
+            skipped[node_name] = why
+    return out, skipped
+
+
+def group_consumers(an, consumers):
+    """``{group id: [(consumer, unit_of_position)]}``: ``unit_of_position[p]`` is the group-local
+    unit index that owns input position ``p`` of the consumer, -1 where another group's channel
+    (or a fixed one) sits."""
+    cm = an.channels
+    unit_group = np.full(cm.n_units, -1, np.int64)
+    local = np.full(cm.n_units, -1, np.int64)
+    for g in an.groups:
+        if g.prunable:
+            unit_group[g.units] = g.id
+            local[g.units] = np.arange(len(g.units))
+    out = {}
+    for c in consumers:
+        pos, units = axis_pairs(cm, c.axis)
+        n_pos = cm.axis_index[c.axis][1]
+        gids = unit_group[units]
+        for gid in np.unique(gids[gids >= 0]):
+            sel = gids == gid
+            owner = np.full(n_pos, -1, np.int64)
+            owner[pos[sel]] = local[units[sel]]
+            out.setdefault(int(gid), []).append((c, owner))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Hessians
+# ------------------------------------------------------------------------------------------------
+
+def sample_patches(x, conv, rows, rng):
+    """Up to ``rows`` random im2col rows ``[R, C*kh*kw]`` of an NCHW input for a Conv geometry
+    (column order of ``W.reshape(Cout, -1)``), without forming the whole patch matrix."""
+    kh, kw, (sh, sw), (pt, pl, pb, pr), (dh, dw) = conv
+    N, C, Hh, Ww = x.shape
+    if pt or pl or pb or pr:
+        x = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    OH = (Hh + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    OW = (Ww + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    total = N * OH * OW
+    idx = np.arange(total) if total <= rows else np.sort(rng.choice(total, rows, replace=False))
+    n, rem = np.divmod(idx, OH * OW)
+    oh, ow = np.divmod(rem, OW)
+    hh = oh[:, None] * sh + np.arange(kh) * dh
+    ww = ow[:, None] * sw + np.arange(kw) * dw
+    P = x[n[:, None, None], :, hh[:, :, None], ww[:, None, :]]        # [R, kh, kw, C]
+    return np.ascontiguousarray(P.transpose(0, 3, 1, 2)).reshape(len(idx), C * kh * kw)
+
+
+def _rows(x, c: Consumer, rows, rng):
+    if c.conv is not None:
+        return sample_patches(x, c.conv, rows, rng)
+    d = c.axis[1]
+    X = np.moveaxis(x, d, -1).reshape(-1, x.shape[d])
+    if len(X) > rows:
+        X = X[np.sort(rng.choice(len(X), rows, replace=False))]
+    return X
+
+
+def data_hessians(an, wanted, feeds, *, rows=ROWS_PER_BATCH, seed=0, source="synthetic", progress=_quiet):
+    """``E[x x^T]`` and ``E[x]`` for every consumer in ``wanted`` ({key: consumer}) over ``feeds``."""
+    from .. import io
+    import onnx
+    hs = Hessians()
+    if not wanted:
+        return hs
+    proto = onnx.ModelProto()
+    proto.CopyFrom(an.model)
+    del proto.graph.value_info[:]
+    have = {o.name for o in proto.graph.output}
+    inputs = {i.name for i in proto.graph.input}
+    tensors = sorted({c.axis[0] for c in wanted.values()})
+    for t in tensors:
+        if t not in have and t not in inputs:
+            proto.graph.output.append(onnx.ValueInfoProto(name=t))
+    sess = io.session(proto)
+    fetch = [t for t in tensors if t not in inputs]
+    rng = np.random.default_rng(seed)
+    S, s, n = {}, {}, {}
+    for i, feed in enumerate(feeds):
+        progress(f"obspa: Hessians from {source} batch {i + 1}/{len(feeds)} ({len(wanted)} consumer inputs)")
+        try:
+            values = dict(zip(fetch, sess.run(fetch, feed)))
+        except Exception as exc:
+            raise SpaError(f"obspa: onnxruntime cannot run the {source} batch ({io._ort_reason(exc)})") from None
+        values.update({k: v for k, v in feed.items() if k in tensors})
+        for key, c in wanted.items():
+            X = _rows(np.asarray(values[c.axis[0]], np.float32), c, rows, rng)
+            if key not in S:
+                S[key] = np.zeros((X.shape[1], X.shape[1]), np.float64)
+                s[key] = np.zeros(X.shape[1])
+                n[key] = 0
+            S[key] += X.T @ X                 # float32 GEMM (syrk), float64 running sum
+            s[key] += X.sum(0, dtype=np.float64)
+            n[key] += len(X)
+        del values
+    for key in wanted:
+        hs.H[key] = S.pop(key) / max(n[key], 1)
+        hs.mean[key] = s[key] / max(n[key], 1)
+        hs.source[key] = source
+    return hs
+
+
+def _bn_feeding(an, tensor, producer):
+    """``(gamma, beta, activation)`` of a BatchNormalization (+ one activation) that makes ``tensor``."""
+    consts = an.channels.consts
+    node, act = producer.get(tensor), "none"
+    if node is None:
+        return None
+    if node.op_type in _ACTIVATIONS or node.op_type == "Clip":
+        if node.op_type == "Clip":
+            lo = consts.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+            hi = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            lo, hi = (None if v is None else float(v) for v in (lo, hi))
+            if lo != 0.0 or hi not in (6.0, None):
+                return None
+            act = "relu" if hi is None else "relu6"
+        else:
+            act = _ACTIVATIONS[node.op_type]
+        node = producer.get(node.input[0])
+    elif node.op_type == "Mul" and len(node.input) == 2:        # x * sigmoid(x): SiLU / swish
+        a, b = node.input
+        for x, sig in ((a, b), (b, a)):
+            p = producer.get(sig)
+            if p is not None and p.op_type == "Sigmoid" and p.input[0] == x:
+                node, act = producer.get(x), "silu"
+                break
+        else:
+            return None
+    if node is None or node.op_type != "BatchNormalization":
+        return None
+    gamma, beta = consts.get(node.input[1]), consts.get(node.input[2])
+    if gamma is None or beta is None:
+        return None
+    return gamma, beta, act
+
+
+def hessians(an, consumers, source="auto", calib=None, *, n_batches=8, batch_size=None, seed=0,
+             progress=_quiet) -> Hessians:
+    """The Hessian of every consumer input in ``consumers`` from ``source`` (see module doc).
+
+    ``auto`` is ``synthetic`` (the calibration-free source that measured best, docs/obspa.md) or,
+    with ``calib``, the calibration data.  ``bn`` uses the BN feeding each consumer and falls back
+    to ``synthetic`` (or ``calib``) for the others; the source of each is recorded.
+    """
+    from .. import calib as calib_mod
+    if source not in HESSIANS:
+        raise SpaError(f"unknown Hessian source {source!r}; choose one of {', '.join(HESSIANS)}")
+    wanted = {}
+    for c in consumers:
+        wanted.setdefault(c.key, c)
+    hs = Hessians()
+    if source == "identity":
+        for key, c in wanted.items():
+            n = an.channels.axis_index[c.axis][1] * c.taps
+            hs.H[key], hs.mean[key], hs.source[key] = np.eye(n), np.zeros(n), "identity"
+        hs.desc = "identity"
+        return hs
+    if source == "bn":
+        producer = {o: n for n in an.model.graph.node for o in n.output}
+        for key, c in list(wanted.items()):
+            got = _bn_feeding(an, c.axis[0], producer)
+            if got is None or c.axis[1] != 1:        # BN normalises axis 1
+                continue
+            gamma, beta, act = got
+            kh, kw = (c.conv[0], c.conv[1]) if c.conv else (1, 1)
+            H = hessian_from_bn(gamma, beta, activation=act, kh=kh, kw=kw, structured=False)
+            hs.H[key], hs.mean[key], hs.source[key] = H, np.repeat(_bn_mean(gamma, beta, act), kh * kw), "bn"
+            del wanted[key]
+    data = "synthetic" if calib is None else "calibration"
+    if wanted:
+        desc, feeds = calib_mod.batches(an, "random" if calib is None else calib, n_batches=n_batches,
+                                        batch_size=batch_size, seed=seed)
+        got = data_hessians(an, wanted, feeds, seed=seed, source=data, progress=progress)
+        hs.H.update(got.H)
+        hs.mean.update(got.mean)
+        hs.source.update(got.source)
+        hs.desc = desc if source != "bn" else f"bn, else {desc}"
+    else:
+        hs.desc = "bn"
+    return hs
+
+
+def _bn_mean(gamma, beta, act):
+    from .obs import bn_moments
+    return bn_moments(gamma, beta, act)[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# one group's OBS problem
+# ------------------------------------------------------------------------------------------------
+
+def _problem(c: Consumer, owner, n_units, weights, gone, hs):
+    """``(W, H, block, n_fixed, layout)`` for obs_group, or None when the positions do not split
+    evenly into the group's units.  ``layout`` maps the problem's columns back to the weight's."""
+    dead = gone.get(c.weight)
+    if dead is not None:                  # positions an earlier group removed take no part
+        owner = np.where(dead, -2, owner)
+    counts = np.bincount(owner[owner >= 0], minlength=n_units)
+    per = np.unique(counts[counts > 0])
+    if len(per) != 1:
+        return None
+    m, taps = int(per[0]), c.taps
+    block = m * taps
+    order = np.argsort(owner, kind="stable")
+    own = order[owner[order] >= 0]                                    # positions, unit by unit
+    fixed = np.flatnonzero(owner == -1)
+    expand = lambda p: (p[:, None] * taps + np.arange(taps)).ravel()  # noqa: E731  positions -> columns
+    # column of the weight for every problem column; -1 for the padding of units this consumer
+    # does not read (they cost nothing here and take no compensation: zero weight, unit H block)
+    cols = np.full(n_units * block, -1, np.int64)
+    seen = np.flatnonzero(counts > 0)
+    cols[(seen[:, None] * block + np.arange(block)).ravel()] = expand(own)
+    cols = np.concatenate([cols, expand(fixed)])
+    W0 = c.matrix(weights[c.weight])
+    H0, mean0 = hs.H[c.key], hs.mean[c.key]
+    safe = np.where(cols >= 0, cols, 0)
+    W = W0[:, safe]
+    H = np.asarray(H0[np.ix_(safe, safe)], np.float64)
+    mean = mean0[safe].astype(np.float64)
+    pad = cols < 0
+    if pad.any():
+        W[:, pad] = 0.0
+        H[pad, :] = 0.0
+        H[:, pad] = 0.0
+        diag = np.diag(H0)
+        H[pad, pad] = float(diag.mean()) if diag.size and diag.mean() > 0 else 1.0
+        mean[pad] = 0.0
+    n_fixed = len(cols) - n_units * block
+    bias = None
+    if c.bias is not None:
+        bias = np.asarray(weights[c.bias], np.float64).reshape(-1)
+        W, H = with_bias(W, H, mean, bias)
+        n_fixed += 1
+    return W, H, block, n_fixed, cols
+
+
+def _write_back(c: Consumer, W_new, cols, owner, removed_local, weights, gone):
+    W_full = c.matrix(weights[c.weight]).copy()
+    if c.bias is not None:
+        W_new, b = split_bias(W_new)
+        weights[c.bias] = b.reshape(weights[c.bias].shape).astype(weights[c.bias].dtype)
+    real = cols >= 0
+    W_full[:, cols[real]] = W_new[:, real]
+    weights[c.weight] = c.restore(W_full, weights[c.weight])
+    dead = gone.setdefault(c.weight, np.zeros(len(owner), bool))
+    dead |= np.isin(owner, removed_local)
+
+
+@dataclass
+class GroupResult:
+    removed: np.ndarray            # group-local unit indices, in removal order
+    cost: float
+    how: list
+    sources: list
+    first_costs: np.ndarray
+
+
+def group_scores(an, per_group, hs, damp=DAMP):
+    """Single-removal OBS costs of every unit of each modelled group (higher = keep), original
+    weights; ``{group id: scores}``."""
+    out = {}
+    weights, gone = an.channels.consts, {}
+    for g in an.groups:
+        items = per_group.get(g.id)
+        if not g.prunable or not items:
+            continue
+        probs = [p for p in (_problem(c, owner, len(g.units), weights, gone, hs) for c, owner in items) if p]
+        if probs:
+            out[g.id] = obs_scores([p[:4] for p in probs], damp=damp, dtype=DTYPE)
+    return out
+
+
+def prune_groups(an, per_group, hs, counts, *, damp=DAMP, progress=_quiet):
+    """Greedy OBS removal of ``counts[gid]`` channels per group, graph order, with compensation.
+
+    Returns ``(results {gid: GroupResult}, new weight values {name: array})``.
+    """
+    weights = dict(an.channels.consts)
+    gone, results = {}, {}
+    todo = [g for g in an.groups if counts.get(g.id, 0) > 0 and per_group.get(g.id)]
+    for i, g in enumerate(todo):
+        items = per_group[g.id]
+        progress(f"obspa: group {g.id} ({i + 1}/{len(todo)}): removing {counts[g.id]} of {g.channels} channels")
+        probs, used = [], []
+        for c, owner in items:
+            p = _problem(c, owner, len(g.units), weights, gone, hs)
+            if p is not None:
+                probs.append(p)
+                used.append((c, owner))
+        if not probs:
+            continue
+        removed, W_news, info = obs_group([p[:4] for p in probs], int(counts[g.id]), damp=damp, dtype=DTYPE,
+                                          return_info=True)
+        for (c, owner), p, W_new in zip(used, probs, W_news):
+            _write_back(c, W_new, p[4], owner, removed, weights, gone)
+        results[g.id] = GroupResult(removed, info["cost"], info["how"], sorted({hs.source[c.key] for c, _ in used}),
+                                    info.get("first_costs", np.zeros(0)))
+    changed = {k: v for k, v in weights.items() if v is not an.channels.consts.get(k)}
+    return results, changed
