@@ -47,7 +47,7 @@ def activation_zero_model(zero=1):
 
 
 def test_registry_names_and_signature():
-    assert set(CRITERIA) == {"l1", "l2", "random", "bn_scale", "fpgm", "lamp", "act_mean", "wanda", "flap"}
+    assert set(CRITERIA) == {"l1", "l2", "random", "bn_scale", "fpgm", "lamp", "act_mean", "wanda", "flap", "obspa"}
     an = spa.analyze(residual_chain())
     for name, scorer in CRITERIA.items():
         stats = calib.gather(an, "random", n_batches=2) if scorer.needs_calib else None
