@@ -6,9 +6,15 @@ tensor shapes (``Shape -> Gather -> Concat -> Reshape`` chains, ``1/sqrt(head_di
 folded into initializers, so that pruning a channel changes exactly what it should and nothing
 computed from a shape behind our back.  Concrete shapes of every tensor come from one onnxruntime run
 (``probe``), which is exact where static shape inference leaves gaps.
+
+Weights are big and copies of them are what a probe costs (a ViT-B is 350 MB): the file is parsed from
+a memory map, every initializer becomes a numpy array once (``Probe.consts``, reused by the channel
+model), and a probe session is built from a small copy of the graph in which the big initializers are
+graph inputs fed from those arrays (onnxruntime reads them in place, no serialisation, no prepacking).
 """
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -48,7 +54,7 @@ def load_model(model, *, load_weights: bool = True) -> onnx.ModelProto:
     if path.is_dir():
         raise SpaError(f"{path}: is a directory, expected an .onnx file")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = _parse(path)
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise SpaError(f"{path}: not an ONNX model ({type(exc).__name__}); "
                        "export it with torch.onnx.export, tf2onnx or paddle2onnx first") from None
@@ -64,6 +70,22 @@ def load_model(model, *, load_weights: bool = True) -> onnx.ModelProto:
             if not target.exists():
                 raise SpaError(f"{path}: external data file '{location}' is missing; keep it next to the model")
         onnx.load_external_data_for_model(proto, str(base))
+    return proto
+
+
+def _parse(path: Path) -> onnx.ModelProto:
+    """Parse from a memory map of the file: the parser copies what it keeps, and the file's bytes
+    are not read into a second buffer first (what ``onnx.load`` does)."""
+    proto = onnx.ModelProto()
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise ValueError("empty file")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+            try:
+                proto.ParseFromString(view)
+            finally:
+                view.release()
     return proto
 
 
@@ -162,11 +184,23 @@ def graph_inputs(proto):
 
 @dataclass
 class Probe:
-    """Concrete facts from running the model once: shapes and values of every tensor."""
+    """Concrete facts from running the model: the shape and dtype of every tensor, and the values
+    that later stages read.
+
+    ``values`` holds the feed, the initializers (the arrays of ``consts``) and the tensors computed
+    only from constants and shapes (what ``fold_constants`` may fold); activations are not kept.
+    ``dynamic`` says which dims follow the input dims.  It is exact for the feed, the initializers
+    (never) and every tensor of a model with static inputs; in a model with dynamic inputs, for the
+    graph outputs, the data input and output of every Reshape and the constant- and shape-derived
+    tensors (what the rules and surgery read); it is None (unknown) for the other tensors.
+    """
     shapes: dict = field(default_factory=dict)     # name -> tuple of ints
-    values: dict = field(default_factory=dict)     # name -> np.ndarray (every tensor)
-    dynamic: dict = field(default_factory=dict)    # name -> tuple of bools (dim changes with input dims)
+    values: dict = field(default_factory=dict)     # name -> np.ndarray (see above)
+    dynamic: dict = field(default_factory=dict)    # name -> tuple of bools, or None (unknown)
     inputs: dict = field(default_factory=dict)     # the feed used
+    dtypes: dict = field(default_factory=dict)     # name -> numpy dtype
+    consts: dict | None = None                     # initializer name -> np.ndarray (read-only)
+    other_runs: list = field(default_factory=list)  # per run at other sizes: name -> fold-candidate value
 
 
 def input_feed(proto, input_shapes=None, seed=0):
@@ -201,12 +235,14 @@ def has_dynamic_inputs(proto) -> bool:
                for i in graph_inputs(proto) for d in i.type.tensor_type.shape.dim)
 
 
-def session(proto_or_bytes, providers=None, optimize=False):
+def session(proto_or_bytes, providers=None, optimize=False, *, prepack=True):
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.log_severity_level = 4  # errors come back as exceptions; keep the C++ log quiet
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not prepack:  # a probe runs once or twice: packing weights for fast GEMMs is only a copy
+        so.add_session_config_entry("session.disable_prepacking", "1")
     data = proto_or_bytes if isinstance(proto_or_bytes, (bytes, str)) else serialize(proto_or_bytes)
     return ort.InferenceSession(data, so, providers=providers or ["CPUExecutionProvider"])
 
@@ -224,31 +260,121 @@ def _with_ir(proto, ir):
     return copy
 
 
-def run_all(proto, feed):
-    """Run the model exposing every node output; returns name -> value."""
-    probe_model = onnx.ModelProto()
-    probe_model.CopyFrom(proto)
-    del probe_model.graph.value_info[:]
-    have = {o.name for o in probe_model.graph.output}
-    for node in probe_model.graph.node:
-        for out in node.output:
-            if out and out not in have:
-                probe_model.graph.output.append(onnx.ValueInfoProto(name=out))
-                have.add(out)
+def initializer_arrays(proto) -> dict:
+    """Every initializer as a numpy array: one copy of the weights, shared by the probe sessions
+    (fed in place) and the channel model."""
+    return {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+
+
+#: initializers with more elements than this are graph inputs of a probe session, fed from numpy
+FEED_LIMIT = 1024
+
+
+def _fed_initializers(proto, consts) -> dict:
+    outs = {o.name for o in proto.graph.output}
+    fed = {}
+    for t in proto.graph.initializer:
+        a = consts.get(t.name)
+        if a is None or a.size <= FEED_LIMIT or t.name in outs or ONNX_TO_NUMPY.get(t.data_type) != a.dtype \
+                or tuple(t.dims) != a.shape or not a.flags.c_contiguous:
+            continue
+        fed[t.name] = a
+    return fed
+
+
+def _repeated(fd) -> bool:
+    rep = getattr(fd, "is_repeated", None)
+    return bool(rep) if rep is not None else fd.label == fd.LABEL_REPEATED
+
+
+def _copy_fields(src, dst, skip=()):
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        if _repeated(fd):
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _skeleton(proto, fed, outputs) -> bytes:
+    """Serialised copy of ``proto`` in which the ``fed`` initializers are typed graph inputs (their
+    data is not copied) and ``outputs`` are graph outputs too; value_info is left out."""
+    m = onnx.ModelProto()
+    _copy_fields(proto, m, skip=("graph",))
+    if m.ir_version > MAX_IR_VERSION:
+        m.ir_version = MAX_IR_VERSION
+    g = m.graph
+    _copy_fields(proto.graph, g, skip=("initializer", "value_info", "input", "output"))
+    g.input.extend(proto.graph.input)
+    for t in proto.graph.initializer:
+        if t.name in fed:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            g.initializer.append(t)
+    g.output.extend(proto.graph.output)
+    have = {o.name for o in proto.graph.output}
+    for name in outputs:
+        if name not in have:
+            g.output.add(name=name)
+            have.add(name)
+    return m.SerializeToString()
+
+
+class _Runner:
+    """One onnxruntime session over ``proto`` exposing ``outputs`` (probe sessions: no
+    optimisation, no prepacking, big initializers fed from ``consts`` without copies)."""
+
+    def __init__(self, proto, consts, outputs):
+        self.fed = _fed_initializers(proto, consts)
+        try:
+            self.sess = session(_skeleton(proto, self.fed, outputs), prepack=False)
+        except Exception:
+            if not self.fed:
+                raise
+            self.fed = {}  # an operator that insists on constant weights: embed them all
+            self.sess = session(_skeleton(proto, {}, outputs), prepack=False)
+        self.outputs = [o.name for o in self.sess.get_outputs()]
+
+    def run(self, feed, names=None) -> dict:
+        names = self.outputs if names is None else names
+        return dict(zip(names, self.sess.run(names, {**feed, **self.fed})))
+
+
+def _checked(fn, feed):
+    """Call ``fn``; an onnxruntime failure becomes a one-line SpaError naming the input sizes."""
     try:
-        sess = session(probe_model)
-        names = [o.name for o in sess.get_outputs()]
-        values = sess.run(names, feed)
+        return fn()
     except SpaError:
         raise
     except Exception as exc:
         shapes = ", ".join(f"{k}:{list(np.shape(v))}" for k, v in feed.items())
         raise SpaError(f"onnxruntime cannot run the model on inputs {shapes} ({_ort_reason(exc)}); "
                        "give the right sizes of its dynamic inputs with --input-shapes") from None
-    result = dict(zip(names, values))
+
+
+def _exposed(proto) -> list:
+    """Graph outputs, then every node output, once each."""
+    names = [o.name for o in proto.graph.output]
+    have = set(names)
+    for node in proto.graph.node:
+        for out in node.output:
+            if out and out not in have:
+                names.append(out)
+                have.add(out)
+    return names
+
+
+def run_all(proto, feed, consts=None):
+    """Run the model exposing every node output; returns name -> value (node outputs, the feed and
+    the initializers)."""
+    consts = initializer_arrays(proto) if consts is None else consts
+    result = _checked(lambda: _Runner(proto, consts, _exposed(proto)).run(feed), feed)
     result.update(feed)
-    for init in proto.graph.initializer:
-        result.setdefault(init.name, numpy_helper.to_array(init))
+    for name, value in consts.items():
+        result.setdefault(name, value)
     return result
 
 
@@ -270,40 +396,69 @@ def dynamic_dims(proto):
             if not (dim.HasField("dim_value") and dim.dim_value > 0)]
 
 
-def probe(proto, input_shapes=None) -> Probe:
-    """Run once for shapes and values; with dynamic inputs, run again at other sizes to learn
-    which tensor dims follow them (first all dynamic dims bumped together, else one at a time;
-    a dim that cannot change is treated as static)."""
+def probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
+    """Run once for the shape of every tensor (and the values of constant- and shape-derived ones);
+    with dynamic inputs, run the same session again at other sizes to learn which dims follow them
+    (first all dynamic dims bumped together, else one at a time; a dim that cannot change is
+    treated as static), for the tensors whose rewrite depends on it (see ``Probe``).
+    ``consts`` are the initializers as arrays (computed when not given); ``dynamic=False`` skips
+    the runs at other sizes (validation needs shapes only)."""
+    consts = initializer_arrays(proto) if consts is None else consts
     feed = input_feed(proto, input_shapes)
-    values = run_all(proto, feed)
-    shapes = {k: tuple(np.shape(v)) for k, v in values.items()}
-    dynamic = {k: (False,) * len(s) for k, s in shapes.items()}
-    pr = Probe(shapes, values, dynamic, feed)
-    pr.other_runs = [values]
+    exposed = _exposed(proto)
+    cands, any_size = fold_candidates(proto)
+    runner = _checked(lambda: _Runner(proto, consts, exposed), feed)
+    first = _checked(lambda: runner.run(feed), feed)
+    pr = Probe(inputs=feed, consts=consts)
+    for name, v in first.items():
+        pr.shapes[name] = tuple(np.shape(v))
+        pr.dtypes[name] = getattr(v, "dtype", None)
+        if name in cands and (name in any_size or np.size(v) <= FOLD_LIMIT):
+            pr.values[name] = np.array(v)  # a copy: the session's buffers go back to its arena
+    del first
+    for name, v in feed.items():
+        pr.shapes[name], pr.dtypes[name], pr.values[name] = tuple(v.shape), v.dtype, v
+    for name, v in consts.items():
+        if name not in pr.shapes:
+            pr.shapes[name], pr.dtypes[name], pr.values[name] = tuple(v.shape), v.dtype, v
     dims = dynamic_dims(proto)
     if not dims:
+        pr.dynamic = {k: (False,) * len(s) for k, s in pr.shapes.items()}
+        pr.other_runs = [pr.values]
         return pr
+    reshapes = [n for n in proto.graph.node if n.op_type == "Reshape" and n.domain in ("", "ai.onnx")]
+    watch = {o.name for o in proto.graph.output} | cands | {n.input[0] for n in reshapes} | \
+        {n.output[0] for n in reshapes}
+    watched = [n for n in runner.outputs if n in watch]
     runs = []
-    for bump in [set(dims)] + ([{d} for d in dims] if len(dims) > 1 else []):
+    for bump in ([set(dims)] + ([{d} for d in dims] if len(dims) > 1 else [])) if dynamic else []:
+        bfeed = _bumped(feed, bump)
         try:
-            runs.append(run_all(proto, _bumped(feed, bump)))
-        except SpaError:
+            got = runner.run(bfeed, watched)
+        except Exception:
             continue
+        run = {k: (tuple(np.shape(v)), np.array(v) if k in pr.values else None) for k, v in got.items()}
+        del got
+        run.update({k: (tuple(v.shape), v) for k, v in bfeed.items()})
+        runs.append(run)
         if len(bump) > 1:
             break
-    pr.other_runs = runs
-    for k, s in shapes.items():
-        if not runs:
-            dynamic[k] = None  # unknown: treated as dynamic everywhere it matters
+    pr.other_runs = [{k: v for k, (_, v) in run.items() if k in cands and v is not None} for run in runs]
+    for k, s in pr.shapes.items():
+        if k in consts and k not in feed:
+            pr.dynamic[k] = (False,) * len(s)
+            continue
+        if not runs or not (k in watch or k in feed):
+            pr.dynamic[k] = None  # unknown: treated as dynamic everywhere it matters
             continue
         flags = [False] * len(s)
         for run in runs:
-            s2 = np.shape(run[k]) if k in run else None
+            s2 = run[k][0] if k in run else None
             if s2 is None or len(s2) != len(s):
                 flags = None
                 break
             flags = [f or a != b for f, a, b in zip(flags, s, s2)]
-        dynamic[k] = None if flags is None else tuple(flags)
+        pr.dynamic[k] = None if flags is None else tuple(flags)
     return pr
 
 
@@ -323,33 +478,56 @@ def _bumped(feed, dims):
 
 
 SHAPE_SOURCES = {"Shape", "Size"}
+RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def _has_subgraph(node) -> bool:
+    return node.op_type in ("If", "Loop", "Scan") or \
+        any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def fold_candidates(proto):
+    """Node outputs computed only from initializers and tensor shapes (``Shape``/``Size``), found
+    from the graph alone: ``(candidates, any_size)``, where ``any_size`` are those whose node reads
+    initializers only (folded whatever their size; the others only up to ``FOLD_LIMIT`` elements)."""
+    const = {t.name for t in proto.graph.initializer}
+    derived, any_size = set(), set()
+    for node in proto.graph.node:
+        if _has_subgraph(node) or node.op_type in RANDOM_OPS:
+            continue
+        if node.op_type not in SHAPE_SOURCES and \
+                not all((not i) or i in const or i in derived for i in node.input):
+            continue
+        outs = [o for o in node.output if o]
+        derived.update(outs)
+        if node.op_type == "Constant" or (node.op_type not in SHAPE_SOURCES and
+                                          all((not i) or i in const for i in node.input)):
+            any_size.update(outs)
+    return derived, any_size
 
 
 def fold_constants(proto, pr: Probe) -> int:
     """Replace tensors computed only from constants and shapes by initializers (values from the probe).
 
-    A shape-derived value is folded only where it is the same for both probe runs (it does not
-    depend on a dynamic input dimension).  Returns how many node outputs were folded.
+    A shape-derived value is folded only where it is the same in every probe run (it does not
+    depend on a dynamic input dimension).  The probe is updated in place (folded tensors become
+    constants, dead tensors are forgotten): values do not change, so no second run is needed.
+    Returns how many node outputs were folded.
     """
     const = {t.name for t in proto.graph.initializer}
     derived = set()
     folded = []
+    runs = pr.other_runs
     for node in proto.graph.node:
-        if node.op_type in ("If", "Loop", "Scan") or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+        if _has_subgraph(node) or node.op_type in RANDOM_OPS:
             continue
-        if node.op_type in SHAPE_SOURCES:
-            ok = True
-        elif node.op_type in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"):
-            ok = False
-        else:
-            ok = all((not i) or i in const or i in derived for i in node.input)
-        if not ok:
+        if node.op_type not in SHAPE_SOURCES and \
+                not all((not i) or i in const or i in derived for i in node.input):
             continue
         for out in node.output:
             if not out or out not in pr.values:
                 continue
             v = pr.values[out]
-            runs = pr.other_runs
             if not runs or any(out not in r or np.shape(r[out]) != np.shape(v) or not np.array_equal(r[out], v)
                                for r in runs):
                 continue
@@ -365,11 +543,31 @@ def fold_constants(proto, pr: Probe) -> int:
     keep = [n for n in proto.graph.node if not all((not o) or o in folded_set for o in n.output)]
     for name in folded:
         if name in folded_set:
-            proto.graph.initializer.append(numpy_helper.from_array(np.asarray(pr.values[name]), name))
+            value = np.asarray(pr.values[name])
+            proto.graph.initializer.append(numpy_helper.from_array(value, name))
+            if pr.consts is not None:
+                pr.consts[name] = value
+            pr.dynamic[name] = (False,) * value.ndim
     del proto.graph.node[:]
     proto.graph.node.extend(keep)
     remove_dead(proto)
+    _forget_dead(pr, proto)
     return len(folded_set)
+
+
+def _forget_dead(pr: Probe, proto) -> None:
+    live = {t.name for t in proto.graph.initializer} | {i.name for i in proto.graph.input} | \
+        {o.name for o in proto.graph.output}
+    for node in proto.graph.node:
+        live.update(node.input)
+        live.update(node.output)
+        for a in node.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                live |= _graph_refs(g)
+    for d in (pr.shapes, pr.values, pr.dynamic, pr.dtypes, pr.consts or {}):
+        for name in [k for k in d if k not in live]:
+            del d[name]
+
 
 
 def remove_dead(proto) -> None:
@@ -390,10 +588,10 @@ def remove_dead(proto) -> None:
     if len(live) != len(proto.graph.node):
         del proto.graph.node[:]
         proto.graph.node.extend(live)
-    inits = [t for t in proto.graph.initializer if t.name in needed]
-    if len(inits) != len(proto.graph.initializer):
-        del proto.graph.initializer[:]
-        proto.graph.initializer.extend(inits)
+    # delete in place: rebuilding the list would copy every kept weight
+    dead = [i for i, t in enumerate(proto.graph.initializer) if t.name not in needed]
+    for i in reversed(dead):
+        del proto.graph.initializer[i]
 
 
 def _graph_refs(g) -> set:
@@ -408,12 +606,13 @@ def _graph_refs(g) -> set:
 
 
 def prepare(model, input_shapes=None):
-    """load -> normalise -> probe -> fold -> probe again: the model every later stage sees."""
+    """load -> normalise -> probe -> fold: the model every later stage sees, and its probe (the
+    fold updates it: folded tensors keep their values and shapes, so the model is run once)."""
     proto = load_model(model)
     drop_initializer_inputs(proto)
     constants_to_initializers(proto)
-    pr = probe(proto, input_shapes)
-    if fold_constants(proto, pr):
-        pr = probe(proto, input_shapes)
     del proto.graph.value_info[:]
+    pr = probe(proto, input_shapes)
+    fold_constants(proto, pr)
     return proto, pr
+

@@ -37,7 +37,7 @@ def cut_model(an, units) -> onnx.ModelProto:
         rank = len(an.probe.shapes[tensor])
         shape = [1] * rank
         shape[dim] = got[1]
-        dtype = an.probe.values[tensor].dtype
+        dtype = an.probe.dtypes.get(tensor) or an.probe.values[tensor].dtype
         m = numpy_helper.from_array((~part).astype(dtype).reshape(shape), f"{node_name}__cut{idx}_{dim}_m")
         proto.graph.initializer.append(m)
         src = node.input[idx]
