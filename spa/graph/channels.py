@@ -130,7 +130,7 @@ class Builder:
         self.shapes = probe.shapes
         self.values = probe.values
         self.dynamic = probe.dynamic
-        self.consts = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+        self.consts = _consts(proto, probe)
         self.axis_index = {}          # axis -> (offset, size)
         self.virtual_sizes = {}
         self.n_atoms = 0
@@ -240,6 +240,16 @@ class Builder:
         return True
 
 
+def _consts(proto, probe) -> dict:
+    """The initializers as arrays: the probe's own (one copy of the weights) where they match."""
+    have = getattr(probe, "consts", None) or {}
+    out = {}
+    for t in proto.graph.initializer:
+        a = have.get(t.name)
+        out[t.name] = a if a is not None and a.shape == tuple(t.dims) else onnx.numpy_helper.to_array(t)
+    return out
+
+
 def _components(n, a, b):
     """Connected components over atom pairs: vectorised union-find (hooking + pointer jumping)."""
     parent = np.arange(n, dtype=np.int64)
@@ -318,61 +328,100 @@ def build(proto, probe) -> ChannelModel:
     return _resolve(b, proto)
 
 
+def _unique(x):
+    """Sorted unique values (numpy's hash-based ``np.unique`` is far slower on large int arrays)."""
+    s = np.sort(x)
+    return s[np.r_[True, s[1:] != s[:-1]]] if len(s) else s
+
+
+def _decompositions(b: Builder, root):
+    """Every product's whole atoms with their factor classes: (whole class, factors padded with -1,
+    number of factors), rows in declaration order."""
+    cws, facs, lens = [], [], []
+    width = max((len(parts) for _, parts in b.products), default=0)
+    for whole, parts in b.products:
+        sizes = [b.axis_size(p) for p in parts]
+        w = root[b.atoms(whole)]
+        coords = np.unravel_index(np.arange(len(w)), sizes)
+        f = np.full((len(w), width), -1, np.int64)
+        for j, (p, c) in enumerate(zip(parts, coords)):
+            f[:, j] = root[b.atoms(p)][c]
+        cws.append(w)
+        facs.append(f)
+        lens.append(np.full(len(w), len(parts), np.int64))
+    if not cws:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.int64), np.zeros(0, np.int64)
+    return np.concatenate(cws), np.concatenate(facs), np.concatenate(lens)
+
+
 def _resolve(b: Builder, proto) -> ChannelModel:
     n = b.n_atoms
     pa = np.concatenate(b.pairs_a) if b.pairs_a else np.zeros(0, np.int64)
     pb = np.concatenate(b.pairs_b) if b.pairs_b else np.zeros(0, np.int64)
-    conflict_atoms = []
+    conflicts = []
     # products: a composite class must decompose the same way everywhere; equal-shaped
-    # decompositions are unified factor by factor, others block.
+    # decompositions are unified factor by factor (with the first one seen), others block.
     for _ in range(20):
         root = _components(n, pa, pb)
-        decomp, extra_a, extra_b = {}, [], []
-        for whole, parts in b.products:
-            sizes = [b.axis_size(p) for p in parts]
-            w = root[b.atoms(whole)]
-            coords = np.unravel_index(np.arange(len(w)), sizes)
-            facs = np.stack([root[b.atoms(p)][c] for p, c in zip(parts, coords)], axis=1)
-            for cw, f in zip(w.tolist(), map(tuple, facs.tolist())):
-                old = decomp.get(cw)
-                if old is None:
-                    decomp[cw] = f
-                elif old != f:
-                    if len(old) == len(f):
-                        extra_a.extend(old)
-                        extra_b.extend(f)
-                    else:
-                        conflict_atoms.append(cw)
-        if not extra_a:
+        cw, fac, ln = _decompositions(b, root)
+        order = np.argsort(cw, kind="stable")
+        starts = np.flatnonzero(np.r_[True, cw[order][1:] != cw[order][:-1]]) if len(cw) else np.zeros(0, np.int64)
+        first = np.empty(len(cw), np.int64)   # row of each class's first decomposition
+        if len(cw):
+            first[order] = np.repeat(order[starts], np.diff(np.r_[starts, len(cw)]))
+        ref, ref_len = fac[first], ln[first]
+        differ = fac != ref
+        bad = ln != ref_len
+        conflicts.append(cw[bad])
+        tie = differ & ~bad[:, None]
+        if not tie.any():
             break
-        pa = np.concatenate([pa, np.asarray(extra_a, np.int64)])
-        pb = np.concatenate([pb, np.asarray(extra_b, np.int64)])
-    # expand composites into leaf classes
+        pa = np.concatenate([pa, ref[tie]])
+        pb = np.concatenate([pb, fac[tie]])
+    conflicts = _unique(np.concatenate(conflicts)) if conflicts else np.zeros(0, np.int64)
+    firsts = order[starts] if len(cw) else np.zeros(0, np.int64)
+    # the decomposition of each composite class (sorted by class), expanded into leaf classes
+    dc, dfac, dln = cw[firsts], fac[firsts], ln[firsts]
+    is_comp = np.zeros(n, bool)
+    is_comp[dc] = True
+    valid = np.arange(dfac.shape[1]) < dln[:, None]
+    nested = (is_comp[np.where(valid, dfac, 0)] & valid).any(axis=1)  # a factor is itself composite
+    row_of = dict(zip(dc.tolist(), range(len(dc))))
     leaves_of = {}
 
     def leaves(c, depth=0):
         got = leaves_of.get(c)
         if got is not None:
             return got
-        if c not in decomp or depth > 50:
+        r = row_of.get(c)
+        if r is None or depth > 50:
             return (c,)
-        out = tuple(x for f in decomp[c] for x in leaves(f, depth + 1))
+        out = tuple(x for f in dfac[r, :dln[r]].tolist() for x in leaves(f, depth + 1))
         leaves_of[c] = out
         return out
 
-    is_comp = np.zeros(n, bool)
-    if decomp:
-        is_comp[np.fromiter(decomp.keys(), np.int64)] = True
+    ulens = dln.copy()
+    deep = {int(r): leaves(int(dc[r])) for r in np.flatnonzero(nested)}
+    for r, e in deep.items():
+        ulens[r] = len(e)
+    ustart = np.cumsum(ulens) - ulens
+    uflat = np.empty(int(ulens.sum()), np.int64)
+    rs, js = np.nonzero(valid & ~nested[:, None])
+    uflat[ustart[rs] + js] = dfac[rs, js]
+    for r, e in deep.items():
+        uflat[ustart[r]:ustart[r] + len(e)] = e
     atom_cls = root
     comp_atoms = np.flatnonzero(is_comp[atom_cls])
     leaf_atoms = np.flatnonzero(~is_comp[atom_cls])
     pair_atom = [leaf_atoms]
     pair_cls = [atom_cls[leaf_atoms]]
     if len(comp_atoms):
-        expanded = [leaves(c) for c in atom_cls[comp_atoms].tolist()]
-        lens = np.fromiter((len(e) for e in expanded), np.int64, len(expanded))
+        inv = np.searchsorted(dc, atom_cls[comp_atoms])
+        lens = ulens[inv]
+        total = int(lens.sum())
+        idx = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(ustart[inv], lens)
         pair_atom.append(np.repeat(comp_atoms, lens))
-        pair_cls.append(np.fromiter((x for e in expanded for x in e), np.int64, int(lens.sum())))
+        pair_cls.append(uflat[idx])
     pair_atom = np.concatenate(pair_atom)
     pair_cls = np.concatenate(pair_cls)
     unit_cls, pair_unit = np.unique(pair_cls, return_inverse=True)
@@ -384,9 +433,10 @@ def _resolve(b: Builder, proto) -> ChannelModel:
         texts.append(text)
         key = code * (1 << 20) + len(texts) - 1
         np.minimum.at(atom_reason, atoms, key)
-    for c in conflict_atoms:
+    if len(conflicts):
         texts.append("reshapes disagree on how to split this axis")
-        atom_reason[atom_cls == c] = np.minimum(atom_reason[atom_cls == c], R_RULE * (1 << 20) + len(texts) - 1)
+        hit = np.isin(atom_cls, conflicts)
+        atom_reason[hit] = np.minimum(atom_reason[hit], R_RULE * (1 << 20) + len(texts) - 1)
     unit_reason = np.full(n_units, NO_REASON, np.int64)
     np.minimum.at(unit_reason, pair_unit, atom_reason[pair_atom])
     # axis membership -> groups
@@ -395,11 +445,13 @@ def _resolve(b: Builder, proto) -> ChannelModel:
     for i, ax in enumerate(axes):
         off, size = b.axis_index[ax]
         atom_axis[off:off + size] = i
-    ua = np.unique(np.stack([pair_unit, atom_axis[pair_atom]], 1), axis=0)
+    n_axes = max(len(axes), 1)
+    ua_key = _unique(pair_unit.astype(np.int64) * n_axes + atom_axis[pair_atom])
+    ua_unit, ua_axis = ua_key // n_axes, ua_key % n_axes
     rng = np.random.default_rng(12345)
     axis_hash = rng.integers(1, 2 ** 62, len(axes), dtype=np.int64).astype(np.uint64)
     unit_hash = np.zeros(n_units, np.uint64)
-    np.add.at(unit_hash, ua[:, 0], axis_hash[ua[:, 1]])
+    np.add.at(unit_hash, ua_unit, axis_hash[ua_axis])
     fixed_flag = (unit_reason != NO_REASON).astype(np.uint64)
     key = unit_hash * np.uint64(2) + fixed_flag
     _, group_of_unit = np.unique(key, return_inverse=True)
@@ -407,9 +459,10 @@ def _resolve(b: Builder, proto) -> ChannelModel:
     bounds = np.flatnonzero(np.diff(group_of_unit[order])) + 1
     weight_axes = {i for i, ax in enumerate(axes) if ax[0] in b.consts}
     approx_axes = {ax for ax, kind, _, _ in b.sinks if kind == "approx"}
-    first_unit_axes = {}
-    for u, ai in ua.tolist():
-        first_unit_axes.setdefault(u, []).append(ai)
+
+    def unit_axes(u):
+        lo, hi = np.searchsorted(ua_unit, u), np.searchsorted(ua_unit, u, side="right")
+        return ua_axis[lo:hi].tolist()
     node_order = {node.name: i for i, node in enumerate(proto.graph.node)}
     tensor_nodes = {}
     for node in proto.graph.node:
@@ -418,7 +471,7 @@ def _resolve(b: Builder, proto) -> ChannelModel:
                 tensor_nodes.setdefault(name, []).append((node.name, node.op_type))
     groups = []
     for units in np.split(order, bounds):
-        ax_ids = first_unit_axes[int(units[0])]
+        ax_ids = unit_axes(int(units[0]))
         if not any(a in weight_axes for a in ax_ids):
             continue   # spatial, batch or sequence positions: not channels
         group_axes = [axes[a] for a in ax_ids]
