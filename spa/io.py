@@ -107,7 +107,12 @@ def save_model(proto: onnx.ModelProto, path, *, overwrite_ok: bool = True) -> Pa
     """Write atomically (temp file + rename); external data for models over 2 GB."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    big = proto.ByteSize() > 2_000_000_000 if _no_external(proto) else True
+    plan = None
+    if not _no_external(proto):
+        big = True
+    else:
+        plan = _stream_plan(proto)
+        big = (plan[0] if plan is not None else proto.ByteSize()) > 2_000_000_000
     fd, tmp = tempfile.mkstemp(prefix=".spa-", suffix=".onnx", dir=str(path.parent))
     os.close(fd)
     try:
@@ -115,13 +120,79 @@ def save_model(proto: onnx.ModelProto, path, *, overwrite_ok: bool = True) -> Pa
             data_name = path.name + ".data"
             onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
-        else:
+        elif plan is None:
             onnx.save_model(proto, tmp)
+        else:
+            _write_stream(proto, plan, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+_GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number            # 7
+_INIT_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number       # 5
+
+
+def _split(msg, number, cls):
+    """Two messages with the fields of ``msg`` numbered below / above ``number`` (that one left out)."""
+    lo, hi = cls(), cls()
+    for fd, value in msg.ListFields():
+        if fd.number != number:
+            _copy_fields_one(fd, value, lo if fd.number < number else hi)
+    return lo, hi
+
+
+def _stream_plan(proto):
+    """(total bytes, pieces) to write ``proto`` exactly as ``SerializeToString`` would, one
+    initializer at a time: upb serialises a whole model into a growing buffer and then copies it,
+    three times the model in fresh memory (seconds for a ViT).  None when the model or its graph
+    carries unknown fields (then the plain path keeps them)."""
+    try:
+        from google.protobuf import unknown_fields
+        if len(unknown_fields.UnknownFieldSet(proto)) or len(unknown_fields.UnknownFieldSet(proto.graph)):
+            return None
+    except Exception:
+        return None
+    m_lo, m_hi = _split(proto, _GRAPH_FIELD, onnx.ModelProto)
+    g_lo, g_hi = _split(proto.graph, _INIT_FIELD, onnx.GraphProto)
+    m_lo, m_hi, g_lo, g_hi = (x.SerializeToString() for x in (m_lo, m_hi, g_lo, g_hi))
+    sizes = [t.ByteSize() for t in proto.graph.initializer]
+    init_tag = _varint(_INIT_FIELD << 3 | 2)
+    glen = len(g_lo) + len(g_hi) + sum(len(init_tag) + len(_varint(n)) + n for n in sizes)
+    graph_head = _varint(_GRAPH_FIELD << 3 | 2) + _varint(glen) if proto.HasField("graph") else b""
+    total = len(m_lo) + len(graph_head) + (glen if graph_head else 0) + len(m_hi)
+    return total, (m_lo, graph_head, g_lo, sizes, init_tag, g_hi, m_hi)
+
+
+def _write_stream(proto, plan, path) -> None:
+    _, (m_lo, graph_head, g_lo, sizes, init_tag, g_hi, m_hi) = plan
+    with open(path, "wb") as f:
+        f.write(m_lo)
+        if graph_head:
+            f.write(graph_head)
+            f.write(g_lo)
+            for t, n in zip(proto.graph.initializer, sizes):
+                data = t.SerializeToString()
+                if len(data) != n:
+                    raise SpaError(f"internal: initializer '{t.name}' changed while being written")
+                f.write(init_tag + _varint(n))
+                f.write(data)
+            f.write(g_hi)
+        f.write(m_hi)
 
 
 def _no_external(proto) -> bool:
@@ -289,14 +360,17 @@ def _repeated(fd) -> bool:
 
 def _copy_fields(src, dst, skip=()):
     for fd, value in src.ListFields():
-        if fd.name in skip:
-            continue
-        if _repeated(fd):
-            getattr(dst, fd.name).extend(value)
-        elif fd.message_type is not None:
-            getattr(dst, fd.name).CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
+        if fd.name not in skip:
+            _copy_fields_one(fd, value, dst)
+
+
+def _copy_fields_one(fd, value, dst):
+    if _repeated(fd):
+        getattr(dst, fd.name).extend(value)
+    elif fd.message_type is not None:
+        getattr(dst, fd.name).CopyFrom(value)
+    else:
+        setattr(dst, fd.name, value)
 
 
 def _skeleton(proto, fed, outputs) -> bytes:
