@@ -262,8 +262,8 @@ class Probe:
     only from constants and shapes (what ``fold_constants`` may fold); activations are not kept.
     ``dynamic`` says which dims follow the input dims.  It is exact for the feed, the initializers
     (never) and every tensor of a model with static inputs; in a model with dynamic inputs, for the
-    graph outputs, the data input and output of every Reshape and the constant- and shape-derived
-    tensors (what the rules and surgery read); it is None (unknown) for the other tensors.
+    data input and output of every Reshape and the constant- and shape-derived tensors (what the
+    rules, the fold and surgery read); it is None (unknown) for the other tensors.
     """
     shapes: dict = field(default_factory=dict)     # name -> tuple of ints
     values: dict = field(default_factory=dict)     # name -> np.ndarray (see above)
@@ -373,12 +373,12 @@ def _copy_fields_one(fd, value, dst):
         setattr(dst, fd.name, value)
 
 
-def _skeleton(proto, fed, outputs) -> bytes:
+def _skeleton(proto, fed, outputs, *, for_ort=True) -> bytes:
     """Serialised copy of ``proto`` in which the ``fed`` initializers are typed graph inputs (their
     data is not copied) and ``outputs`` are graph outputs too; value_info is left out."""
     m = onnx.ModelProto()
     _copy_fields(proto, m, skip=("graph",))
-    if m.ir_version > MAX_IR_VERSION:
+    if for_ort and m.ir_version > MAX_IR_VERSION:
         m.ir_version = MAX_IR_VERSION
     g = m.graph
     _copy_fields(proto.graph, g, skip=("initializer", "value_info", "input", "output"))
@@ -395,6 +395,22 @@ def _skeleton(proto, fed, outputs) -> bytes:
             g.output.add(name=name)
             have.add(name)
     return m.SerializeToString()
+
+
+def model_size(proto) -> int:
+    """Serialised size in bytes, without serialising the model whole (``ByteSize`` does)."""
+    plan = _stream_plan(proto)
+    return plan[0] if plan is not None else proto.ByteSize()
+
+
+def check_model(proto) -> None:
+    """``onnx.checker.check_model`` without copying the weights: big initializers are checked as
+    typed graph inputs (their data sizes are checked when a probe reads them).  Raises
+    ``onnx.checker.ValidationError`` like the checker."""
+    outs = {o.name for o in proto.graph.output}
+    fed = {t.name for t in proto.graph.initializer
+           if t.name not in outs and int(np.prod(t.dims)) > FEED_LIMIT and t.data_location != onnx.TensorProto.EXTERNAL}
+    onnx.checker.check_model(_skeleton(proto, fed, [], for_ort=False))
 
 
 class _Runner:
@@ -476,7 +492,8 @@ def probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
     (first all dynamic dims bumped together, else one at a time; a dim that cannot change is
     treated as static), for the tensors whose rewrite depends on it (see ``Probe``).
     ``consts`` are the initializers as arrays (computed when not given); ``dynamic=False`` skips
-    the runs at other sizes (validation needs shapes only)."""
+    the runs at other sizes (validation needs shapes only); they are also skipped when the model
+    has neither a Reshape nor a constant- or shape-derived tensor (nothing would read the flags)."""
     consts = initializer_arrays(proto) if consts is None else consts
     feed = input_feed(proto, input_shapes)
     exposed = _exposed(proto)
@@ -501,11 +518,15 @@ def probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
         pr.other_runs = [pr.values]
         return pr
     reshapes = [n for n in proto.graph.node if n.op_type == "Reshape" and n.domain in ("", "ai.onnx")]
-    watch = {o.name for o in proto.graph.output} | cands | {n.input[0] for n in reshapes} | \
-        {n.output[0] for n in reshapes}
+    watch = cands | {n.input[0] for n in reshapes} | {n.output[0] for n in reshapes}
     watched = [n for n in runner.outputs if n in watch]
+    if not dynamic or not watched:
+        # no runs at other sizes: the inputs' flags are their declared dynamic dims, others unknown
+        pr.dynamic = {k: (tuple((k, d) in dims for d in range(len(s))) if k in feed else
+                          (False,) * len(s) if k in consts else None) for k, s in pr.shapes.items()}
+        return pr
     runs = []
-    for bump in ([set(dims)] + ([{d} for d in dims] if len(dims) > 1 else [])) if dynamic else []:
+    for bump in [set(dims)] + ([{d} for d in dims] if len(dims) > 1 else []):
         bfeed = _bumped(feed, bump)
         try:
             got = runner.run(bfeed, watched)

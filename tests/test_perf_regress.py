@@ -1,0 +1,156 @@
+"""What keeps spa fast on big models, as behaviour (speed itself is measured in tools/, not here).
+
+The probe runs the model once (no second probe after folding), feeds the weights to onnxruntime
+from numpy (no serialisation of them), keeps no activations, and runs again at other input sizes
+only where dynamic flags are read; the channel model reuses the probe's arrays; save_model and
+model_size never serialise the whole model at once and write exactly what SerializeToString would.
+"""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import spa
+from spa import io
+from graphs import G, attention, residual_chain
+
+
+def _count_runs(monkeypatch):
+    calls = []
+    orig = io._Runner.run
+
+    def run(self, feed, names=None):
+        calls.append(None if names is None else list(names))
+        return orig(self, feed, names)
+
+    monkeypatch.setattr(io._Runner, "run", run)
+    return calls
+
+
+def _shape_chain_model(batch="N"):
+    """x [N, 4, 8] -> MatMul -> Reshape to [N, 4, 2, 8] by a Shape->Gather->Concat chain, and a
+    scale computed from a constant (1/sqrt(8)): folding candidates and a Reshape under a dynamic dim."""
+    g = G(seed=3)
+    h = g.op("MatMul", ["x", g.w(8, 16)])
+    n = g.op("Gather", [g.op("Shape", ["x"]), g.i64(0)], axis=0)
+    target = g.op("Concat", [g.op("Unsqueeze", [n, g.i64([0])]), g.i64([4, 2, 8])], axis=0)
+    r = g.op("Reshape", [h, target])
+    scale = g.op("Div", [g.w(value=np.array(1.0, np.float32)), g.op("Sqrt", [g.w(value=np.array(8.0, np.float32))])])
+    y = g.op("MatMul", [g.op("Mul", [r, scale]), g.w(8, 3)])
+    graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4, 8])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, [batch, 4, 2, 3])], g.inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_static_model_is_run_once_and_keeps_no_activations(monkeypatch):
+    calls = _count_runs(monkeypatch)
+    an = spa.analyze(attention())
+    assert calls == [None]  # one run exposing everything; folding does not probe again
+    pr = an.probe
+    inits = {t.name for t in an.model.graph.initializer}
+    activations = [n for n in pr.shapes if n not in inits and n not in pr.inputs]
+    assert activations and not any(n in pr.values for n in activations)
+    assert all(pr.dtypes[n] is not None for n in pr.shapes)
+    # the channel model holds the probe's arrays, not copies
+    assert all(an.channels.consts[n] is pr.consts[n] for n in inits)
+
+
+def test_weights_are_fed_not_serialised():
+    g = G(seed=2)
+    y = g.op("Add", [g.op("MatMul", ["x", g.w(64, 64)]), g.w(64)])
+    m = g.model([("x", [2, 64])], [g.op("MatMul", [g.op("Relu", [y]), g.w(64, 40)])])
+    consts = io.initializer_arrays(m)
+    fed = io._fed_initializers(m, consts)
+    assert fed and all(consts[n].size > io.FEED_LIMIT for n in fed)
+    skeleton = onnx.load_from_string(io._skeleton(m, fed, ["extra"]))
+    assert not {t.name for t in skeleton.graph.initializer} & set(fed)
+    assert set(fed) <= {i.name for i in skeleton.graph.input}
+    ref = io.session(m).run(None, io.input_feed(m))
+    got = io.run_all(m, io.input_feed(m), consts)
+    for out, value in zip(m.graph.output, ref):
+        np.testing.assert_array_equal(got[out.name], value)
+
+
+def test_dynamic_model_folds_without_a_second_probe(monkeypatch):
+    calls = _count_runs(monkeypatch)
+    proto, pr = io.prepare(_shape_chain_model())
+    # first run exposes everything, the run at other sizes only what is watched
+    assert calls[0] is None and len(calls) == 2 and calls[1] is not None
+    ops = {n.op_type for n in proto.graph.node}
+    assert "Sqrt" not in ops and "Div" not in ops  # the constant scale was folded
+    assert "Shape" in ops  # the batch-dependent target was not
+    fresh = io.probe(proto, {"x": [1, 4, 8]})
+    assert pr.shapes == fresh.shapes
+    reshape = next(n for n in proto.graph.node if n.op_type == "Reshape")
+    for name in (reshape.input[0], reshape.output[0], "x"):
+        assert pr.dynamic[name] == fresh.dynamic[name]
+        assert pr.dynamic[name][0] is True and not any(pr.dynamic[name][1:])
+    # pruning through the Reshape still works: the target keeps the batch dim dynamic
+    res = spa.prune(_shape_chain_model(), 0.5)
+    out = io.session(res.model).run(None, {"x": np.ones((3, 4, 8), np.float32)})
+    assert out[0].shape == (3, 4, 2, 3)
+
+
+def test_no_second_run_when_nothing_reads_dynamic_flags(monkeypatch):
+    m = residual_chain()
+    for vi in list(m.graph.input) + list(m.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_param = "N"
+    calls = _count_runs(monkeypatch)
+    pr = io.probe(m)
+    assert calls == [None]
+    assert pr.dynamic["x"] == (True, False, False, False)
+    calls.clear()
+    pr = io.probe(_shape_chain_model(), dynamic=False)
+    assert calls == [None] and pr.dynamic["x"] == (True, False, False)
+
+
+@pytest.mark.parametrize("make", [residual_chain, attention, _shape_chain_model])
+def test_save_model_writes_what_serialize_would(make, tmp_path):
+    m = make()
+    m.metadata_props.add(key="k", value="v")
+    m.graph.doc_string = "doc"
+    path = io.save_model(m, tmp_path / "m.onnx")
+    assert path.read_bytes() == m.SerializeToString()
+    assert io.model_size(m) == m.ByteSize()
+    assert io.load_model(path) == m
+
+
+def test_check_model_matches_the_checker():
+    m = residual_chain()
+    io.check_model(m)
+    broken = residual_chain()
+    broken.graph.node[1].input[0] = "missing"
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(broken)
+    with pytest.raises(onnx.checker.ValidationError):
+        io.check_model(broken)
+
+
+def test_load_model_from_memory_map(tmp_path):
+    m = residual_chain()
+    p = tmp_path / "m.onnx"
+    onnx.save(m, str(p))
+    assert io.load_model(p) == m
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(spa.errors.SpaError, match="not an ONNX model"):
+        io.load_model(empty)
+    (tmp_path / "junk.onnx").write_bytes(b"\xff\xff\xff\xff")
+    with pytest.raises(spa.errors.SpaError, match="not an ONNX model"):
+        io.load_model(tmp_path / "junk.onnx")
+
+
+def test_folded_big_constant_keeps_its_value():
+    """A Transpose of a weight (> FOLD_LIMIT elements, read from initializers only) is folded
+    whatever its size, and the probe holds its value as the new constant."""
+    g = G(seed=1)
+    wt = g.op("Transpose", [g.w(300, 256)], perm=[1, 0])
+    y = g.op("MatMul", ["x", wt])
+    m = g.model([("x", [1, 256])], [y])
+    proto, pr = io.prepare(m)
+    assert [n.op_type for n in proto.graph.node] == ["MatMul"]
+    name = proto.graph.node[0].input[1]
+    np.testing.assert_array_equal(pr.consts[name], numpy_helper.to_array(m.graph.initializer[0]).T)
+    assert pr.consts[name] is pr.values[name]
