@@ -7,7 +7,8 @@
 For each model and ratio R:
 
 * **spa**: ``spa prune MODEL -o OUT --ratio R`` run as a subprocess (so the import of spa,
-  loading, probing, pruning, validation in onnxruntime and writing all count in its time).
+  loading, probing, pruning, validation in onnxruntime and writing all count in its time);
+  ``--round-to 1 8`` adds ``spa@R/r8`` rows pruned with ``--round-to 8``.
 * **Torch-Pruning** (torchvision models only; ``pip install torch-pruning``):
   ``tp.pruner.MagnitudePruner`` with ``MagnitudeImportance(p=2)``, ``pruning_ratio=R``, the final
   classifier ignored, in a python subprocess. Its time is the whole process up to the end of
@@ -131,9 +132,9 @@ def _tail(p):
     return (p.stderr or p.stdout).strip().splitlines()[-1:] or ["(no output)"]
 
 
-def run_spa(src, ratio, out, shapes):
+def run_spa(src, ratio, out, shapes, round_to=1):
     cmd = [sys.executable, "-m", "spa.cli", "prune", str(src), "-o", str(out), "--ratio", str(ratio),
-           "--criterion", "l2", "--force"]
+           "--criterion", "l2", "--force", "--round-to", str(round_to)]
     for name, shape in (shapes or {}).items():
         cmd += ["--input-shapes", f"{name}:[{','.join(map(str, shape))}]"]
     p, _, wall = _run(cmd)
@@ -192,7 +193,7 @@ def dense_path(name):
     return export_torchvision.export(name, SIZE, init="calibrated")
 
 
-def bench_model(name, ratios, iters, warmup, threads, workdir, tools, log):
+def bench_model(name, ratios, iters, warmup, threads, workdir, tools, log, round_tos=(1,)):
     import spa
     import spa.bench
     shapes = ZOO.get(name)
@@ -201,16 +202,17 @@ def bench_model(name, ratios, iters, warmup, threads, workdir, tools, log):
     for tool in ("spa", "tp", "onnxsim"):
         if tool not in tools or (tool == "tp" and name not in TORCHVISION):
             continue
-        for r in ratios:
-            out = workdir / f"{name}_{tool}_{r}.onnx"
-            log(f"{name}: {tool} @ {r}")
+        for r, rt in [(r, rt) for r in ratios for rt in (round_tos if tool == "spa" else (1,))]:
+            tag = f"{tool}@{r}" + (f"/r{rt}" if rt > 1 else "")
+            out = workdir / f"{name}_{tag.replace('@', '_').replace('/', '_')}.onnx"
+            log(f"{name}: {tag}")
             if tool == "spa":
-                res = run_spa(src, r, out, shapes)
+                res = run_spa(src, r, out, shapes, rt)
             elif tool == "tp":
                 res = run_tp(name, r, out)
             else:
                 res = run_onnxsim(src, r, out)
-            row = {"variant": f"{tool}@{r}", "tool": tool, "ratio": r, "path": str(out), **res}
+            row = {"variant": tag, "tool": tool, "ratio": r, "round_to": rt, "path": str(out), **res}
             if "error" in res:
                 log(f"  failed: {res['error']}")
             else:
@@ -318,6 +320,8 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--round-to", type=int, nargs="+", default=[1],
+                    help="spa variants with --round-to N (spa@R/rN rows for N > 1), e.g. 1 8")
     ap.add_argument("--out", type=pathlib.Path, help="write the markdown tables here")
     ap.add_argument("--json", type=pathlib.Path, help="write the raw results here")
     ap.add_argument("--workdir", type=pathlib.Path, help="keep the pruned models here (default: a temp dir)")
@@ -343,7 +347,8 @@ def main(argv=None):
     t0 = time.time()
     results = []
     for name in args.models:
-        m = bench_model(name, args.ratios, args.iters, args.warmup, args.threads, workdir, tools, log)
+        m = bench_model(name, args.ratios, args.iters, args.warmup, args.threads, workdir, tools, log,
+                        args.round_to)
         results.append(m)
         print(table(m) + "\n", flush=True)
     machine = results[0]["machine"] if results else {}
