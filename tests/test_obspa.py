@@ -28,14 +28,17 @@ def redundant_model():
     return g.model([("x", [2, 3, 8, 8])], [out])
 
 
-def test_redundant_channel_removed_and_compensated():
+def test_redundant_channel_removed_and_compensated(tmp_path):
+    """With measured data (a calibration file) the compensation is exact up to the damping."""
     m = redundant_model()
     feed = _feed(m)
-    obs = spa.prune(m, 0.17, criterion="obspa", hessian="synthetic")
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float32))
+    obs = spa.prune(m, 0.17, criterion="obspa", calib=str(calib))
     l2 = spa.prune(m, 0.17, criterion="l2")
     grp = next(g for g in obs.report["groups"] if g["removed"])
     assert grp["removed"] == 1 and grp["removed_channels"][0] in (0, 1, 5)
-    assert grp["obspa"]["hessian"] == ["synthetic"]
+    assert grp["obspa"]["hessian"] == ["calibration"]
     err_obs, err_l2 = compare_outputs(m, obs.model, feed), compare_outputs(m, l2.model, feed)
     assert err_obs < 1e-2, err_obs          # exact up to the damping of H
     assert err_l2 > 20 * err_obs
@@ -43,12 +46,15 @@ def test_redundant_channel_removed_and_compensated():
 
 @pytest.mark.parametrize("name", ["residual_chain", "concat_split", "flatten_gemm", "squeeze_excitation",
                                   "transformer_block"])
-def test_compensation_beats_dropping(name):
-    """On inputs like those H came from, OBS (choice + compensation) is closer to the dense model than
-    the same plan's counts chosen by L2 without compensation."""
+def test_compensation_beats_dropping(name, tmp_path):
+    """On inputs like those H came from (calibration samples of the same distribution), OBS (choice
+    + compensation) is closer to the dense model than the same plan's counts chosen by L2."""
     m = PATTERNS[name]()
     feed = _feed(m, seed=123)
-    obs = spa.prune(m, 0.3, criterion="obspa", hessian="synthetic", calib_batches=16)
+    rng = np.random.default_rng(4)
+    np.savez(tmp_path / "calib.npz", **{k: rng.standard_normal((64,) + v.shape[1:]).astype(v.dtype)
+                                       for k, v in feed.items()})
+    obs = spa.prune(m, 0.3, criterion="obspa", calib=str(tmp_path / "calib.npz"), calib_batch_size=8)
     l2 = spa.prune(m, 0.3, criterion="l2")
     assert obs.report["after"]["params"] == l2.report["after"]["params"]
     assert compare_outputs(m, obs.model, feed) < compare_outputs(m, l2.model, feed)
@@ -117,3 +123,19 @@ def test_real_model_obspa_is_valid_and_closer_than_l2():
     out_obs = io.session(obs.model).run(None, feed)
     assert [o.shape for o in out_obs] == [o.shape for o in out_dense]
     assert compare_outputs(an.model, obs.model, feed) < compare_outputs(an.model, l2.model, feed)
+
+
+def test_synthetic_images_are_correlated_noise_and_auto_prefers_bn():
+    g = G(seed=5)
+    y = g.conv("x", 3, 8, bn=True, act="Relu")
+    out = g.conv(y, 8, 4, act=None)
+    m = g.model([("x", [2, 3, 32, 32])], [out])
+    an = spa.analyze(m)
+    _, feeds = obspa.synthetic_feeds(an, 2)
+    x = feeds[0]["x"]
+    assert x.shape == (2, 3, 32, 32) and abs(x.std() - 1) < 0.05
+    right = np.corrcoef(x[..., :-1].ravel(), x[..., 1:].ravel())[0, 1]
+    across = np.corrcoef(x[:, 0].ravel(), x[:, 1].ravel())[0, 1]
+    assert right > 0.5 and across > 0.5          # white noise would give ~0 for both
+    res = spa.prune(m, 0.5, criterion="obspa")   # hessian="auto", no data: BN where it feeds
+    assert res.report["obspa"]["source"] == "bn"
