@@ -342,7 +342,7 @@ FEED_LIMIT = 1024
 
 
 def _fed_initializers(proto, consts) -> dict:
-    outs = {o.name for o in proto.graph.output}
+    outs = {o.name for o in proto.graph.output} | {i.name for i in proto.graph.input}
     fed = {}
     for t in proto.graph.initializer:
         a = consts.get(t.name)
@@ -418,19 +418,33 @@ class _Runner:
     optimisation, no prepacking, big initializers fed from ``consts`` without copies)."""
 
     def __init__(self, proto, consts, outputs):
+        self.proto, self.exposed = proto, outputs
         self.fed = _fed_initializers(proto, consts)
+        self.ran = False
         try:
             self.sess = session(_skeleton(proto, self.fed, outputs), prepack=False)
         except Exception:
             if not self.fed:
                 raise
-            self.fed = {}  # an operator that insists on constant weights: embed them all
-            self.sess = session(_skeleton(proto, {}, outputs), prepack=False)
+            self._embed()
         self.outputs = [o.name for o in self.sess.get_outputs()]
+
+    def _embed(self):
+        """An operator that insists on constant weights: embed them all (the plain, costly way)."""
+        self.fed = {}
+        self.sess = session(_skeleton(self.proto, {}, self.exposed), prepack=False)
 
     def run(self, feed, names=None) -> dict:
         names = self.outputs if names is None else names
-        return dict(zip(names, self.sess.run(names, {**feed, **self.fed})))
+        try:
+            out = self.sess.run(names, {**feed, **self.fed})
+        except Exception:
+            if self.ran or not self.fed:  # after one good run, a failure is the feed's
+                raise
+            self._embed()
+            out = self.sess.run(names, feed)
+        self.ran = True
+        return dict(zip(names, out))
 
 
 def _checked(fn, feed):

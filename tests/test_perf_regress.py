@@ -154,3 +154,34 @@ def test_folded_big_constant_keeps_its_value():
     name = proto.graph.node[0].input[1]
     np.testing.assert_array_equal(pr.consts[name], numpy_helper.to_array(m.graph.initializer[0]).T)
     assert pr.consts[name] is pr.values[name]
+
+
+def test_probe_falls_back_to_embedded_weights(monkeypatch):
+    """Where onnxruntime refuses a weight as a graph input, the probe embeds the weights."""
+    g = G(seed=4)
+    y = g.op("MatMul", ["x", g.w(64, 64)])
+    m = g.model([("x", [1, 64])], [y])
+    orig = io.session
+    refused = []
+
+    def picky(data, *a, **k):
+        sess = orig(data, *a, **k)
+        if any(i.name != "x" for i in sess.get_inputs()):
+            refused.append(True)
+            raise RuntimeError("weights must be constant")
+        return sess
+
+    monkeypatch.setattr(io, "session", picky)
+    pr = io.probe(m)
+    assert refused and pr.shapes[y] == (1, 64)
+
+
+def test_initializers_listed_as_inputs_are_not_fed_twice():
+    g = G(seed=5)
+    y = g.op("MatMul", ["x", g.w(64, 64)])
+    m = g.model([("x", [1, 64])], [y])
+    w = m.graph.initializer[0]
+    m.graph.input.append(helper.make_tensor_value_info(w.name, w.data_type, list(w.dims)))
+    consts = io.initializer_arrays(m)
+    assert io._fed_initializers(m, consts) == {}
+    assert io.probe(m).shapes[y] == (1, 64)
