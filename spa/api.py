@@ -284,16 +284,16 @@ def _obspa_apply(an, sc, obs, removal, progress):
 
 def validate(pruned: onnx.ModelProto, an: Analysis, input_shapes=None) -> io.Probe:
     """onnx.checker + an onnxruntime run with unchanged output shapes, or SpaError."""
-    if pruned.ByteSize() < 2_000_000_000:
+    if io.model_size(pruned) < 2_000_000_000:
         try:
-            onnx.checker.check_model(pruned)
+            io.check_model(pruned)
         except onnx.checker.ValidationError as exc:
             if _checker_ok(an.model):  # only complain about what pruning broke
                 raise SpaError(f"internal: pruned model fails onnx.checker ({str(exc).splitlines()[0]})") from None
     if input_shapes is None:  # the sizes the analysis ran with
         input_shapes = {k: list(np.shape(v)) for k, v in an.probe.inputs.items()}
     try:
-        pr = io.probe(pruned, input_shapes)
+        pr = io.probe(pruned, input_shapes, dynamic=False)
     except SpaError as exc:
         raise SpaError(f"internal: pruned model does not run in onnxruntime: {exc}") from None
     for out in an.model.graph.output:
@@ -305,7 +305,7 @@ def validate(pruned: onnx.ModelProto, an: Analysis, input_shapes=None) -> io.Pro
 
 def _checker_ok(proto) -> bool:
     try:
-        onnx.checker.check_model(proto)
+        io.check_model(proto)
         return True
     except onnx.checker.ValidationError:
         return False
