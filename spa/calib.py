@@ -137,24 +137,30 @@ def _batch_dynamic(an) -> bool:
     return all(dyn.get(name) is not None and len(dyn[name]) and dyn[name][0] for name in an.probe.inputs)
 
 
+def exposing_session(model, tensors):
+    """``(session, fetch)``: an onnxruntime session of ``model`` with ``tensors`` exposed as extra
+    outputs, and the names among them to fetch (graph inputs come from the feed instead)."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)
+    del proto.graph.value_info[:]
+    have = {o.name for o in proto.graph.output} | {i.name for i in proto.graph.input}
+    for t in tensors:
+        if t not in have:
+            proto.graph.output.append(onnx.ValueInfoProto(name=t))
+            have.add(t)
+    sess = io.session(proto)
+    out_names = {o.name for o in sess.get_outputs()}
+    return sess, [t for t in tensors if t in out_names]
+
+
 def collect(an, feeds, *, axes=None, progress=_quiet, source: str = "") -> ActStats:
     """Run ``feeds`` through the model and keep per-channel running sums on ``axes`` (default: sinks)."""
     axes = sink_axes(an) if axes is None else list(axes)
     stats = ActStats(source=source)
     if not axes or not feeds:
         return stats
-    proto = onnx.ModelProto()
-    proto.CopyFrom(an.model)
-    del proto.graph.value_info[:]
-    have = {o.name for o in proto.graph.output} | {i.name for i in proto.graph.input}
     tensors = sorted({ax[0] for ax in axes})
-    for t in tensors:
-        if t not in have:
-            proto.graph.output.append(onnx.ValueInfoProto(name=t))
-            have.add(t)
-    sess = io.session(proto)
-    out_names = [o.name for o in sess.get_outputs()]
-    wanted = [t for t in tensors if t in out_names]
+    sess, wanted = exposing_session(an.model, tensors)
     for i, feed in enumerate(feeds):
         progress(f"calibration batch {i + 1}/{len(feeds)}")
         try:

@@ -252,21 +252,12 @@ def _rows(x, c: Consumer, rows, rng):
 def data_hessians(an, wanted, feeds, *, rows=ROWS_PER_BATCH, seed=0, source="synthetic", progress=_quiet):
     """``E[x x^T]`` and ``E[x]`` for every consumer in ``wanted`` ({key: consumer}) over ``feeds``."""
     from .. import io
-    import onnx
+    from ..calib import exposing_session
     hs = Hessians()
     if not wanted:
         return hs
-    proto = onnx.ModelProto()
-    proto.CopyFrom(an.model)
-    del proto.graph.value_info[:]
-    have = {o.name for o in proto.graph.output}
-    inputs = {i.name for i in proto.graph.input}
     tensors = sorted({c.axis[0] for c in wanted.values()})
-    for t in tensors:
-        if t not in have and t not in inputs:
-            proto.graph.output.append(onnx.ValueInfoProto(name=t))
-    sess = io.session(proto)
-    fetch = [t for t in tensors if t not in inputs]
+    sess, fetch = exposing_session(an.model, tensors)
     rng = np.random.default_rng(seed)
     S, s, n = {}, {}, {}
     for i, feed in enumerate(feeds):
