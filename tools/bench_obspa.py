@@ -39,8 +39,7 @@ Ratios are per model (``RATIOS``: the slim PP-OCR classifier and YOLOv8n collaps
 group without fine-tuning, the digits CNN only beyond ~50%).  The trained digits networks are cached
 under ``$SPA_CACHE/bench_obspa`` (``--no-cache`` retrains).
 
-Needs torch, scikit-learn, scikit-image, matplotlib, Pillow (dev-only: ``pip install scikit-learn
-scikit-image matplotlib``).
+Needs torch, scikit-learn, scikit-image, matplotlib, Pillow (dev-only: ``pip install -e '.[test,bench]'``).
 """
 from __future__ import annotations
 
