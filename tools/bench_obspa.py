@@ -119,6 +119,13 @@ def _export_digits(net, path, keep_bn):
                           do_constant_folding=not keep_bn)
 
 
+def run_batched(model, input_name, x, batch):
+    """The model's first output over ``x`` run ``batch`` samples at a time, concatenated."""
+    from spa.io import session
+    sess = session(model)
+    return np.concatenate([sess.run(None, {input_name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+
 class Classifier:
     """Per-sample correctness (and agreement with the dense model) of a classifier."""
 
@@ -127,10 +134,7 @@ class Classifier:
         self.dense = None
 
     def logits(self, model):
-        from spa.io import session
-        sess = session(model)
-        return np.concatenate([sess.run(None, {self.input: self.x[i:i + self.batch]})[0]
-                               for i in range(0, len(self.x), self.batch)])
+        return run_batched(model, self.input, self.x, self.batch)
 
     def set_dense(self, model):
         self.dense = self.logits(model).argmax(1)
@@ -339,10 +343,7 @@ class Detector:
         self.dense = None
 
     def outputs(self, model):
-        from spa.io import session
-        sess = session(model)
-        return np.concatenate([sess.run(None, {self.input: self.x[i:i + self.batch]})[0]
-                               for i in range(0, len(self.x), self.batch)])
+        return run_batched(model, self.input, self.x, self.batch)
 
     def set_dense(self, model):
         self.dense_out = self.outputs(model)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import SpaError
-from .obs import hessian_from_bn, obs_group, obs_scores, split_bias, with_bias
+from .obs import bn_moments, hessian_from_bn, obs_group, obs_scores, split_bias, with_bias
 from .structure import axis_pairs
 
 HESSIANS = ("auto", "synthetic", "bn", "identity")
@@ -380,7 +380,7 @@ def hessians(an, consumers, source="auto", calib=None, *, n_batches=8, batch_siz
             gamma, beta, act = got
             kh, kw = (c.conv[0], c.conv[1]) if c.conv else (1, 1)
             H = hessian_from_bn(gamma, beta, activation=act, kh=kh, kw=kw, structured=False)
-            hs.H[key], hs.mean[key], hs.source[key] = H, np.repeat(_bn_mean(gamma, beta, act), kh * kw), "bn"
+            hs.H[key], hs.mean[key], hs.source[key] = H, np.repeat(bn_moments(gamma, beta, act)[0], kh * kw), "bn"
             del wanted[key]
     data = "synthetic" if synthetic else "calibration"
     if wanted:
@@ -399,11 +399,6 @@ def hessians(an, consumers, source="auto", calib=None, *, n_batches=8, batch_siz
     else:
         hs.desc = "bn"
     return hs
-
-
-def _bn_mean(gamma, beta, act):
-    from .obs import bn_moments
-    return bn_moments(gamma, beta, act)[0]
 
 
 # ------------------------------------------------------------------------------------------------
