@@ -16,6 +16,7 @@ import onnx
 
 from . import io
 from .errors import SpaError
+from .shapes import integer_ranges
 
 
 def _quiet(msg):
@@ -79,6 +80,7 @@ def batches(an, spec, *, n_batches: int = 8, batch_size: int | None = None, seed
         raise SpaError("the model has no inputs to calibrate")
     if str(spec) == "random":
         rng = np.random.default_rng(seed + 1)
+        ranges = integer_ranges(an.model)  # token ids span the embedding, masks are ones
         feeds = []
         for _ in range(n_batches):
             feed = {}
@@ -88,7 +90,7 @@ def batches(an, spec, *, n_batches: int = 8, batch_size: int | None = None, seed
                 elif v.dtype == np.bool_:
                     feed[name] = rng.integers(0, 2, v.shape).astype(np.bool_)
                 else:
-                    feed[name] = rng.integers(0, 4, v.shape).astype(v.dtype)
+                    feed[name] = rng.integers(*ranges.get(name, (0, 4)), v.shape).astype(v.dtype)
             feeds.append(feed)
         return f"random ({n_batches} batches)", feeds
     path = Path(spec)

@@ -240,17 +240,21 @@ def _run_check(reference, candidate, shapes, seed, atol, rtol) -> dict:
     _progress(f"checking the pruned model against the original in onnxruntime (cpu; {_shape_text(shapes)})")
     res = compare(reference, candidate, input_shapes=shapes, seed=seed,
                   atol=1e-5 if atol is None else atol, rtol=1e-4 if rtol is None else rtol,
-                  providers=["CPUExecutionProvider"])
+                  providers=["CPUExecutionProvider"], every_size=True)
+    sizes = res.get("sizes", [])
     if not tolerance:
+        every = res["outputs"] + [o for s in sizes for o in s["outputs"]]
         comparable = res["signature"]["ok"] and bool(res["outputs"]) \
-            and not any(o.get("error") for o in res["outputs"])
+            and not any(o.get("error") for o in every) and not any(s.get("error") for s in sizes)
         res["passed"] = None if comparable else False
         res["atol"] = res["rtol"] = None
-        for o in res["outputs"]:
+        for o in every:
             o["passed"] = False if o.get("error") else None
+        for s in sizes:
+            s["passed"] = False if s.get("error") else None
     return {"mode": "tolerance" if tolerance else "report", "passed": res["passed"], "atol": res["atol"],
             "rtol": res["rtol"], "provider": "cpu", "seed": seed, "input_shapes": shapes,
-            "signature": res["signature"], "outputs": res["outputs"]}
+            "signature": res["signature"], "outputs": res["outputs"], "sizes": sizes}
 
 
 def _fmt(x, spec=".3g"):
@@ -270,6 +274,15 @@ def _format_check(chk) -> str:
         lines.append(f"  {o['name']} [{shape}]: cosine {_fmt(o['cosine'], '.6f')}{top1}  "
                      f"max abs {_fmt(o['max_abs'])}  mean abs {_fmt(o['mean_abs'])}  "
                      f"max rel {_fmt(o['max_rel'])}  mean rel {_fmt(o['mean_rel'])}{verdict}")
+    for size in chk.get("sizes", []):
+        if size.get("skipped") or size.get("error"):
+            lines.append(f"  at {size['sizes']}: " + (f"skipped ({size['skipped']})" if size.get("skipped")
+                                                        else f"FAILED: {size['error']}"))
+            continue
+        worst = min((o["cosine"] for o in size["outputs"] if o["cosine"] is not None), default=None)
+        bad = [o["name"] for o in size["outputs"] if o.get("error") or o["passed"] is False]
+        lines.append(f"  at {size['sizes']}: lowest cosine {_fmt(worst, '.6f')}"
+                     + (f"  OUT OF TOLERANCE or not comparable: {', '.join(bad)}" if bad else ""))
     for problem in chk["signature"]["problems"]:
         lines.append(f"  signature: {problem}")
     if chk["mode"] == "report":

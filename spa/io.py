@@ -24,11 +24,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import shapes
 from .errors import SpaError
 
-#: default size for a dynamic input dimension: the first (batch) dim gets 1, the others 224.
-DEFAULT_BATCH = 1
-DEFAULT_DYNAMIC = 224
 #: ONNX Runtime 1.2x reads IR versions up to this.
 MAX_IR_VERSION = 10
 #: a shape-derived tensor larger than this is left as computed, not folded into a constant.
@@ -272,32 +270,30 @@ class Probe:
     dtypes: dict = field(default_factory=dict)     # name -> numpy dtype
     consts: dict | None = None                     # initializer name -> np.ndarray (read-only)
     other_runs: list = field(default_factory=list)  # per run at other sizes: name -> fold-candidate value
+    other_shapes: list = field(default_factory=list)  # per run at other sizes: watched name -> shape
+    plan: object = None                            # shapes.SizePlan: the dynamic dims as symbols
+    points: list = field(default_factory=list)     # symbol sizes of the runs: the first, then the others
 
 
-def input_feed(proto, input_shapes=None, seed=0):
-    """Random inputs from the declared inputs; dynamic dims from ``input_shapes`` or the defaults."""
+def input_feed(proto, input_shapes=None, seed=0, *, plan=None, values=None):
+    """Random inputs from the declared inputs: dynamic dims from ``input_shapes`` or the size plan's
+    defaults (``values``: symbol sizes to use instead); integer inputs span what the model can read
+    (see ``shapes.integer_ranges``), floats are standard normal."""
+    plan = plan or shapes.size_plan(graph_inputs(proto), input_shapes)
+    sizes = plan.shapes(plan.base if values is None else values)
+    ranges = shapes.integer_ranges(proto)
     rng = np.random.default_rng(seed)
     feed = {}
     for inp in graph_inputs(proto):
-        tt = inp.type.tensor_type
-        if not inp.type.HasField("tensor_type"):
-            raise SpaError(f"input '{inp.name}' is not a tensor; spa supports tensor inputs only")
-        dims = []
-        given = (input_shapes or {}).get(inp.name)
-        for i, d in enumerate(tt.shape.dim):
-            if given is not None:
-                dims.append(int(given[i]))
-            elif d.HasField("dim_value") and d.dim_value > 0:
-                dims.append(d.dim_value)
-            else:
-                dims.append(DEFAULT_BATCH if i == 0 else DEFAULT_DYNAMIC)
-        dtype = ONNX_TO_NUMPY.get(tt.elem_type, np.float32)
+        dims = sizes[inp.name]
+        dtype = ONNX_TO_NUMPY.get(inp.type.tensor_type.elem_type, np.float32)
         if np.issubdtype(dtype, np.floating):
             feed[inp.name] = rng.standard_normal(dims).astype(dtype)
         elif dtype == np.bool_:
             feed[inp.name] = rng.integers(0, 2, dims).astype(np.bool_)
         else:
-            feed[inp.name] = rng.integers(0, 4, dims).astype(dtype)
+            lo, hi = ranges.get(inp.name, (0, 4))
+            feed[inp.name] = rng.integers(lo, hi, dims).astype(dtype)
     return feed
 
 
@@ -476,6 +472,16 @@ def _exposed(proto) -> list:
     return names
 
 
+def output_runner(proto, consts=None):
+    """A probe-style session over ``proto`` exposing only its graph outputs: ``run(feed) -> dict``."""
+    consts = initializer_arrays(proto) if consts is None else consts
+    return _Runner(proto, consts, [o.name for o in proto.graph.output])
+
+
+def ort_reason(exc) -> str:
+    return _ort_reason(exc)
+
+
 def run_all(proto, feed, consts=None):
     """Run the model exposing every node output; returns name -> value (node outputs, the feed and
     the initializers)."""
@@ -506,20 +512,37 @@ def dynamic_dims(proto):
 
 
 def probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
-    """Run once for the shape of every tensor (and the values of constant- and shape-derived ones);
-    with dynamic inputs, run the same session again at other sizes to learn which dims follow them
-    (first all dynamic dims bumped together, else one at a time; a dim that cannot change is
-    treated as static), for the tensors whose rewrite depends on it (see ``Probe``).
-    ``consts`` are the initializers as arrays (computed when not given); ``dynamic=False`` skips
-    the runs at other sizes (validation needs shapes only); they are also skipped when the model
-    has neither a Reshape nor a constant- or shape-derived tensor (nothing would read the flags)."""
+    """Run once for the shape of every tensor (and the values of constant- and shape-derived ones).
+
+    Dynamic input dims are symbols (``shapes.size_plan``): the first run is at the plan's base
+    sizes (smaller ones are tried when the model refuses them); with dynamic inputs the same
+    session runs again with every symbol moved at once (else one symbol at a time), for the
+    tensors whose rewrite depends on which dims follow the inputs (see ``Probe``).  ``consts`` are
+    the initializers as arrays (computed when not given); ``dynamic=False`` skips the runs at
+    other sizes (validation runs its own); they are also skipped when nothing would read them."""
     consts = initializer_arrays(proto) if consts is None else consts
-    feed = input_feed(proto, input_shapes)
+    plan = shapes.size_plan(graph_inputs(proto), input_shapes)
     exposed = _exposed(proto)
     cands, any_size = fold_candidates(proto)
+    feed = input_feed(proto, plan=plan)
     runner = _checked(lambda: _Runner(proto, consts, exposed), feed)
-    first = _checked(lambda: runner.run(feed), feed)
-    pr = Probe(inputs=feed, consts=consts)
+    first, default = None, plan
+    for plan in [plan] + shapes.related_plans(plan):
+        for base in [plan.base] + shapes.fallback_bases(plan):
+            feed = input_feed(proto, plan=plan, values=base)
+            try:
+                first = runner.run(feed)
+            except Exception:
+                continue
+            plan.base = base
+            break
+        if first is not None:
+            break
+    if first is None:  # the model refuses every size tried: say so for the defaults
+        plan = default
+        feed = input_feed(proto, plan=plan)
+        first = _checked(lambda: runner.run(feed), feed)
+    pr = Probe(inputs=feed, consts=consts, plan=plan, points=[dict(plan.base)])
     for name, v in first.items():
         pr.shapes[name] = tuple(np.shape(v))
         pr.dtypes[name] = getattr(v, "dtype", None)
@@ -536,8 +559,8 @@ def probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
         pr.dynamic = {k: (False,) * len(s) for k, s in pr.shapes.items()}
         pr.other_runs = [pr.values]
         return pr
-    reshapes = [n for n in proto.graph.node if n.op_type == "Reshape" and n.domain in ("", "ai.onnx")]
-    watch = cands | {n.input[0] for n in reshapes} | {n.output[0] for n in reshapes}
+    shaped = [n for n in proto.graph.node if n.op_type in ("Reshape", "Expand") and n.domain in ("", "ai.onnx")]
+    watch = cands | {n.input[0] for n in shaped} | {n.output[0] for n in shaped} | {o.name for o in proto.graph.output}
     watched = [n for n in runner.outputs if n in watch]
     if not dynamic or not watched:
         # no runs at other sizes: the inputs' flags are their declared dynamic dims, others unknown
@@ -545,9 +568,13 @@ def probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
                           (False,) * len(s) if k in consts else None) for k, s in pr.shapes.items()}
         return pr
     runs = []
-    for bump in [set(dims)] + ([{d} for d in dims] if len(dims) > 1 else []):
-        bfeed = _bumped(feed, bump)
+    together = [plan.bumped("up"), plan.bumped("short")]
+    alone = [{**plan.base, s: v} for s, v in together[0].items()] if len(plan.symbols) > 1 else []
+    for point in together + alone:
+        if runs and point in alone:
+            break  # the one-symbol runs are a fallback for models that refuse every symbol moved at once
         try:
+            bfeed = input_feed(proto, plan=plan, values=point, seed=1)
             got = runner.run(bfeed, watched)
         except Exception:
             continue
@@ -555,9 +582,9 @@ def probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
         del got
         run.update({k: (tuple(v.shape), v) for k, v in bfeed.items()})
         runs.append(run)
-        if len(bump) > 1:
-            break
+        pr.points.append(point)
     pr.other_runs = [{k: v for k, (_, v) in run.items() if k in cands and v is not None} for run in runs]
+    pr.other_shapes = [{k: s for k, (s, _) in run.items()} for run in runs]
     for k, s in pr.shapes.items():
         if k in consts and k not in feed:
             pr.dynamic[k] = (False,) * len(s)
@@ -574,21 +601,6 @@ def probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
             flags = [f or a != b for f, a, b in zip(flags, s, s2)]
         pr.dynamic[k] = None if flags is None else tuple(flags)
     return pr
-
-
-def _bumped(feed, dims):
-    """The same feed with the given (input, dim) sizes changed (1 -> 2, n -> n + 32)."""
-    out = {}
-    for name, value in feed.items():
-        shape = list(value.shape)
-        for d, n in enumerate(shape):
-            if (name, d) in dims:
-                shape[d] = 2 if n == 1 else n + 32
-        if shape == list(value.shape):
-            out[name] = value
-        else:
-            out[name] = np.resize(value, shape).astype(value.dtype)
-    return out
 
 
 SHAPE_SOURCES = {"Shape", "Size"}
@@ -677,7 +689,7 @@ def _forget_dead(pr: Probe, proto) -> None:
         live.update(node.output)
         for a in node.attribute:
             for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                live |= _graph_refs(g)
+                live |= graph_refs(g)
     for d in (pr.shapes, pr.values, pr.dynamic, pr.dtypes, pr.consts or {}):
         for name in [k for k in d if k not in live]:
             del d[name]
@@ -691,7 +703,7 @@ def remove_dead(proto) -> None:
     for node in proto.graph.node:
         for a in node.attribute:
             for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                sub_refs |= _graph_refs(g)
+                sub_refs |= graph_refs(g)
     needed |= sub_refs
     live = []
     for node in reversed(proto.graph.node):
@@ -708,13 +720,13 @@ def remove_dead(proto) -> None:
         del proto.graph.initializer[i]
 
 
-def _graph_refs(g) -> set:
+def graph_refs(g) -> set:
     refs = set()
     for n in g.node:
         refs.update(i for i in n.input if i)
         for a in n.attribute:
             for sg in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                refs |= _graph_refs(sg)
+                refs |= graph_refs(sg)
     refs.update(o.name for o in g.output)
     return refs
 

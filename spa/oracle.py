@@ -59,25 +59,40 @@ SCALE_FLOOR = 0.1
 
 
 def compare_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feed) -> float:
-    """Largest relative error over the graph outputs: ``max|a-b| / max(max|a|, SCALE_FLOOR)``."""
+    """Largest relative error over the graph outputs: ``max|a-b| / max(max|a|, SCALE_FLOOR)``;
+    ``feed`` is one input dict or a list of them (every size is compared)."""
     from .io import session
-    ra = session(a).run(None, feed)
-    rb = session(b).run(None, feed)
+    feeds = feed if isinstance(feed, list) else [feed]
+    sa, sb = session(a), session(b)
     worst = 0.0
-    for x, y in zip(ra, rb):
-        if np.shape(x) != np.shape(y):
-            return float("inf")
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        scale = max(np.abs(x).max(initial=0.0), SCALE_FLOOR)
-        worst = max(worst, float(np.abs(x - y).max(initial=0.0) / scale))
+    for f in feeds:
+        for x, y in zip(sa.run(None, f), sb.run(None, f)):
+            if np.shape(x) != np.shape(y):
+                return float("inf")
+            x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+            scale = max(np.abs(x).max(initial=0.0), SCALE_FLOOR)
+            worst = max(worst, float(np.abs(x - y).max(initial=0.0) / scale))
     return worst
+
+
+def feeds_at_every_size(an, most=None) -> list:
+    """Inputs at every size the analysis ran the model at (the probe's, then each other point:
+    every dynamic dim moved up, then down), or the ``most`` cheapest of them (the probe's first,
+    then the short point: each dynamic dim still at two sizes)."""
+    from .io import input_feed
+    pr = an.probe
+    points = pr.points[1:] if pr.plan is not None else []
+    if most is not None:
+        points = points[::-1][:most - 1]
+    return [pr.inputs] + [input_feed(an.model, plan=pr.plan, values=p, seed=3) for p in points]
 
 
 def check_groups(an, fraction: float = 0.34, seed: int = 0, groups=None):
     """Prune each prunable group alone and compare with the cut original.
 
     Returns one dict per group: ``{"group", "removed", "error", "approximate"}`` where error is the
-    relative output error of the pruned model against the cut model (``inf`` if shapes differ).
+    relative output error of the pruned model against the cut model (``inf`` if shapes differ), the
+    worst over two sizes of every dynamic dim (``feeds_at_every_size``).
     Raises whatever surgery or validation raises: a group that cannot be pruned validly is a bug.
     """
     from . import surgery
@@ -90,8 +105,8 @@ def check_groups(an, fraction: float = 0.34, seed: int = 0, groups=None):
         k = max(1, min(g.channels - 1, int(round(g.channels * fraction))))
         units = np.sort(rng.choice(g.units, size=k, replace=False))
         pruned = surgery.apply(an.model, an.channels, an.probe, units)
-        validate(pruned, an)
-        err = compare_outputs(cut_model(an, units), pruned, an.probe.inputs)
+        validate(pruned, an, every_size=False)  # compared at two sizes below
+        err = compare_outputs(cut_model(an, units), pruned, feeds_at_every_size(an, most=2))
         results.append({"group": g.id, "removed": k, "error": err, "approximate": g.approximate})
     return results
 
@@ -116,4 +131,4 @@ def check_joint(an, fraction: float = 0.34, seed: int = 0, approximate: bool = F
     pruned = surgery.apply(an.model, an.channels, an.probe, units)
     validate(pruned, an)
     return {"groups": len(chosen), "removed": int(len(units)),
-            "error": compare_outputs(cut_model(an, units), pruned, an.probe.inputs), "model": pruned}
+            "error": compare_outputs(cut_model(an, units), pruned, feeds_at_every_size(an)), "model": pruned}

@@ -51,7 +51,7 @@ def apply(proto: onnx.ModelProto, cm, probe, removed_units) -> onnx.ModelProto:
     for node_name, items in cm.rewrites.items():
         node = nodes[node_name]
         for kind, info in items:
-            _REWRITE[kind](node, info, kept, new_size, probe)
+            _REWRITE[kind](node, info, kept, new_size, probe, graph)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=False)
     # inputs and outputs never change; intermediate shapes are stale: drop them
@@ -73,34 +73,107 @@ def _const(node, tag, values):
     return gs.Constant(f"{node.name}__spa_{tag}", np.asarray(values, np.int64))
 
 
-def rw_group(node, info, kept, new_size, probe):
+def rw_group(node, info, kept, new_size, probe, graph):
     k = kept(info["virtual"])
     if k is not None:
         node.attrs["group"] = int(len(k))
 
 
-def rw_reshape(node, info, kept, new_size, probe):
-    y = node.outputs[0].name
-    x = node.inputs[0].name
-    shape = probe.shapes[y]
-    target = [new_size(y, d) for d in range(len(shape))]
-    dyn_y = probe.dynamic.get(y) or (False,) * len(shape)
-    dyn_x = probe.dynamic.get(x) or (False,) * len(probe.shapes[x])
-    allowzero = int(node.attrs.get("allowzero", 0))
-    minus_one_used = False
-    for d, is_dyn in enumerate(dyn_y):
-        if not is_dyn:
-            continue
-        if not allowzero and d < len(dyn_x) and dyn_x[d] and probe.shapes[x][d] == shape[d]:
-            target[d] = 0
-        elif not minus_one_used:
-            target[d], minus_one_used = -1, True
+class _Sizes:
+    """Builds a 1-D int64 shape tensor piece by piece: constants, and sizes read from a tensor's
+    shape at run time (one ``Shape`` node per tensor)."""
+
+    def __init__(self, node, tag):
+        self.node, self.tag, self.pieces, self.new_nodes, self.shape_of = node, tag, [], [], {}
+        self.live = False
+
+    def _name(self, what):
+        return f"{self.node.name}__spa_{self.tag}_{what}{len(self.new_nodes)}"
+
+    def _op(self, op, inputs, **attrs):
+        out = gs.Variable(self._name(op.lower()), dtype=np.int64)
+        self.new_nodes.append(gs.Node(op, self._name(op), attrs, inputs, [out]))
+        return out
+
+    def const(self, n):
+        self.pieces.append(int(n))
+
+    def element(self, vec, i):
+        """Element i of a 1-D int64 tensor, as a piece."""
+        self.live = True
+        self.pieces.append(self._op("Gather", [vec, _const(self.node, f"{self.tag}_i{len(self.new_nodes)}", [i])],
+                                    axis=0))
+
+    def product_of_dims(self, tensor, dims, divide_by=1):
+        """prod(tensor.shape[dims]) // divide_by, as a piece."""
+        self.live = True
+        if tensor.name not in self.shape_of:
+            self.shape_of[tensor.name] = self._op("Shape", [tensor])
+        shape = self.shape_of[tensor.name]
+        value = self._op("Gather", [shape, _const(self.node, f"{self.tag}_d{len(self.new_nodes)}", list(dims))],
+                         axis=0)
+        if len(dims) > 1:
+            value = self._op("ReduceProd", [value], keepdims=1)
+        if divide_by != 1:
+            value = self._op("Div", [value, _const(self.node, f"{self.tag}_q{len(self.new_nodes)}", [divide_by])])
+        self.pieces.append(value)
+
+    def build(self, graph):
+        """The shape tensor: a constant when no piece is live."""
+        if not self.live:
+            return _const(self.node, self.tag, self.pieces)
+        parts, run = [], []
+        for p in self.pieces + [None]:
+            if isinstance(p, int):
+                run.append(p)
+                continue
+            if run:
+                parts.append(_const(self.node, f"{self.tag}_c{len(parts)}", run))
+                run = []
+            if p is not None:
+                parts.append(p)
+        out = parts[0] if len(parts) == 1 else self._op("Concat", parts, axis=0)
+        graph.nodes.extend(self.new_nodes)
+        return out
+
+
+def rw_reshape(node, info, kept, new_size, probe, graph):
+    """A new target from the rule's pieces (``rules.rule_reshape``): new static sizes, products of
+    the input's sizes at run time, or the original target's elements."""
+    x, y, target = node.inputs[0], node.outputs[0], node.inputs[1]
+    changed = any(kept((t.name, d)) is not None for t in (x, y) for d in range(len(probe.shapes[t.name])))
+    if not changed and isinstance(target, gs.Constant):
+        return
+    b = _Sizes(node, "shape")
+    for piece in info["pieces"]:
+        if piece[0] == "static":
+            b.const(new_size(y.name, piece[1]))
+        elif piece[0] == "x":
+            _, xd, static = piece
+            b.product_of_dims(x, xd, int(np.prod([new_size(y.name, d) for d in static])) if static else 1)
         else:
-            raise SpaError(f"internal: Reshape '{node.name}' has two dynamic dims")
-    node.inputs[1] = _const(node, "shape", target)
+            b.element(target, piece[1])
+    node.inputs[1] = b.build(graph)
 
 
-def rw_split(node, info, kept, new_size, probe):
+def rw_expand(node, info, kept, new_size, probe, graph):
+    """Dims x carries get 1 (x's own size flows); broadcast dims get their new size, or the
+    original target's element where they follow a dynamic dim."""
+    y, target = node.outputs[0], node.inputs[1]
+    r = len(info["kinds"])
+    b = _Sizes(node, "shape")
+    n_target = len(np.ravel(target.values)) if isinstance(target, gs.Constant) else int(np.prod(probe.shapes[target.name]))
+    for d, kind in enumerate(info["kinds"]):
+        if kind == "x":
+            b.const(1)
+        elif kind == "static":
+            b.const(new_size(y.name, d))
+        else:
+            b.element(target, n_target - r + d)
+    node.inputs[1] = b.build(graph)
+
+
+def rw_split(node, info, kept, new_size, probe, graph):
     axis = info["axis"]
     sizes = [new_size(o.name, axis) for o in node.outputs]
     if "split" in node.attrs:
@@ -112,7 +185,7 @@ def rw_split(node, info, kept, new_size, probe):
         node.inputs[1] = _const(node, "split", sizes)
 
 
-def rw_slice(node, info, kept, new_size, probe):
+def rw_slice(node, info, kept, new_size, probe, graph):
     x, y = node.inputs[0].name, node.outputs[0].name
     axes_sliced = [a for a, ok in info["sliced"].items() if ok]
     starts, ends = [], []
@@ -154,7 +227,7 @@ def _first_index(node, axis, n, rank):
     return 0
 
 
-def rw_gather(node, info, kept, new_size, probe):
+def rw_gather(node, info, kept, new_size, probe, graph):
     data = node.inputs[0].name
     axis = info["axis"]
     k = kept((data, axis))
@@ -173,22 +246,11 @@ def rw_gather(node, info, kept, new_size, probe):
     node.inputs[1] = gs.Constant(f"{node.name}__spa_indices", mapped.astype(node.inputs[1].values.dtype))
 
 
-def rw_sizes(node, info, kept, new_size, probe):
+def rw_sizes(node, info, kept, new_size, probe, graph):
     y = node.outputs[0].name
     if not isinstance(node.inputs[3], gs.Constant):
         return
     node.inputs[3] = _const(node, "sizes", [new_size(y, d) for d in range(len(probe.shapes[y]))])
-
-
-def rw_expand(node, info, kept, new_size, probe):
-    y = node.outputs[0].name
-    target = list(np.ravel(node.inputs[1].values))
-    r = len(probe.shapes[y])
-    off = len(target) - r
-    for d in range(r):
-        if off + d >= 0 and int(target[off + d]) not in (1, -1):
-            target[off + d] = new_size(y, d)
-    node.inputs[1] = _const(node, "shape", target)
 
 
 _REWRITE = {"group": rw_group, "reshape": rw_reshape, "split": rw_split, "slice": rw_slice,

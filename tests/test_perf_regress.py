@@ -2,7 +2,7 @@
 
 The probe runs the model once (no second probe after folding), feeds the weights to onnxruntime
 from numpy (no serialisation of them), keeps no activations, and runs again at other input sizes
-only where dynamic flags are read; the channel model reuses the probe's arrays; save_model and
+exposing only what is read there (outputs, Reshape/Expand operands, shape-derived values); the channel model reuses the probe's arrays; save_model and
 model_size never serialise the whole model at once and write exactly what SerializeToString would.
 """
 import numpy as np
@@ -76,8 +76,8 @@ def test_weights_are_fed_not_serialised():
 def test_dynamic_model_folds_without_a_second_probe(monkeypatch):
     calls = _count_runs(monkeypatch)
     proto, pr = io.prepare(_shape_chain_model())
-    # first run exposes everything, the run at other sizes only what is watched
-    assert calls[0] is None and len(calls) == 2 and calls[1] is not None
+    # first run exposes everything, the runs at other sizes (every dim up, then down) only what is watched
+    assert calls[0] is None and len(calls) == 3 and all(c is not None for c in calls[1:])
     ops = {n.op_type for n in proto.graph.node}
     assert "Sqrt" not in ops and "Div" not in ops  # the constant scale was folded
     assert "Shape" in ops  # the batch-dependent target was not
@@ -93,14 +93,17 @@ def test_dynamic_model_folds_without_a_second_probe(monkeypatch):
     assert out[0].shape == (3, 4, 2, 3)
 
 
-def test_no_second_run_when_nothing_reads_dynamic_flags(monkeypatch):
+def test_runs_at_other_sizes_expose_only_the_outputs_when_nothing_else_reads_them(monkeypatch):
+    """Validation compares the pruned model's output shapes at other sizes with these runs'."""
     m = residual_chain()
     for vi in list(m.graph.input) + list(m.graph.output):
         vi.type.tensor_type.shape.dim[0].dim_param = "N"
     calls = _count_runs(monkeypatch)
     pr = io.probe(m)
-    assert calls == [None]
+    outputs = [o.name for o in m.graph.output]
+    assert calls == [None, outputs, outputs]
     assert pr.dynamic["x"] == (True, False, False, False)
+    assert [p["N"] for p in pr.points] == [1, 3, 2] and all(outputs[0] in s for s in pr.other_shapes)
     calls.clear()
     pr = io.probe(_shape_chain_model(), dynamic=False)
     assert calls == [None] and pr.dynamic["x"] == (True, False, False)

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from ..io import fold_candidates, graph_refs
 from ..ops.rules import RULES
+from ..shapes import all_reads, shape_reads
 
 # reasons a unit cannot shrink, most informative first; R_SPATIAL marks positions that are not
 # channels at all (spatial and kernel dims): groups made of them are not reported
@@ -82,8 +84,13 @@ class RuleContext:
     def dynamic(self, name):
         return self.b.dynamic.get(name)
 
-    def only_feeds_reshape_shapes(self, name):
-        return self.b.only_feeds_reshape_shapes(name)
+    def other_shapes(self, *names):
+        """Shapes of ``names`` in the probe's runs at other sizes (tuples, one per run)."""
+        return self.b.other_shapes(names)
+
+    def reads(self, name):
+        """Sizes read by the value of a shape computation, per element (None: reads none)."""
+        return self.b.reads.get(name)
 
     # declarations
     def tie(self, a, b):
@@ -140,11 +147,9 @@ class Builder:
         self.sinks = []
         self.rewrites = {}
         self.stats = set()
-        self.consumers = {}
-        for node in proto.graph.node:
-            for i, name in enumerate(node.input):
-                if name:
-                    self.consumers.setdefault(name, []).append((node, i))
+        self.other_runs_shapes = getattr(probe, "other_shapes", None) or []
+        self.derived = fold_candidates(proto)[0]
+        self.reads = shape_reads(proto, self.shapes, self.consts, self.values, self.derived)
 
     # axes and atoms
     def axis_size(self, axis):
@@ -221,23 +226,29 @@ class Builder:
                 for d in range(len(self.shapes.get(name, ()))):
                     self.fix((name, d), code, text)
 
-    def only_feeds_reshape_shapes(self, name, _seen=None):
-        """True when every use of this shape value ends in a Reshape's shape input (rewritten)."""
-        seen = _seen if _seen is not None else set()
-        if name in seen:
-            return True
-        seen.add(name)
-        if name in {o.name for o in self.proto.graph.output}:
-            return False
-        for node, i in self.consumers.get(name, []):
-            if node.op_type == "Reshape" and i == 1:
-                continue
-            if node.op_type in ("Gather", "Concat", "Unsqueeze", "Squeeze", "Slice", "Cast", "Mul",
-                                "Div", "Add", "Sub", "Identity") and i == 0 or node.op_type == "Concat":
-                if all(self.only_feeds_reshape_shapes(o, seen) for o in node.output if o):
+    def other_shapes(self, names):
+        fixed = {n: tuple(self.consts[n].shape) for n in names if n in self.consts}
+        return [tuple(fixed[n] if n in fixed else run[n] for n in names) for run in self.other_runs_shapes
+                if all(n in run or n in fixed for n in names)]
+
+    def fix_shape_reads(self):
+        """Fix every size read by a shape computation whose result is used by something that
+        surgery does not rebuild (a Reshape's target is rebuilt from sizes; an Expand's rule fixes
+        what it reuses); reading a size that never changes (batch, sequence) blocks nothing."""
+        outputs = {o.name for o in self.proto.graph.output}
+        for node in self.proto.graph.node:
+            if all((not o) or o in self.derived for o in node.output):
+                continue  # a step of the shape computation itself
+            for i, name in enumerate(node.input):
+                got = self.reads.get(name)
+                if got is None or (node.op_type in ("Reshape", "Expand") and i == 1):
                     continue
-            return False
-        return True
+                text = f"{node.op_type} '{node.name}' uses a size computed from this dim"
+                for axis in all_reads(got):
+                    self.fix(axis, R_RULE, text)
+        for name in outputs:
+            for axis in all_reads(self.reads.get(name)):
+                self.fix(axis, R_OUTPUT, f"graph output '{name}' is computed from this size")
 
 
 def _consts(proto, probe) -> dict:
@@ -311,14 +322,14 @@ def build(proto, probe) -> ChannelModel:
         if rule is None or has_sub:
             b.fix_node(node, R_UNSUPPORTED, f"no rule for operator {node.op_type or '?'} ('{node.name}')")
             if has_sub:
-                from ..io import _graph_refs
                 for a in node.attribute:
                     for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                        for ref in _graph_refs(g):
+                        for ref in graph_refs(g):
                             for d in range(len(b.shapes.get(ref, ()))):
                                 b.fix((ref, d), R_UNSUPPORTED, f"read inside the subgraph of {node.op_type} '{node.name}'")
             continue
         rule(RuleContext(b, node))
+    b.fix_shape_reads()
     for vi in proto.graph.input:
         for d in range(len(b.shapes.get(vi.name, ()))):
             b.fix((vi.name, d), R_INPUT, f"graph input '{vi.name}'")

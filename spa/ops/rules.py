@@ -382,7 +382,7 @@ def rule_slice(ctx):
         names = list(node.input[1:5]) + [""] * (5 - len(node.input))
         starts, ends, axes, steps = [ctx.const(n) if n else None for n in names]
         if any(n and v is None for n, v in zip(names, (starts, ends, axes, steps))):
-            return ctx.fix_all()
+            return _slice_live(ctx, x, y, names, r)
     starts, ends = [int(v) for v in np.ravel(starts)], [int(v) for v in np.ravel(ends)]
     axes = list(range(len(starts))) if axes is None else [_norm(int(a), r) for a in np.ravel(axes)]
     steps = [1] * len(starts) if steps is None else [int(s) for s in np.ravel(steps)]
@@ -401,6 +401,23 @@ def rule_slice(ctx):
         else:
             ctx.tie((x, d), (y, d))
     ctx.rewrite("slice", sliced={a: (i is not None) for a, i in sliced.items()})
+
+
+def _slice_live(ctx, x, y, names, r):
+    """A Slice whose bounds are computed at run time (``cos_cached[:seq]``): the sliced axes are
+    positions, not channels; every other axis flows through unchanged."""
+    axes = ctx.value(names[2]) if names[2] else None
+    if axes is None:
+        starts = ctx.value(names[0])
+        if names[2] or starts is None:
+            return ctx.fix_all()
+        axes = range(np.size(starts))
+    sliced = {_norm(int(a), r) for a in np.ravel(axes)}
+    for d in range(r):
+        if d in sliced:
+            ctx.fix((x, d)), ctx.fix((y, d))
+        else:
+            ctx.tie((x, d), (y, d))
 
 
 def rule_gather(ctx):
@@ -434,7 +451,7 @@ def rule_gather(ctx):
 
 
 def rule_squeeze(ctx):
-    """Squeeze/Unsqueeze/Flatten/Reshape: match dims by products; size-1 dims carry nothing."""
+    """Squeeze/Unsqueeze/Flatten: match dims by products; size-1 dims carry nothing."""
     node = ctx.node
     x, y = node.input[0], node.output[0]
     xs, ys = ctx.shape(x), ctx.shape(y)
@@ -443,6 +460,10 @@ def rule_squeeze(ctx):
     blocks = match_dims(xs, ys)
     if blocks is None:
         return ctx.fix_all()
+    _tie_blocks(ctx, x, y, blocks)
+
+
+def _tie_blocks(ctx, x, y, blocks):
     for xd, yd in blocks:
         if len(xd) == 1 and len(yd) == 1:
             ctx.tie((x, xd[0]), (y, yd[0]))
@@ -455,17 +476,58 @@ def rule_squeeze(ctx):
                 ctx.fix((x, d))
             for d in yd:
                 ctx.fix((y, d))
-    if node.op_type == "Reshape":
-        # the new target is a constant; dims that follow the input size become 0 or -1
-        dyn_y, dyn_x = ctx.dynamic(y), ctx.dynamic(x)
-        if dyn_y is None or dyn_x is None:
-            return ctx.fix_all()
-        allowzero = int(_attr(node, "allowzero", 0))
-        free = [d for d, dyn in enumerate(dyn_y) if dyn and
-                (allowzero or d >= len(dyn_x) or not dyn_x[d] or xs[d] != ys[d])]
-        if len(free) > 1:
-            return ctx.fix_all()
-        ctx.rewrite("reshape")
+
+
+def _widest(ctx, x, y):
+    """The (x shape, y shape) of the run with the fewest size-1 dims (a batch of 1 at the probe
+    sizes would hide which dims pair up)."""
+    runs = [(ctx.shape(x), ctx.shape(y))] + ctx.other_shapes(x, y)
+    return max(runs, key=lambda r: sum(n != 1 for n in r[0]) + sum(n != 1 for n in r[1]))
+
+
+def rule_reshape(ctx):
+    """Reshape: dims matched by products (heads x head dims, flatten before a Linear).  Surgery
+    rebuilds the target (``surgery.rw_reshape``) from one piece per output dim: static dims get
+    their new sizes; a dynamic dim is the product of its block's input sizes at run time over the
+    block's new static sizes, or, where a block splits into several dynamic dims (GPT-2's
+    ``[b*s, 3h] -> [b, s, 3h]``), the original target's element, whose reads are then fixed.
+    So no dynamic size is ever frozen."""
+    node = ctx.node
+    x, y, target = node.input[0], node.output[0], node.input[1]
+    if ctx.shape(x) is None or ctx.shape(y) is None:
+        return ctx.fix_all()
+    wx, wy = _widest(ctx, x, y)
+    blocks = match_dims(wx, wy)
+    if blocks is None:
+        return ctx.fix_all()
+    dyn = ctx.dynamic(y)
+    dyn = [True] * len(wy) if dyn is None else list(dyn)
+    reads, value = ctx.reads(target), ctx.value(target)
+    ys = ctx.shape(y)
+
+    def from_target(d):
+        """The original target's element d, where it is a real size computed from sizes."""
+        if reads is None or len(reads) != len(ys) or value is None or np.size(value) != len(ys):
+            return None
+        if int(np.ravel(value)[d]) != ys[d]:
+            return None
+        for axis in reads[d]:
+            ctx.fix(axis)
+        return ("target", d)
+
+    pieces = [("static", d) for d in range(len(wy))]
+    for xd, yd in blocks:
+        dyn_d = [d for d in yd if dyn[d]]
+        for d in dyn_d:
+            pieces[d] = ("x", list(xd), [s for s in yd if not dyn[s]]) if len(dyn_d) == 1 else from_target(d)
+    paired = {d for _, yd in blocks for d in yd}
+    for d in range(len(wy)):
+        if dyn[d] and d not in paired:  # size 1 in every run: only the original target knows it
+            pieces[d] = from_target(d)
+    if None in pieces:
+        return ctx.fix_all()
+    _tie_blocks(ctx, x, y, blocks)
+    ctx.rewrite("reshape", pieces=pieces)
 
 
 def match_dims(xs, ys):
@@ -497,35 +559,42 @@ def match_dims(xs, ys):
 
 
 def rule_expand(ctx):
+    """Expand: dims that x carries at every size are tied (surgery puts 1 there, so x's size
+    flows); broadcast dims (x has 1) are free channels of y (GQA's repeated KV axis) whose new size
+    surgery writes, or, where they follow a dynamic dim, reads from the original target at run time
+    (only the sizes that element reads are fixed)."""
     node = ctx.node
-    x, y = node.input[0], node.output[0]
-    _broadcast(ctx, [x], y)
-    target = ctx.value(node.input[1])
+    x, y, target = node.input[0], node.output[0], node.input[1]
     rx, ry = ctx.rank(x), ctx.rank(y)
-    if target is None or rx is None:
+    if rx is None or ry is None:
         return ctx.fix_all()
-    target = list(np.ravel(target))
-    for d in range(rx):
-        yd = ry - rx + d
-        ti = len(target) - ry + yd
-        if ti >= 0 and int(target[ti]) not in (1, -1) and ctx.size((x, d)) > 1:
-            if ctx.is_const(node.input[1]):
-                ctx.rewrite("expand")
-            else:
-                ctx.fix((x, d)), ctx.fix((y, d))
+    runs = [(ctx.shape(x), ctx.shape(y))] + ctx.other_shapes(x, y)
+    dyn = ctx.dynamic(y)
+    dyn = [True] * ry if dyn is None else list(dyn)
+    kinds = []
+    reads = ctx.reads(target)
+    for d in range(ry):
+        xd = d - (ry - rx)
+        if xd >= 0 and all(sx[xd] == sy[d] for sx, sy in runs):
+            ctx.tie((x, xd), (y, d))
+            kinds.append("x")
+        elif xd < 0 or all(sx[xd] == 1 for sx, _ in runs):
+            kinds.append("dyn" if dyn[d] else "static")
+            if dyn[d] and reads is not None:
+                ti = len(reads) - ry + d if len(reads) > 1 else 0
+                for axis in (reads[ti] if 0 <= ti < len(reads) else reads[0]):
+                    ctx.fix(axis)
+        else:
+            return ctx.fix_all()
+    if "dyn" in kinds and reads is None:
+        return ctx.fix_all()        # a dynamic size from a target that is not a shape computation
+    ctx.rewrite("expand", kinds=kinds)
 
 
 def rule_shape(ctx):
-    """Shape reads only sizes: dims whose sizes feed anything but a rewritten Reshape are fixed."""
-    node = ctx.node
-    x = node.input[0]
-    r = ctx.rank(x)
-    if r is None:
-        return
-    ctx.fix_tensor(node.output[0])
-    if not ctx.only_feeds_reshape_shapes(node.output[0]):
-        for d in range(r):
-            ctx.fix((x, d))
+    """Shape/Size read sizes only: the channel model fixes the dims whose sizes are read by
+    something surgery does not rebuild (``Builder.fix_shape_reads``)."""
+    ctx.fix_tensor(ctx.node.output[0])
 
 
 def rule_passthrough_fixed(ctx):
@@ -552,7 +621,7 @@ RULES.update({
     "Resize": rule_resize, "Upsample": rule_resize, "Pad": rule_pad,
     "Transpose": rule_transpose, "Concat": rule_concat, "Split": rule_split,
     "Slice": rule_slice, "Gather": rule_gather,
-    "Reshape": rule_squeeze, "Flatten": rule_squeeze, "Squeeze": rule_squeeze, "Unsqueeze": rule_squeeze,
+    "Reshape": rule_reshape, "Flatten": rule_squeeze, "Squeeze": rule_squeeze, "Unsqueeze": rule_squeeze,
     "Expand": rule_expand, "Shape": rule_shape, "Size": rule_shape,
 })
 

@@ -1,0 +1,226 @@
+"""Shape-polymorphic pruning: a pruned model is right at every input size it accepts.
+
+Models with dynamic dims are analysed with their dims as symbols; every test runs the pruned model
+at two or more sizes of each dynamic dim, and the exactness oracle compares it with the cut original
+at every size the analysis ran (``oracle.feeds_at_every_size``).  Transformers come from
+``tools/export_transformers.py`` (configs with random weights; TorchScript and dynamo exporters).
+"""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import spa
+from spa import io, shapes
+from spa.api import validate
+from spa.errors import SpaError
+from spa.oracle import check_groups, check_joint
+from graphs import G
+
+EXACT = 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# a CNN with a dynamic batch and Expand targets computed from Shape
+
+
+def dyn_cnn(frozen=False):
+    """conv -> conv -> + bias expanded to Shape(y) -> a class token expanded to the batch
+    (Concat(Shape(y)[0], 1, 16)) -> concat with pooled features -> Reshape [N, 32] -> Gemm.
+    ``frozen``: the token's Expand target is the constant [1, 1, 16] (right at batch 1 only)."""
+    g = G(0)
+    y = g.conv("x", 3, 8, bn=True)
+    y = g.conv(y, 8, 16)
+    shp = g.op("Shape", [y])
+    y = g.op("Add", [y, g.op("Expand", [g.w(1, 16, 1, 1), shp])])
+    n = g.op("Unsqueeze", [g.op("Gather", [shp, g.i64(0)], axis=0), g.i64([0])])
+    target = g.i64([1, 1, 16]) if frozen else g.op("Concat", [n, g.i64([1]), g.i64([16])], axis=0)
+    cls = g.op("Expand", [g.w(1, 1, 16), target])
+    p = g.op("Unsqueeze", [g.op("Flatten", [g.op("GlobalAveragePool", [y])], axis=1), g.i64([1])])
+    t = g.op("Concat", [cls, p], axis=1)
+    t = g.op("Reshape", [t, g.op("Concat", [n, g.i64([32])], axis=0)])
+    g.op("Gemm", [t, g.w(10, 32)], transB=1)
+    g.nodes[-1].output[0] = "logits"
+    graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], g.inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(m)
+    return m
+
+
+def fixed(model, sizes):
+    """The same model with its inputs' dynamic dims fixed (in order of appearance, per input)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model if isinstance(model, onnx.ModelProto) else onnx.load(model))
+    for inp in m.graph.input:
+        for d, dim in enumerate(inp.type.tensor_type.shape.dim):
+            if not dim.HasField("dim_value"):
+                n = sizes[inp.name][d]
+                dim.Clear()
+                dim.dim_value = n
+    return m
+
+
+def prunable(an):
+    return sum(g.prunable for g in an.groups)
+
+
+def test_dynamic_batch_cnn_prunes_like_the_fixed_one_and_batch_rows_agree():
+    model = dyn_cnn()
+    an = spa.analyze(model)
+    assert prunable(an) == prunable(spa.analyze(fixed(model, {"x": [1, 3, 16, 16]}))) == 2
+    assert [p["batch"] for p in an.probe.points] == [1, 3, 2]
+    for r in check_groups(an):
+        assert r["error"] < EXACT, r
+    pruned = spa.prune(model, 0.3).model
+    sess = io.session(pruned)
+    x = np.random.default_rng(0).standard_normal((5, 3, 16, 16)).astype(np.float32)
+    batch = sess.run(None, {"x": x})[0]
+    rows = np.concatenate([sess.run(None, {"x": x[i:i + 1]})[0] for i in range(5)])
+    assert batch.shape == (5, 10)
+    assert np.abs(batch - rows).max() <= 1e-4 * np.abs(rows).max()
+
+
+def test_validation_refuses_a_model_frozen_at_the_probe_batch():
+    an = spa.analyze(dyn_cnn())
+    with pytest.raises(SpaError, match="batch=3"):
+        validate(dyn_cnn(frozen=True), an)
+
+
+# ----------------------------------------------------------------------------------------------
+# dim symbols
+
+
+def test_dim_params_are_symbols_and_expressions():
+    assert shapes.parse_dim("batch") == ("sym", "batch")
+    tree = shapes.parse_dim("past_sequence_length + sequence_length")
+    assert shapes.evaluate(tree, {"past_sequence_length": 3, "sequence_length": 4}) == 7
+    assert shapes.evaluate(shapes.parse_dim("2*s0 - 1"), {"s0": 5}) == 9
+    assert shapes.parse_dim("__import__('os')") == ("sym", "__import__('os')")  # never evaluated
+
+
+def _inputs(**dims):
+    return [helper.make_tensor_value_info(n, TensorProto.INT64 if n.endswith("ids") or "mask" in n else TensorProto.FLOAT, d)
+            for n, d in dims.items()]
+
+
+def test_size_plan_shares_symbols_and_binds_given_shapes():
+    ins = _inputs(input_ids=["batch", "seq"], attention_mask=["batch", "past + seq"], past_key=["batch", 2, "past", 8])
+    plan = shapes.size_plan(ins, {"input_ids": [2, 7]})
+    assert plan.symbols == ["batch", "seq", "past"]
+    assert plan.batch == {"batch"} and plan.steps == {"seq"} and "past" in plan.tokens
+    sizes = plan.shapes(plan.base)
+    assert sizes["attention_mask"] == [2, 7 + plan.base["past"]] and sizes["past_key"][:3] == [2, 2, plan.base["past"]]
+    short = plan.bumped("short")
+    assert short["seq"] == 1 and short["past"] > plan.base["past"]  # a decode step after a longer past
+    with pytest.raises(SpaError, match="rank"):
+        shapes.size_plan(ins, {"input_ids": [2]})
+
+
+def test_an_unnamed_total_length_is_found_as_a_sum():
+    ins = _inputs(input_ids=["batch", "seq"], attention_mask=["batch", "total"], past_key=["batch", 2, "past", 8])
+    plan = shapes.size_plan(ins)
+    first = shapes.related_plans(plan)[0]
+    assert first.dims[("attention_mask", 1)] == ("+", ("sym", "seq"), ("sym", "past"))
+    assert first.symbols == ["batch", "seq", "past"]
+
+
+def test_integer_inputs_span_the_embedding_table():
+    g = G(0)
+    e = g.op("Gather", [g.w(50, 8), "input_ids"], axis=0)
+    graph = helper.make_graph(g.nodes, "g", _inputs(input_ids=["batch", "seq"], attention_mask=["batch", "seq"]),
+                              [helper.make_tensor_value_info(e, TensorProto.FLOAT, None)], g.inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert shapes.integer_ranges(m) == {"input_ids": (0, 50), "attention_mask": (1, 2)}
+    feed = io.input_feed(m)
+    assert feed["input_ids"].shape == (1, shapes.TOKEN_SIZE) and feed["input_ids"].max() > 4
+    assert (feed["attention_mask"] == 1).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# transformers exported with dynamic batch and sequence
+
+CAUSAL = ["gpt2_ts", "gpt2_dynamo", "llama_gqa"]
+#: prunable groups each export must expose (heads, head dims, KV heads, query heads per KV group, MLP, width)
+MIN_PRUNABLE = {"gpt2_ts": 7, "gpt2_dynamo": 7, "llama_gqa": 10, "bert": 7, "llama_gqa_kv": 5}
+
+_paths = {}
+
+
+def export(name):
+    if name not in _paths:
+        pytest.importorskip("torch")
+        pytest.importorskip("transformers")
+        from export_transformers import export as export_model
+        _paths[name] = str(export_model(name))
+    return _paths[name]
+
+
+def _token_feed(model, batch, seq, rng, past=None):
+    feed = {}
+    for inp in model.graph.input:
+        if inp.name == "input_ids":
+            feed[inp.name] = rng.integers(0, 256, (batch, seq)).astype(np.int64)
+        elif inp.name == "attention_mask":
+            feed[inp.name] = np.ones((batch, seq + (past or 0)), np.int64)
+        elif inp.name == "token_type_ids":
+            feed[inp.name] = np.zeros((batch, seq), np.int64)
+        else:  # past key/values [batch, kv heads, past, head dim]
+            dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+            feed[inp.name] = rng.standard_normal((batch, dims[1], past, dims[3])).astype(np.float32)
+    return feed
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+@pytest.mark.parametrize("name", CAUSAL + ["bert"])
+def test_transformer_groups_match_the_fixed_export_and_the_oracle_holds_at_every_size(name):
+    path = export(name)
+    an = spa.analyze(path)
+    model = onnx.load(path)
+    static = spa.analyze(fixed(model, {i.name: [2, 16] for i in model.graph.input}))
+    assert prunable(an) >= max(prunable(static), MIN_PRUNABLE[name]), (prunable(an), prunable(static))
+    assert len(an.probe.points) >= 3  # the probe size, every dim moved up, a short sequence
+    joint = check_joint(an, seed=1)
+    assert joint["error"] < EXACT, joint["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+@pytest.mark.parametrize("name", CAUSAL)
+def test_pruned_causal_lm_rows_and_prefixes_agree_at_other_sizes(name):
+    path = export(name)
+    res = spa.prune(path, 0.3)
+    assert res.report["after"]["macs"] < 0.8 * res.report["before"]["macs"]
+    sess = io.session(res.model)
+    model = onnx.load(path)
+    rng = np.random.default_rng(0)
+    for batch, seq in ((1, 7), (3, 19)):
+        feed = _token_feed(model, batch, seq, rng)
+        logits = sess.run(["logits"], feed)[0]
+        assert logits.shape == (batch, seq, 256)
+        rows = np.concatenate([sess.run(["logits"], {k: v[i:i + 1] for k, v in feed.items()})[0] for i in range(batch)])
+        prefix = sess.run(["logits"], {k: v[:, :5] for k, v in feed.items()})[0]
+        scale = np.abs(logits).max()
+        assert np.abs(logits - rows).max() <= 1e-4 * scale
+        assert np.abs(logits[:, :5] - prefix).max() <= 1e-4 * scale
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_kv_cache_decoder_prunes_and_runs_a_decode_step_and_a_batch():
+    path = export("llama_gqa_kv")
+    an = spa.analyze(path)
+    assert prunable(an) >= MIN_PRUNABLE["llama_gqa_kv"]
+    # the past/present interface is unchanged by default: groups reaching present.* stay blocked
+    assert any(not g.prunable and "present." in g.reason for g in an.groups)
+    assert check_joint(an, seed=1)["error"] < EXACT
+    res = spa.prune(path, 0.3, analysis=an)
+    original, pruned = io.session(onnx.load(path)), io.session(res.model)
+    model = onnx.load(path)
+    rng = np.random.default_rng(0)
+    for batch, seq, past in ((1, 1, 24), (2, 5, 3), (2, 9, 0)):
+        feed = _token_feed(model, batch, seq, rng, past=past)
+        want = [o.shape for o in original.run(None, feed)]
+        got = [o.shape for o in pruned.run(None, feed)]
+        assert got == want, (batch, seq, past)
