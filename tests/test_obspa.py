@@ -115,8 +115,12 @@ def test_real_model_obspa_is_valid_and_closer_than_l2():
     path = model_path("yolov8n")
     an = spa.analyze(path)
     feed = {k: np.random.default_rng(5).standard_normal(v.shape).astype(v.dtype) for k, v in an.probe.inputs.items()}
-    obs = spa.prune(path, 0.3, criterion="obspa", calib_batches=4, analysis=an)
-    l2 = spa.prune(path, 0.3, criterion="l2", analysis=an)
+    # the 16 bins of the box distribution (Softmax then the fixed arange DFL conv) are an approximate
+    # group since Shape reads no longer block it; pruning bins is not what either criterion is for
+    dfl = "/model.22/dfl/"
+    assert any(g.prunable and any(n.startswith(dfl) for n, _ in g.nodes) for g in an.groups)
+    obs = spa.prune(path, 0.3, criterion="obspa", calib_batches=4, analysis=an, exclude=dfl)
+    l2 = spa.prune(path, 0.3, criterion="l2", analysis=an, exclude=dfl)
     assert obs.report["after"]["params"] < obs.report["before"]["params"]
     assert sum("obspa" in g for g in obs.report["groups"]) >= 40
     out_dense = io.session(an.model).run(None, feed)
