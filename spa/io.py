@@ -636,12 +636,13 @@ def fold_constants(proto, pr: Probe) -> int:
     """Replace tensors computed only from constants and shapes by initializers (values from the probe).
 
     A shape-derived value is folded only where it is the same in every probe run (it does not
-    depend on a dynamic input dimension).  The probe is updated in place (folded tensors become
+    depend on a dynamic input dimension), even when what it is computed from moves
+    (``Shape(q)[-1]`` of a q with a dynamic batch: the head dim, then the attention scale).  The probe is updated in place (folded tensors become
     constants, dead tensors are forgotten): values do not change, so no second run is needed.
     Returns how many node outputs were folded.
     """
     const = {t.name for t in proto.graph.initializer}
-    derived = set()
+    derived = set()   # computed from constants and shapes: folded where the value never moves
     folded = []
     runs = pr.other_runs
     for node in proto.graph.node:
@@ -650,6 +651,7 @@ def fold_constants(proto, pr: Probe) -> int:
         if node.op_type not in SHAPE_SOURCES and \
                 not all((not i) or i in const or i in derived for i in node.input):
             continue
+        derived.update(o for o in node.output if o)
         for out in node.output:
             if not out or out not in pr.values:
                 continue
@@ -660,7 +662,6 @@ def fold_constants(proto, pr: Probe) -> int:
             if node.op_type not in ("Constant",) and np.size(v) > FOLD_LIMIT and \
                     not all((not i) or i in const for i in node.input):
                 continue
-            derived.add(out)
             folded.append(out)
     if not folded:
         return 0

@@ -125,6 +125,13 @@ def test_an_unnamed_total_length_is_found_as_a_sum():
     assert first.symbols == ["batch", "seq", "past"]
 
 
+def test_regrouped_dims_are_refined_into_common_factors():
+    from spa.ops.rules import refine
+    # [N, heads*dim] -> [N*heads, dim] (a batch merged with the heads)
+    assert refine([3, 768], [36, 64]) == ([3, 12, 64], [[0], [1, 2]], [[0, 1], [2]])
+    assert refine([6, 4], [4, 6]) is None
+
+
 def test_integer_inputs_span_the_embedding_table():
     g = G(0)
     e = g.op("Gather", [g.w(50, 8), "input_ids"], axis=0)
@@ -224,3 +231,16 @@ def test_kv_cache_decoder_prunes_and_runs_a_decode_step_and_a_batch():
         want = [o.shape for o in original.run(None, feed)]
         got = [o.shape for o in pruned.run(None, feed)]
         assert got == want, (batch, seq, past)
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_vit_with_a_dynamic_batch_prunes_like_the_fixed_one():
+    """torchvision's attention is sequence-first: [L, N, 768] -> [L, N*12, 64] merges the batch with
+    the heads, and the scale is computed from Shape(q) of a tensor with a dynamic batch."""
+    pytest.importorskip("torchvision")
+    from export_torchvision import export as export_tv
+    an = spa.analyze(str(export_tv("vit_b_16", size=64, dynamic_batch=True, init="calibrated")))
+    static = spa.analyze(str(export_tv("vit_b_16", size=64, init="calibrated")))
+    assert prunable(an) == prunable(static) >= 37
+    assert check_joint(an, seed=1)["error"] < EXACT

@@ -137,6 +137,7 @@ class Builder:
         self.shapes = probe.shapes
         self.values = probe.values
         self.dynamic = probe.dynamic
+        self.dtypes = probe.dtypes
         self.consts = _consts(proto, probe)
         self.axis_index = {}          # axis -> (offset, size)
         self.virtual_sizes = {}
@@ -236,6 +237,10 @@ class Builder:
         surgery does not rebuild (a Reshape's target is rebuilt from sizes; an Expand's rule fixes
         what it reuses); reading a size that never changes (batch, sequence) blocks nothing."""
         outputs = {o.name for o in self.proto.graph.output}
+        for name in self.reads:  # shape vectors are sizes, not channels (nor are the constants concatenated in)
+            dtype, shape = self.dtypes.get(name), self.shapes.get(name, ())
+            if dtype is not None and np.issubdtype(dtype, np.integer) and len(shape) == 1:
+                self.fix((name, 0), R_SPATIAL, "a shape value")
         for node in self.proto.graph.node:
             if all((not o) or o in self.derived for o in node.output):
                 continue  # a step of the shape computation itself

@@ -463,7 +463,10 @@ def rule_squeeze(ctx):
     _tie_blocks(ctx, x, y, blocks)
 
 
-def _tie_blocks(ctx, x, y, blocks):
+def _tie_blocks(ctx, x, y, blocks, wide=None):
+    """Tie, or declare as products, the dims of each block; a block that regroups several dims on
+    both sides (``[N, 12*64] -> [N*12, 64]``, heads merged with a batch) goes through the common
+    factors of both sides (``refine``), found at the ``wide`` shapes and sized at the probe's."""
     for xd, yd in blocks:
         if len(xd) == 1 and len(yd) == 1:
             ctx.tie((x, xd[0]), (y, yd[0]))
@@ -471,11 +474,66 @@ def _tie_blocks(ctx, x, y, blocks):
             ctx.product((x, xd[0]), [(y, d) for d in yd])
         elif len(yd) == 1:
             ctx.product((y, yd[0]), [(x, d) for d in xd])
-        else:
+        elif not _tie_factors(ctx, x, y, xd, yd, wide):
             for d in xd:
                 ctx.fix((x, d))
             for d in yd:
                 ctx.fix((y, d))
+
+
+def refine(xs, ys):
+    """The finest common row-major factorisation of two dim lists with equal products: (factor
+    sizes, factor indices of each x dim, of each y dim), or None where one side's remaining size
+    never divides the other's ([6, 4] vs [4, 6])."""
+    factors, fx, fy = [], [[] for _ in xs], [[] for _ in ys]
+    i = j = 0
+    rx, ry = (xs[0] if xs else 1), (ys[0] if ys else 1)
+    while i < len(xs) and j < len(ys):
+        f = min(rx, ry)
+        if f <= 0 or rx % f or ry % f:
+            return None
+        fx[i].append(len(factors))
+        fy[j].append(len(factors))
+        factors.append(f)
+        rx, ry = rx // f, ry // f
+        if rx == 1:
+            i += 1
+            rx = xs[i] if i < len(xs) else 1
+        if ry == 1:
+            j += 1
+            ry = ys[j] if j < len(ys) else 1
+    if i != len(xs) or j != len(ys):
+        return None
+    return factors, fx, fy
+
+
+def _tie_factors(ctx, x, y, xd, yd, wide):
+    if wide is None:
+        return False
+    got = refine([wide[0][d] for d in xd], [wide[1][d] for d in yd])
+    if got is None:
+        return False
+    factors, fx, fy = got
+    # the factors' sizes at the probe's shapes: solve dim = product of its factors, one unknown at a time
+    dims = [(ctx.shape(x)[d], f) for d, f in zip(xd, fx)] + [(ctx.shape(y)[d], f) for d, f in zip(yd, fy)]
+    size = {}
+    for _ in range(len(factors) + 1):
+        for n, fs in dims:
+            unknown = [f for f in fs if f not in size]
+            if len(unknown) == 1:
+                rest = int(np.prod([size[f] for f in fs if f in size]))
+                if rest <= 0 or n % rest:
+                    return False
+                size[unknown[0]] = n // rest
+    if len(size) != len(factors) or any(int(np.prod([size[f] for f in fs])) != n for n, fs in dims):
+        return False
+    axes = [ctx.virtual(f"factor{k}", size[k]) for k in range(len(factors))]
+    for (name, d), fs in [((x, d), f) for d, f in zip(xd, fx)] + [((y, d), f) for d, f in zip(yd, fy)]:
+        if len(fs) == 1:
+            ctx.tie((name, d), axes[fs[0]])
+        else:
+            ctx.product((name, d), [axes[f] for f in fs])
+    return True
 
 
 def _widest(ctx, x, y):
@@ -526,7 +584,7 @@ def rule_reshape(ctx):
             pieces[d] = from_target(d)
     if None in pieces:
         return ctx.fix_all()
-    _tie_blocks(ctx, x, y, blocks)
+    _tie_blocks(ctx, x, y, blocks, (wx, wy))
     ctx.rewrite("reshape", pieces=pieces)
 
 
