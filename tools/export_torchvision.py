@@ -52,7 +52,7 @@ ARCHS = [
 OPSET = 17
 
 
-def _cache_dir() -> pathlib.Path:
+def cache_dir() -> pathlib.Path:
     env = os.environ.get("SPA_CACHE")
     return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "spa" / "models"
 
@@ -60,7 +60,7 @@ def _cache_dir() -> pathlib.Path:
 def default_path(arch: str, size: int = 224, dynamic_batch: bool = False, keep_shared: bool = False,
                  init: str = "torchvision") -> pathlib.Path:
     suffix = ("_cal" if init == "calibrated" else "") + ("_dynbatch" if dynamic_batch else "") + ("_shared" if keep_shared else "")
-    return _cache_dir() / "torchvision" / f"{arch}_{size}{suffix}.onnx"
+    return cache_dir() / "torchvision" / f"{arch}_{size}{suffix}.onnx"
 
 
 def unshare_initializers(model) -> int:
@@ -97,6 +97,23 @@ def _check_size(arch: str, size: int) -> None:
 INITS = ("torchvision", "calibrated")
 
 
+def calibrate_parameters(model):
+    """``--init calibrated``'s draws (seed 0): norm gammas ~ U(0.5, 1.5), other 1-D parameters ~
+    N(0, 0.1), all-zero weights ~ N(0, 0.02).  Returns the generator, for what the caller draws next."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and name.endswith("weight"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif p.dim() == 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return g
+
+
 def build(arch: str, size: int = 224, init: str = "torchvision"):
     """The eval-mode torchvision model with seeded random weights (see the module docstring)."""
     import torch
@@ -110,15 +127,8 @@ def build(arch: str, size: int = 224, init: str = "torchvision"):
         kwargs["image_size"] = size
     model = torchvision.models.get_model(arch, **kwargs)
     if init == "calibrated":
-        g = torch.Generator().manual_seed(0)
+        g = calibrate_parameters(model)
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                if p.dim() == 1 and name.endswith("weight"):
-                    p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-                elif p.dim() == 1:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-                elif not p.any():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
             bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
             if bns:
                 for m in bns:

@@ -76,7 +76,7 @@ import time
 import warnings
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from export_torchvision import _cache_dir, unshare_initializers  # noqa: E402
+from export_torchvision import cache_dir, calibrate_parameters, unshare_initializers  # noqa: E402
 
 NAMES = ["gpt2_ts", "gpt2_dynamo", "llama_gqa", "llama_gqa_kv", "bert"]
 OPSET_TS = 17
@@ -89,7 +89,7 @@ INITS = ("transformers", "calibrated")
 
 
 def default_path(name: str, init: str = "transformers") -> pathlib.Path:
-    return _cache_dir() / "transformers" / f"{name}{'_cal' if init == 'calibrated' else ''}.onnx"
+    return cache_dir() / "transformers" / f"{name}{'_cal' if init == 'calibrated' else ''}.onnx"
 
 
 def _check_name(name: str) -> None:
@@ -182,15 +182,7 @@ def build(name: str, init: str = "transformers"):
                             pad_token_id=0, attn_implementation="eager")
         model = tf.BertModel(cfg, add_pooling_layer=False)
     if init == "calibrated":  # as export_torchvision's --init calibrated (there is no BatchNorm here)
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for pname, p in model.named_parameters():
-                if p.dim() == 1 and pname.endswith("weight"):
-                    p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-                elif p.dim() == 1:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-                elif not p.any():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        calibrate_parameters(model)
     return _wrap(name, model.float().eval())
 
 
