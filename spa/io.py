@@ -456,7 +456,7 @@ def _checked(fn, feed):
         raise
     except Exception as exc:
         shapes = ", ".join(f"{k}:{list(np.shape(v))}" for k, v in feed.items())
-        raise SpaError(f"onnxruntime cannot run the model on inputs {shapes} ({_ort_reason(exc)}); "
+        raise SpaError(f"onnxruntime cannot run the model on inputs {shapes} ({ort_reason(exc)}); "
                        "give the right sizes of its dynamic inputs with --input-shapes") from None
 
 
@@ -478,10 +478,6 @@ def output_runner(proto, consts=None):
     return _Runner(proto, consts, [o.name for o in proto.graph.output])
 
 
-def ort_reason(exc) -> str:
-    return _ort_reason(exc)
-
-
 def run_all(proto, feed, consts=None):
     """Run the model exposing every node output; returns name -> value (node outputs, the feed and
     the initializers)."""
@@ -493,7 +489,7 @@ def run_all(proto, feed, consts=None):
     return result
 
 
-def _ort_reason(exc) -> str:
+def ort_reason(exc) -> str:
     """The useful part of an onnxruntime error: the node and its message, without C++ paths."""
     import re
     text = " ".join(str(exc).split())

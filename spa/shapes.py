@@ -116,6 +116,8 @@ _INT_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.I
               onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
 
 
+#: dim_params that name nothing (paddle2onnx writes '?' for every unknown dim): each such dim is its own symbol
+_ANONYMOUS = re.compile(r"^\s*(\?+|-1|None|unk|unknown|dynamic)\s*$", re.I)
 #: inputs whose dynamic dims count tokens though they are float (a KV cache)
 _CACHE_NAME = re.compile(r"past|cache|key|value", re.I)
 
@@ -187,7 +189,7 @@ def _show(v):
 def size_plan(inputs, input_shapes=None) -> SizePlan:
     """The symbols of the graph inputs ``inputs`` (ValueInfoProtos) and their probe sizes.
 
-    A dim without a name is a symbol of its own; ``input_shapes`` ({input: [sizes]}) binds the
+    A dim without a name (or named '?', as paddle2onnx writes) is a symbol of its own; ``input_shapes`` ({input: [sizes]}) binds the
     symbols of the dims it sizes (so sizing ``input_ids`` also sizes ``attention_mask``)."""
     dims, ranks, symbols, uses = {}, {}, [], {}
     for inp in inputs:
@@ -199,7 +201,8 @@ def size_plan(inputs, input_shapes=None) -> SizePlan:
             if dim.HasField("dim_value") and dim.dim_value > 0:
                 dims[(inp.name, d)] = int(dim.dim_value)
                 continue
-            tree = parse_dim(dim.dim_param) if dim.dim_param else ("sym", f"{inp.name}[{d}]")
+            named = dim.dim_param and not _ANONYMOUS.match(dim.dim_param)
+            tree = parse_dim(dim.dim_param) if named else ("sym", f"{inp.name}[{d}]")
             dims[(inp.name, d)] = tree
             for s in symbols_of(tree):
                 if s not in uses:

@@ -137,12 +137,16 @@ class _Sizes:
         return out
 
 
+def _changed(kept, probe, *tensors) -> bool:
+    """Whether any dim of ``tensors`` loses positions."""
+    return any(kept((t.name, d)) is not None for t in tensors for d in range(len(probe.shapes[t.name])))
+
+
 def rw_reshape(node, info, kept, new_size, probe, graph):
     """A new target from the rule's pieces (``rules.rule_reshape``): new static sizes, products of
     the input's sizes at run time, or the original target's elements."""
     x, y, target = node.inputs[0], node.outputs[0], node.inputs[1]
-    changed = any(kept((t.name, d)) is not None for t in (x, y) for d in range(len(probe.shapes[t.name])))
-    if not changed and isinstance(target, gs.Constant):
+    if isinstance(target, gs.Constant) and not _changed(kept, probe, x, y):
         return
     b = _Sizes(node, "shape")
     for piece in info["pieces"]:
@@ -159,7 +163,9 @@ def rw_reshape(node, info, kept, new_size, probe, graph):
 def rw_expand(node, info, kept, new_size, probe, graph):
     """Dims x carries get 1 (x's own size flows); broadcast dims get their new size, or the
     original target's element where they follow a dynamic dim."""
-    y, target = node.outputs[0], node.inputs[1]
+    x, y, target = node.inputs[0], node.outputs[0], node.inputs[1]
+    if isinstance(target, gs.Constant) and not _changed(kept, probe, x, y):
+        return
     r = len(info["kinds"])
     b = _Sizes(node, "shape")
     n_target = len(np.ravel(target.values)) if isinstance(target, gs.Constant) else int(np.prod(probe.shapes[target.name]))
