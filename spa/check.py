@@ -381,6 +381,15 @@ def format_check(result) -> str:
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    for size in result.get("sizes", []):
+        if size.get("skipped") or size.get("error"):
+            lines.append(f"at {size['sizes']}: " + (f"skipped ({size['skipped']})" if size.get("skipped")
+                                                     else f"FAIL {size['error']}"))
+            continue
+        bad = [o["name"] for o in size["outputs"] if not o["passed"]]
+        worst = min((o["cosine"] for o in size["outputs"] if o["cosine"] is not None), default=None)
+        lines.append(f"at {size['sizes']}: lowest cosine {_fmt(worst, '.6f')}  "
+                     + (f"FAIL {', '.join(bad)}" if bad else "ok"))
     for problem in result["signature"]["problems"]:
         lines.append(f"signature: {problem}")
     verdict = "PASSED" if result["passed"] else "FAILED"
@@ -420,8 +429,10 @@ def _shapes_option(ctx, param, values):
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--provider", type=click.Choice(sorted(CHECK_PROVIDERS)), default="cpu",
               show_default=True, help="ONNX Runtime execution provider.")
+@click.option("--every-size", is_flag=True,
+              help="Also compare at two other sizes of every dynamic dim (all moved up; batch 2 and one token).")
 def check_command(original, other, inputs_path, input_shapes, seed, atol, rtol, as_json,
-                  provider):
+                  provider, every_size):
     """Compare the outputs of ORIGINAL and OTHER on the same inputs.
 
     Exit code 0 if every output matches within tolerance, 1 if not, 2 on usage or load errors.
@@ -432,7 +443,7 @@ def check_command(original, other, inputs_path, input_shapes, seed, atol, rtol, 
             raise CheckError("CUDA execution provider is not available (onnxruntime-gpu with a "
                              "CUDA GPU is needed); use --provider cpu")
         result = compare(original, other, inputs=inputs, input_shapes=input_shapes, seed=seed,
-                         atol=atol, rtol=rtol, providers=CHECK_PROVIDERS[provider])
+                         atol=atol, rtol=rtol, providers=CHECK_PROVIDERS[provider], every_size=every_size)
     except (SpaError, OSError, ValueError) as e:
         click.echo(f"spa: error: {_one_line(e)}", err=True)
         sys.exit(2)

@@ -91,12 +91,28 @@ def test_validation_refuses_a_model_frozen_at_the_probe_batch():
 # dim symbols
 
 
+def test_spa_check_every_size_catches_a_model_frozen_at_batch_1(tmp_path):
+    from click.testing import CliRunner
+    from spa.check import check_command
+    good, bad = tmp_path / "good.onnx", tmp_path / "bad.onnx"
+    onnx.save(dyn_cnn(), str(good))
+    onnx.save(dyn_cnn(frozen=True), str(bad))
+    same = CliRunner().invoke(check_command, [str(good), str(good), "--every-size"])
+    assert same.exit_code == 0 and "at batch=3" in same.output and "at batch=2" in same.output
+    assert CliRunner().invoke(check_command, [str(good), str(bad)]).exit_code == 0  # batch 1 only: same
+    frozen = CliRunner().invoke(check_command, [str(good), str(bad), "--every-size"])
+    assert frozen.exit_code == 1 and "FAIL" in frozen.output
+
+
 def test_dim_params_are_symbols_and_expressions():
     assert shapes.parse_dim("batch") == ("sym", "batch")
     tree = shapes.parse_dim("past_sequence_length + sequence_length")
     assert shapes.evaluate(tree, {"past_sequence_length": 3, "sequence_length": 4}) == 7
     assert shapes.evaluate(shapes.parse_dim("2*s0 - 1"), {"s0": 5}) == 9
     assert shapes.parse_dim("__import__('os')") == ("sym", "__import__('os')")  # never evaluated
+    # paddle2onnx names every unknown dim '?': each is a symbol of its own
+    plan = shapes.size_plan([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["?", 3, "?", "?"])])
+    assert len(plan.symbols) == 3
 
 
 def _inputs(**dims):
