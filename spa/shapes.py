@@ -249,12 +249,13 @@ def _substitute(tree, name, expr):
     return (tree[0],) + tuple(_substitute(t, name, expr) for t in tree[1:])
 
 
-def related_plans(plan: SizePlan) -> list:
+def related_plans(plan: SizePlan, *, keep_given: bool = True) -> list:
     """Plans in which one token symbol is the sum of two others (an attention mask's
     ``total_sequence_length = past + sequence`` under names that do not say so), most likely
-    first: tried when the model refuses independent sizes."""
+    first: tried when the model refuses independent sizes.  A symbol the user sized is never the
+    sum unless ``keep_given`` is False."""
     out = []
-    names = [s for s in plan.symbols if s in plan.tokens and s not in plan.given]
+    names = [s for s in plan.symbols if s in plan.tokens and (s not in plan.given or not keep_given)]
     hint = re.compile(r"total|all|full|kv|mask", re.I)
     for t in sorted(names, key=lambda n: not hint.search(n)):
         others = [s for s in plan.symbols if s != t and s not in plan.batch]
