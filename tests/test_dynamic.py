@@ -247,6 +247,11 @@ def test_kv_cache_decoder_prunes_and_runs_a_decode_step_and_a_batch():
         want = [o.shape for o in original.run(None, feed)]
         got = [o.shape for o in pruned.run(None, feed)]
         assert got == want, (batch, seq, past)
+    # --check compares at the other sizes too, finding mask = past + sequence as the probe did
+    from spa.check import compare
+    sizes = compare(path, res.model, input_shapes={k: list(v.shape) for k, v in an.probe.inputs.items()},
+                    every_size=True)["sizes"]
+    assert len(sizes) == 2 and not any(s.get("skipped") or s.get("error") for s in sizes), sizes
 
 
 @pytest.mark.slow
