@@ -436,14 +436,17 @@ class _Runner:
         self.sess = session(_skeleton(self.proto, {}, self.exposed), oneshot=True)
 
     def run(self, feed, names=None) -> dict:
+        import onnxruntime as ort
         names = self.outputs if names is None else names
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # a size the model refuses is an answer here, not an error to print
         try:
-            out = self.sess.run(names, {**feed, **self.fed})
+            out = self.sess.run(names, {**feed, **self.fed}, quiet)
         except Exception:
             if self.ran or not self.fed:  # after one good run, a failure is the feed's
                 raise
             self._embed()
-            out = self.sess.run(names, feed)
+            out = self.sess.run(names, feed, quiet)
         self.ran = True
         return dict(zip(names, out))
 
@@ -564,21 +567,27 @@ def probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
                           (False,) * len(s) if k in consts else None) for k, s in pr.shapes.items()}
         return pr
     runs = []
-    together = [plan.bumped("up"), plan.bumped("short")]
-    alone = [{**plan.base, s: v} for s, v in together[0].items()] if len(plan.symbols) > 1 else []
-    for point in together + alone:
-        if runs and point in alone:
-            break  # the one-symbol runs are a fallback for models that refuse every symbol moved at once
+
+    def run_at(point) -> bool:
         try:
             bfeed = input_feed(proto, plan=plan, values=point, seed=1)
             got = runner.run(bfeed, watched)
         except Exception:
-            continue
+            return False
         run = {k: (tuple(np.shape(v)), np.array(v) if k in pr.values else None) for k, v in got.items()}
         del got
         run.update({k: (tuple(v.shape), v) for k, v in bfeed.items()})
         runs.append(run)
         pr.points.append(point)
+        return True
+
+    for how in ("up", "short"):  # every symbol moved at once
+        run_at(plan.bumped(how))
+    if not runs and len(plan.symbols) > 1:
+        # the model refuses every symbol moved at once (a relation spa does not know): move each
+        # symbol alone, so that none is taken for a constant because another cannot move
+        for sym in plan.symbols:
+            any(run_at({**plan.base, sym: plan.bumped(how)[sym]}) for how in ("up", "short"))
     pr.other_runs = [{k: v for k, (_, v) in run.items() if k in cands and v is not None} for run in runs]
     pr.other_shapes = [{k: s for k, (s, _) in run.items()} for run in runs]
     for k, s in pr.shapes.items():

@@ -272,7 +272,7 @@ def related_plans(plan: SizePlan, *, keep_given: bool = True) -> list:
 
 def fallback_bases(plan: SizePlan) -> list:
     """Smaller probe sizes to try when the model refuses the defaults (symbols the user gave and
-    the batch stay)."""
+    the batch stay), then the same with one new token (a decode-step export)."""
     out = []
     free = [s for s in plan.symbols if s not in plan.given and s not in plan.batch]
     for n in FALLBACK_SIZES:
@@ -281,6 +281,9 @@ def fallback_bases(plan: SizePlan) -> list:
             b[s] = min(b[s], n)
         if b != plan.base and b not in out:
             out.append(b)
+    steps = {s: 1 for s in free if s in plan.steps}
+    if steps:  # an export for one new token at a time (a mask of past + 1)
+        out += [{**b, **steps} for b in [plan.base] + out[:]]
     return out
 
 

@@ -265,3 +265,26 @@ def test_vit_with_a_dynamic_batch_prunes_like_the_fixed_one():
     static = spa.analyze(str(export_tv("vit_b_16", size=64, init="calibrated")))
     assert prunable(an) == prunable(static) >= 37
     assert check_joint(an, seed=1)["error"] < EXACT
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_decode_step_export_moves_each_dim_alone(tmp_path):
+    """A mask named 'past + 1' (an export for one new token at a time, older optimum naming): every
+    symbol moved at once is refused, so each moves alone, and the past is never taken for a
+    constant (it was: the pruned model ran at the probe's past only)."""
+    model = onnx.load(export("llama_gqa_kv"))
+    for inp in model.graph.input:
+        for dim in inp.type.tensor_type.shape.dim:
+            if dim.dim_param == "total_sequence":
+                dim.dim_param = "past + 1"
+    path = str(tmp_path / "decode.onnx")
+    onnx.save(model, path)
+    an = spa.analyze(path)
+    assert an.probe.points[0]["sequence"] == 1 and {p["past"] for p in an.probe.points} != {an.probe.points[0]["past"]}
+    res = spa.prune(path, 0.3, analysis=an)
+    original, pruned = io.session(model), io.session(res.model)
+    rng = np.random.default_rng(0)
+    for batch, past in ((1, 0), (1, 5), (3, 40)):
+        feed = _token_feed(model, batch, 1, rng, past=past)
+        assert [o.shape for o in pruned.run(None, feed)] == [o.shape for o in original.run(None, feed)]
