@@ -48,10 +48,11 @@ def apply(proto: onnx.ModelProto, cm, probe, removed_units) -> onnx.ModelProto:
             t.values = np.ascontiguousarray(arr)
     # 2. rewrite parameters
     nodes = {n.name: n for n in graph.nodes}
+    new = _New(graph)
     for node_name, items in cm.rewrites.items():
         node = nodes[node_name]
         for kind, info in items:
-            _REWRITE[kind](node, info, kept, new_size, probe, graph)
+            _REWRITE[kind](node, info, kept, new_size, probe, new)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=False)
     # inputs and outputs never change; intermediate shapes are stale: drop them
@@ -69,11 +70,33 @@ def apply(proto: onnx.ModelProto, cm, probe, removed_units) -> onnx.ModelProto:
     return out
 
 
-def _const(node, tag, values):
-    return gs.Constant(f"{node.name}__spa_{tag}", np.asarray(values, np.int64))
+class _New:
+    """Makes the tensors and nodes surgery adds, under names the graph does not hold yet (a model
+    pruned twice already has ``{node}__spa_shape``)."""
+
+    def __init__(self, graph):
+        self.graph = graph
+        self.taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+
+    def name(self, base):
+        name, k = base, 1
+        while name in self.taken:
+            k += 1
+            name = f"{base}_{k}"
+        self.taken.add(name)
+        return name
+
+    def const(self, node, tag, values, dtype=np.int64):
+        return gs.Constant(self.name(f"{node.name}__spa_{tag}"), np.asarray(values, dtype))
+
+    def op(self, node, tag, op, inputs, **attrs):
+        """A new int64 node computing from ``inputs``; returns its output."""
+        out = gs.Variable(self.name(f"{node.name}__spa_{tag}_{op.lower()}"), dtype=np.int64)
+        self.graph.nodes.append(gs.Node(op, self.name(f"{node.name}__spa_{tag}_{op}"), attrs, inputs, [out]))
+        return out
 
 
-def rw_group(node, info, kept, new_size, probe, graph):
+def rw_group(node, info, kept, new_size, probe, new):
     k = kept(info["virtual"])
     if k is not None:
         node.attrs["group"] = int(len(k))
@@ -83,17 +106,15 @@ class _Sizes:
     """Builds a 1-D int64 shape tensor piece by piece: constants, and sizes read from a tensor's
     shape at run time (one ``Shape`` node per tensor)."""
 
-    def __init__(self, node, tag):
-        self.node, self.tag, self.pieces, self.new_nodes, self.shape_of = node, tag, [], [], {}
+    def __init__(self, node, tag, new):
+        self.node, self.tag, self.new, self.pieces, self.shape_of = node, tag, new, [], {}
         self.live = False
 
-    def _name(self, what):
-        return f"{self.node.name}__spa_{self.tag}_{what}{len(self.new_nodes)}"
-
     def _op(self, op, inputs, **attrs):
-        out = gs.Variable(self._name(op.lower()), dtype=np.int64)
-        self.new_nodes.append(gs.Node(op, self._name(op), attrs, inputs, [out]))
-        return out
+        return self.new.op(self.node, self.tag, op, inputs, **attrs)
+
+    def _const(self, values):
+        return self.new.const(self.node, self.tag, values)
 
     def const(self, n):
         self.pieces.append(int(n))
@@ -101,40 +122,35 @@ class _Sizes:
     def element(self, vec, i):
         """Element i of a 1-D int64 tensor, as a piece."""
         self.live = True
-        self.pieces.append(self._op("Gather", [vec, _const(self.node, f"{self.tag}_i{len(self.new_nodes)}", [i])],
-                                    axis=0))
+        self.pieces.append(self._op("Gather", [vec, self._const([i])], axis=0))
 
     def product_of_dims(self, tensor, dims, divide_by=1):
         """prod(tensor.shape[dims]) // divide_by, as a piece."""
         self.live = True
         if tensor.name not in self.shape_of:
             self.shape_of[tensor.name] = self._op("Shape", [tensor])
-        shape = self.shape_of[tensor.name]
-        value = self._op("Gather", [shape, _const(self.node, f"{self.tag}_d{len(self.new_nodes)}", list(dims))],
-                         axis=0)
+        value = self._op("Gather", [self.shape_of[tensor.name], self._const(list(dims))], axis=0)
         if len(dims) > 1:
             value = self._op("ReduceProd", [value], keepdims=1)
         if divide_by != 1:
-            value = self._op("Div", [value, _const(self.node, f"{self.tag}_q{len(self.new_nodes)}", [divide_by])])
+            value = self._op("Div", [value, self._const([divide_by])])
         self.pieces.append(value)
 
-    def build(self, graph):
+    def build(self):
         """The shape tensor: a constant when no piece is live."""
         if not self.live:
-            return _const(self.node, self.tag, self.pieces)
+            return self._const(self.pieces)
         parts, run = [], []
         for p in self.pieces + [None]:
             if isinstance(p, int):
                 run.append(p)
                 continue
             if run:
-                parts.append(_const(self.node, f"{self.tag}_c{len(parts)}", run))
+                parts.append(self._const(run))
                 run = []
             if p is not None:
                 parts.append(p)
-        out = parts[0] if len(parts) == 1 else self._op("Concat", parts, axis=0)
-        graph.nodes.extend(self.new_nodes)
-        return out
+        return parts[0] if len(parts) == 1 else self._op("Concat", parts, axis=0)
 
 
 def _changed(kept, probe, *tensors) -> bool:
@@ -142,13 +158,13 @@ def _changed(kept, probe, *tensors) -> bool:
     return any(kept((t.name, d)) is not None for t in tensors for d in range(len(probe.shapes[t.name])))
 
 
-def rw_reshape(node, info, kept, new_size, probe, graph):
+def rw_reshape(node, info, kept, new_size, probe, new):
     """A new target from the rule's pieces (``rules.rule_reshape``): new static sizes, products of
     the input's sizes at run time, or the original target's elements."""
     x, y, target = node.inputs[0], node.outputs[0], node.inputs[1]
     if isinstance(target, gs.Constant) and not _changed(kept, probe, x, y):
         return
-    b = _Sizes(node, "shape")
+    b = _Sizes(node, "shape", new)
     for piece in info["pieces"]:
         if piece[0] == "static":
             b.const(new_size(y.name, piece[1]))
@@ -157,17 +173,17 @@ def rw_reshape(node, info, kept, new_size, probe, graph):
             b.product_of_dims(x, xd, int(np.prod([new_size(y.name, d) for d in static])) if static else 1)
         else:
             b.element(target, piece[1])
-    node.inputs[1] = b.build(graph)
+    node.inputs[1] = b.build()
 
 
-def rw_expand(node, info, kept, new_size, probe, graph):
+def rw_expand(node, info, kept, new_size, probe, new):
     """Dims x carries get 1 (x's own size flows); broadcast dims get their new size, or the
     original target's element where they follow a dynamic dim."""
     x, y, target = node.inputs[0], node.outputs[0], node.inputs[1]
     if isinstance(target, gs.Constant) and not _changed(kept, probe, x, y):
         return
     r = len(info["kinds"])
-    b = _Sizes(node, "shape")
+    b = _Sizes(node, "shape", new)
     n_target = len(np.ravel(target.values)) if isinstance(target, gs.Constant) else int(np.prod(probe.shapes[target.name]))
     for d, kind in enumerate(info["kinds"]):
         if kind == "x":
@@ -176,10 +192,10 @@ def rw_expand(node, info, kept, new_size, probe, graph):
             b.const(new_size(y.name, d))
         else:
             b.element(target, n_target - r + d)
-    node.inputs[1] = b.build(graph)
+    node.inputs[1] = b.build()
 
 
-def rw_split(node, info, kept, new_size, probe, graph):
+def rw_split(node, info, kept, new_size, probe, new):
     axis = info["axis"]
     sizes = [new_size(o.name, axis) for o in node.outputs]
     if "split" in node.attrs:
@@ -188,10 +204,10 @@ def rw_split(node, info, kept, new_size, probe, graph):
         node.attrs.pop("num_outputs", None)
         while len(node.inputs) < 2:
             node.inputs.append(gs.Variable.empty())
-        node.inputs[1] = _const(node, "split", sizes)
+        node.inputs[1] = new.const(node, "split", sizes)
 
 
-def rw_slice(node, info, kept, new_size, probe, graph):
+def rw_slice(node, info, kept, new_size, probe, new):
     x, y = node.inputs[0].name, node.outputs[0].name
     axes_sliced = [a for a, ok in info["sliced"].items() if ok]
     starts, ends = [], []
@@ -210,10 +226,10 @@ def rw_slice(node, info, kept, new_size, probe, graph):
         return
     while len(node.inputs) < 5:
         node.inputs.append(gs.Variable.empty())
-    node.inputs[1] = _const(node, "starts", starts)
-    node.inputs[2] = _const(node, "ends", ends)
-    node.inputs[3] = _const(node, "axes", axes_sliced)
-    node.inputs[4] = _const(node, "steps", [1] * len(axes_sliced))
+    node.inputs[1] = new.const(node, "starts", starts)
+    node.inputs[2] = new.const(node, "ends", ends)
+    node.inputs[3] = new.const(node, "axes", axes_sliced)
+    node.inputs[4] = new.const(node, "steps", [1] * len(axes_sliced))
 
 
 def _first_index(node, axis, n, rank):
@@ -233,7 +249,7 @@ def _first_index(node, axis, n, rank):
     return 0
 
 
-def rw_gather(node, info, kept, new_size, probe, graph):
+def rw_gather(node, info, kept, new_size, probe, new):
     data = node.inputs[0].name
     axis = info["axis"]
     k = kept((data, axis))
@@ -249,14 +265,14 @@ def rw_gather(node, info, kept, new_size, probe, graph):
         mapped = mapped[mapped >= 0]
     elif (mapped < 0).any():
         raise SpaError(f"internal: Gather '{node.name}' reads a removed position")
-    node.inputs[1] = gs.Constant(f"{node.name}__spa_indices", mapped.astype(node.inputs[1].values.dtype))
+    node.inputs[1] = new.const(node, "indices", mapped, node.inputs[1].values.dtype)
 
 
-def rw_sizes(node, info, kept, new_size, probe, graph):
+def rw_sizes(node, info, kept, new_size, probe, new):
     y = node.outputs[0].name
     if not isinstance(node.inputs[3], gs.Constant):
         return
-    node.inputs[3] = _const(node, "sizes", [new_size(y, d) for d in range(len(probe.shapes[y]))])
+    node.inputs[3] = new.const(node, "sizes", [new_size(y, d) for d in range(len(probe.shapes[y]))])
 
 
 _REWRITE = {"group": rw_group, "reshape": rw_reshape, "split": rw_split, "slice": rw_slice,
