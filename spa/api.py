@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import io, surgery
-from .counting import count_macs, count_params, node_macs
+from . import io, probing, surgery
+from .counting import count_macs, count_params, mac_axes, node_macs
 from .errors import SpaError
 from .graph.channels import ChannelModel, build
 from .plan import plan as make_plan
@@ -23,7 +23,7 @@ def _quiet(msg):
 class Analysis:
     """A prepared model with its channel model: what ``spa inspect`` shows."""
     model: onnx.ModelProto
-    probe: io.Probe
+    probe: probing.Probe
     channels: ChannelModel
     params: int
     macs: int
@@ -49,7 +49,7 @@ def analyze(model, *, input_shapes=None, progress=_quiet) -> Analysis:
     """Load, normalise and probe ``model`` (path or ModelProto) and find its channel groups."""
     t0 = time.perf_counter()
     progress("loading and probing the model in onnxruntime")
-    proto, pr = io.prepare(model, input_shapes)
+    proto, pr = probing.prepare(model, input_shapes)
     progress(f"building the channel model ({len(proto.graph.node)} nodes)")
     cm = build(proto, pr)
     _attribute_costs(cm, proto, pr)
@@ -72,7 +72,7 @@ def _attribute_costs(cm: ChannelModel, proto, pr) -> None:
         macs = node_macs(node, pr.shapes)
         if not macs:
             continue
-        for axis in _mac_axes(node, pr.shapes):
+        for axis in mac_axes(node, pr.shapes):
             got = cm.axis_index.get(axis)
             if got is not None and got[1] > 1:
                 per_atom_macs[got[0]:got[0] + got[1]] += macs / got[1]
@@ -81,20 +81,6 @@ def _attribute_costs(cm: ChannelModel, proto, pr) -> None:
     for g in cm.groups:
         g.params = int(round(unit_params[g.units].sum()))
         g.macs = int(round(unit_macs[g.units].sum()))
-
-
-def _mac_axes(node, shapes):
-    """The input-channel and output-channel axes whose sizes MACs scale with."""
-    if node.op_type in ("Conv", "ConvTranspose"):
-        return [(node.input[1], 0), (node.input[1], 1)]
-    y = node.output[0]
-    r = len(shapes.get(y, ()))
-    a = node.input[0]
-    ra = len(shapes.get(a, ()))
-    if node.op_type == "Gemm":
-        ta = any(at.name == "transA" and at.i for at in node.attribute)
-        return [(a, 0 if ta else 1), (y, 1)]
-    return [(a, ra - 1), (y, r - 1)]
 
 
 @dataclass
@@ -282,7 +268,7 @@ def _obspa_apply(an, sc, obs, removal, progress):
     return model, dataclasses.replace(an.channels, consts={**an.channels.consts, **new})
 
 
-def validate(pruned: onnx.ModelProto, an: Analysis, input_shapes=None, *, every_size: bool = True) -> io.Probe:
+def validate(pruned: onnx.ModelProto, an: Analysis, input_shapes=None, *, every_size: bool = True) -> probing.Probe:
     """onnx.checker, then onnxruntime runs at every size the analysis ran the original at (the
     probe sizes and, for dynamic inputs, every symbol moved up and down): the pruned model must run
     and give the original's output shapes at each, and where the inputs have a batch, a batch's
@@ -297,7 +283,7 @@ def validate(pruned: onnx.ModelProto, an: Analysis, input_shapes=None, *, every_
     if input_shapes is None:  # the sizes the analysis ran with
         input_shapes = {k: list(np.shape(v)) for k, v in an.probe.inputs.items()}
     try:
-        pr = io.probe(pruned, input_shapes, dynamic=False)
+        pr = probing.probe(pruned, input_shapes, dynamic=False)
     except SpaError as exc:
         raise SpaError(f"internal: pruned model does not run in onnxruntime: {exc}") from None
     for out in an.model.graph.output:
@@ -309,20 +295,20 @@ def validate(pruned: onnx.ModelProto, an: Analysis, input_shapes=None, *, every_
     return pr
 
 
-def _validate_other_sizes(pruned, an: Analysis, pr: io.Probe) -> None:
+def _validate_other_sizes(pruned, an: Analysis, pr: probing.Probe) -> None:
     plan, points, ref = an.probe.plan, an.probe.points[1:], an.probe.other_shapes
     if plan is None or not points:
         return
-    runner = io.output_runner(pruned, pr.consts)
+    runner = probing.output_runner(pruned, pr.consts)
     outputs = [o.name for o in pruned.graph.output]
     rows_checked = False
     for point, ref_shapes in zip(points, ref):
         where = plan.describe(point)
-        feed = io.input_feed(pruned, plan=plan, values=point, seed=1)
+        feed = probing.input_feed(pruned, plan=plan, values=point, seed=1)
         try:
             got = runner.run(feed)
         except Exception as exc:
-            raise SpaError(f"pruned model fails at {where} ({io.ort_reason(exc)}); spa would not write it: "
+            raise SpaError(f"pruned model fails at {where} ({probing.ort_reason(exc)}); spa would not write it: "
                            "please report this model") from None
         for name in outputs:
             if name in ref_shapes and tuple(np.shape(got[name])) != ref_shapes[name]:

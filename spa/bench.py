@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from spa.check import CheckError, _graph_inputs, _load_proto, _one_line, cuda_available, \
+from spa.check import CheckError, input_specs, load_proto, one_line, cuda_available, \
     make_inputs, parse_input_shapes, session
 from spa.errors import SpaError
 
@@ -116,7 +116,7 @@ def _runner(sess, used, inputs):
 
 def _skip_reason(model, batch):
     """Why ``model`` cannot run at ``batch`` (a static first dim that differs), else None."""
-    for name, _, dims in _graph_inputs(_load_proto(model)):
+    for name, _, dims in input_specs(load_proto(model)):
         if dims and dims[0] is not None and dims[0] != batch:
             return f"input {name!r} has a static batch dimension {dims[0]}"
     return None
@@ -141,8 +141,8 @@ def benchmark(models, provider="cpu", batches=(1,), threads=None, warmup=10, ite
     input_shapes = dict(input_shapes or {})
     labels = [os.fspath(m) if not isinstance(m, onnx.ModelProto) else
               (m.graph.name or f"model{k}") for k, m in enumerate(models)]
-    protos = [_load_proto(m) for m in models]
-    names = [{n for n, _, _ in _graph_inputs(p)} for p in protos]
+    protos = [load_proto(m) for m in models]
+    names = [{n for n, _, _ in input_specs(p)} for p in protos]
     unknown = sorted(set(input_shapes) - set().union(*names))
     if unknown:
         raise BenchError(f"--input-shapes names {', '.join(unknown)}, not an input of any model")
@@ -165,7 +165,7 @@ def benchmark(models, provider="cpu", batches=(1,), threads=None, warmup=10, ite
                 run = _runner(sess, used, inputs)
                 run()  # fail early, outside the timed loop
             except Exception as e:  # noqa: BLE001 - ORT raises its own types
-                raise BenchError(f"{labels[k]} batch {batch}: {_one_line(e)}") from e
+                raise BenchError(f"{labels[k]} batch {batch}: {one_line(e)}") from e
             runners.append(run)
             active.append(k)
         if not active:
@@ -309,6 +309,6 @@ def bench_command(models, provider, batches, threads, warmup, iters, input_shape
         if plot:
             plot_bench(result, plot)
     except (SpaError, OSError, ValueError) as e:
-        click.echo(f"spa: error: {_one_line(e)}", err=True)
+        click.echo(f"spa: error: {one_line(e)}", err=True)
         sys.exit(2)
     click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import io
+from . import probing
 from .errors import SpaError
 from .shapes import integer_ranges
 
@@ -150,7 +150,7 @@ def exposing_session(model, tensors):
         if t not in have:
             proto.graph.output.append(onnx.ValueInfoProto(name=t))
             have.add(t)
-    sess = io.session(proto)
+    sess = probing.session(proto)
     out_names = {o.name for o in sess.get_outputs()}
     return sess, [t for t in tensors if t in out_names]
 

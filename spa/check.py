@@ -52,7 +52,7 @@ class CheckError(SpaError):
 # ----------------------------------------------------------------------------- loading
 
 
-def _load_proto(model_or_path) -> onnx.ModelProto:
+def load_proto(model_or_path) -> onnx.ModelProto:
     """The ModelProto (weights not loaded when read from a path: only the signature is needed)."""
     if isinstance(model_or_path, onnx.ModelProto):
         return model_or_path
@@ -60,7 +60,7 @@ def _load_proto(model_or_path) -> onnx.ModelProto:
     try:
         return onnx.load(path, load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf raises several types
-        raise CheckError(f"cannot read ONNX model {path}: {_one_line(e)}") from e
+        raise CheckError(f"cannot read ONNX model {path}: {one_line(e)}") from e
 
 
 def session(model, providers=None, threads=None) -> ort.InferenceSession:
@@ -91,7 +91,7 @@ def session(model, providers=None, threads=None) -> ort.InferenceSession:
     except CheckError:
         raise
     except Exception as e:  # noqa: BLE001 - ORT raises its own pybind exception types
-        raise CheckError(f"onnxruntime cannot load {_label(model)}: {_one_line(e)}") from e
+        raise CheckError(f"onnxruntime cannot load {_label(model)}: {one_line(e)}") from e
 
 
 def _proto_size(model: onnx.ModelProto) -> int:
@@ -105,7 +105,7 @@ def _label(model) -> str:
     return "the model" if isinstance(model, onnx.ModelProto) else os.fspath(model)
 
 
-def _one_line(e) -> str:
+def one_line(e) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 
@@ -113,7 +113,7 @@ def _one_line(e) -> str:
 # ----------------------------------------------------------------------------- inputs
 
 
-def _graph_inputs(model: onnx.ModelProto):
+def input_specs(model: onnx.ModelProto):
     """Declared graph inputs that are not initializers: [(name, elem_type, [dim or None])]."""
     initializers = {t.name for t in model.graph.initializer}
     specs = []
@@ -162,8 +162,8 @@ def make_inputs(model_or_path, input_shapes=None, seed=0, batch=None) -> dict:
     read (``spa.shapes.integer_ranges``: an embedding's rows, ones for an attention mask; [0, 4)
     otherwise).
     """
-    model = _load_proto(model_or_path)
-    specs = _graph_inputs(model)
+    model = load_proto(model_or_path)
+    specs = input_specs(model)
     input_shapes = dict(input_shapes or {})
     unknown = sorted(set(input_shapes) - {name for name, _, _ in specs})
     if unknown:
@@ -230,8 +230,8 @@ def _signature(ref: onnx.ModelProto, cand: onnx.ModelProto) -> dict:
     """Signature differences: input/output names, and the ranks and dtypes of shared names."""
     problems = []
     for kind, ref_specs, cand_specs in (
-        ("input", [(n, t, None if d is None else len(d)) for n, t, d in _graph_inputs(ref)],
-         [(n, t, None if d is None else len(d)) for n, t, d in _graph_inputs(cand)]),
+        ("input", [(n, t, None if d is None else len(d)) for n, t, d in input_specs(ref)],
+         [(n, t, None if d is None else len(d)) for n, t, d in input_specs(cand)]),
         ("output", _graph_outputs(ref), _graph_outputs(cand)),
     ):
         ref_map = {n: (t, r) for n, t, r in ref_specs}
@@ -291,7 +291,7 @@ def _run(sess, inputs):
     try:
         values = sess.run(outputs, {n: inputs[n] for n in names})
     except Exception as e:  # noqa: BLE001
-        raise CheckError(f"onnxruntime failed to run the model: {_one_line(e)}") from e
+        raise CheckError(f"onnxruntime failed to run the model: {one_line(e)}") from e
     return dict(zip(outputs, values))
 
 
@@ -307,12 +307,12 @@ def compare(reference, candidate, inputs=None, input_shapes=None, seed=0, atol=1
     batch 2, one token; ``spa.shapes.SizePlan.bumped``), listed in ``result["sizes"]``; the check
     passes only if every size does (a size the reference refuses is skipped).
     """
-    ref_proto, cand_proto = _load_proto(reference), _load_proto(candidate)
+    ref_proto, cand_proto = load_proto(reference), load_proto(candidate)
     signature = _signature(ref_proto, cand_proto)
     given = dict(inputs or {})
     shapes = dict(input_shapes or {})
-    ref_names = {n for n, _, _ in _graph_inputs(ref_proto)}
-    cand_names = {n for n, _, _ in _graph_inputs(cand_proto)}
+    ref_names = {n for n, _, _ in input_specs(ref_proto)}
+    cand_names = {n for n, _, _ in input_specs(cand_proto)}
     unknown = sorted(set(shapes) - ref_names - cand_names)
     if unknown:
         raise CheckError(f"--input-shapes names {', '.join(unknown)}, not a model input")
@@ -339,7 +339,8 @@ def _other_sizes(ref_proto, ref_sess, cand_sess, feeds, seed, atol, rtol) -> lis
     """Both models at the size plan's other points; where the reference refuses independent sizes,
     the plans in which one dim is the sum of two others that fit ``feeds`` are tried (a KV cache's
     mask length = past + sequence)."""
-    from spa.io import graph_inputs, input_feed
+    from spa.io import graph_inputs
+    from spa.probing import input_feed
     from spa.shapes import related_plans, size_plan
     given = {k: list(v.shape) for k, v in feeds.items()}
     plan = size_plan(graph_inputs(ref_proto), given)
@@ -417,7 +418,7 @@ def _load_npz(path) -> dict:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     except Exception as e:  # noqa: BLE001
-        raise CheckError(f"cannot read inputs from {path}: {_one_line(e)}") from e
+        raise CheckError(f"cannot read inputs from {path}: {one_line(e)}") from e
 
 
 def _shapes_option(ctx, param, values):
@@ -456,7 +457,7 @@ def check_command(original, other, inputs_path, input_shapes, seed, atol, rtol, 
         result = compare(original, other, inputs=inputs, input_shapes=input_shapes, seed=seed,
                          atol=atol, rtol=rtol, providers=CHECK_PROVIDERS[provider], every_size=every_size)
     except (SpaError, OSError, ValueError) as e:
-        click.echo(f"spa: error: {_one_line(e)}", err=True)
+        click.echo(f"spa: error: {one_line(e)}", err=True)
         sys.exit(2)
     click.echo(json.dumps(result, indent=2) if as_json else format_check(result))
     sys.exit(0 if result["passed"] else 1)

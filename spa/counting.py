@@ -45,3 +45,17 @@ def node_macs(node, shapes) -> int:
 
 def count_macs(proto: onnx.ModelProto, shapes: dict) -> int:
     return sum(node_macs(n, shapes) for n in proto.graph.node)
+
+
+def mac_axes(node, shapes):
+    """The input-channel and output-channel axes whose sizes MACs scale with."""
+    if node.op_type in ("Conv", "ConvTranspose"):
+        return [(node.input[1], 0), (node.input[1], 1)]
+    y = node.output[0]
+    r = len(shapes.get(y, ()))
+    a = node.input[0]
+    ra = len(shapes.get(a, ()))
+    if node.op_type == "Gemm":
+        ta = any(at.name == "transA" and at.i for at in node.attribute)
+        return [(a, 0 if ta else 1), (y, 1)]
+    return [(a, ra - 1), (y, r - 1)]

@@ -1,36 +1,29 @@
-"""Loading, probing and saving models.
+"""Loading and saving models, and the plain graph operations around them.
 
 Everything later in the pipeline works on a *normalised* model: weights held in `Constant` nodes
-(PaddlePaddle exports) become initializers, and small tensors computed only from constants and from
-tensor shapes (``Shape -> Gather -> Concat -> Reshape`` chains, ``1/sqrt(head_dim)`` scales) are
-folded into initializers, so that pruning a channel changes exactly what it should and nothing
-computed from a shape behind our back.  Concrete shapes of every tensor come from one onnxruntime run
-(``probe``), which is exact where static shape inference leaves gaps.
+(PaddlePaddle exports) become initializers and initializers listed as graph inputs are weights, not
+inputs.  Running models (the probe, constant folding) lives in ``spa.probing``.
 
-Weights are big and copies of them are what a probe costs (a ViT-B is 350 MB): the file is parsed from
-a memory map, every initializer becomes a numpy array once (``Probe.consts``, reused by the channel
-model), and a probe session is built from a small copy of the graph in which the big initializers are
-graph inputs fed from those arrays (onnxruntime reads them in place, no serialisation, no prepacking).
+Weights are big and copies of them are what a model costs: the file is parsed from a memory map,
+saving streams one initializer at a time, and ``skeleton`` serialises a graph whose big
+initializers are typed inputs (no weight bytes) for onnx.checker and for probe sessions fed from
+numpy.
 """
 from __future__ import annotations
 
 import mmap
 import os
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import shapes
 from .errors import SpaError
 
 #: ONNX Runtime 1.2x reads IR versions up to this.
 MAX_IR_VERSION = 10
-#: a shape-derived tensor larger than this is left as computed, not folded into a constant.
-FOLD_LIMIT = 1 << 16
 
 ONNX_TO_NUMPY = {
     onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
@@ -247,78 +240,6 @@ def graph_inputs(proto):
     return [i for i in proto.graph.input if i.name not in inits]
 
 
-# ----------------------------------------------------------------------------------------------
-# probing: one onnxruntime run that returns every tensor
-
-
-@dataclass
-class Probe:
-    """Concrete facts from running the model: the shape and dtype of every tensor, and the values
-    that later stages read.
-
-    ``values`` holds the feed, the initializers (the arrays of ``consts``) and the tensors computed
-    only from constants and shapes (what ``fold_constants`` may fold); activations are not kept.
-    ``dynamic`` says which dims follow the input dims.  It is exact for the feed, the initializers
-    (never) and every tensor of a model with static inputs; in a model with dynamic inputs, for the
-    data input and output of every Reshape and the constant- and shape-derived tensors (what the
-    rules, the fold and surgery read); it is None (unknown) for the other tensors.
-    """
-    shapes: dict = field(default_factory=dict)     # name -> tuple of ints
-    values: dict = field(default_factory=dict)     # name -> np.ndarray (see above)
-    dynamic: dict = field(default_factory=dict)    # name -> tuple of bools, or None (unknown)
-    inputs: dict = field(default_factory=dict)     # the feed used
-    dtypes: dict = field(default_factory=dict)     # name -> numpy dtype
-    consts: dict | None = None                     # initializer name -> np.ndarray (read-only)
-    other_runs: list = field(default_factory=list)  # per run at other sizes: name -> fold-candidate value
-    other_shapes: list = field(default_factory=list)  # per run at other sizes: watched name -> shape
-    plan: object = None                            # shapes.SizePlan: the dynamic dims as symbols
-    points: list = field(default_factory=list)     # symbol sizes of the runs: the first, then the others
-
-
-def input_feed(proto, input_shapes=None, seed=0, *, plan=None, values=None):
-    """Random inputs from the declared inputs: dynamic dims from ``input_shapes`` or the size plan's
-    defaults (``values``: symbol sizes to use instead); integer inputs span what the model can read
-    (see ``shapes.integer_ranges``), floats are standard normal."""
-    plan = plan or shapes.size_plan(graph_inputs(proto), input_shapes)
-    sizes = plan.shapes(plan.base if values is None else values)
-    ranges = shapes.integer_ranges(proto)
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for inp in graph_inputs(proto):
-        dims = sizes[inp.name]
-        dtype = ONNX_TO_NUMPY.get(inp.type.tensor_type.elem_type, np.float32)
-        if np.issubdtype(dtype, np.floating):
-            feed[inp.name] = rng.standard_normal(dims).astype(dtype)
-        elif dtype == np.bool_:
-            feed[inp.name] = rng.integers(0, 2, dims).astype(np.bool_)
-        else:
-            lo, hi = ranges.get(inp.name, (0, 4))
-            feed[inp.name] = rng.integers(lo, hi, dims).astype(dtype)
-    return feed
-
-
-def has_dynamic_inputs(proto) -> bool:
-    return any(not (d.HasField("dim_value") and d.dim_value > 0)
-               for i in graph_inputs(proto) for d in i.type.tensor_type.shape.dim)
-
-
-def session(proto_or_bytes, providers=None, optimize=False, *, oneshot=False):
-    """An onnxruntime session (CPU unless ``providers``), unoptimised unless ``optimize``.
-    ``oneshot`` (probes: one or two runs) turns off weight prepacking, which is only a copy for so
-    few runs, and the thread pool's spinning, which on a busy machine costs more than it saves
-    (a ViT-B probe run: 1.5-1.8 s spinning, 1.2-1.4 s not, under load 3 on 2 cores)."""
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.log_severity_level = 4  # errors come back as exceptions; keep the C++ log quiet
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if oneshot:
-        so.add_session_config_entry("session.disable_prepacking", "1")
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    data = proto_or_bytes if isinstance(proto_or_bytes, (bytes, str)) else serialize(proto_or_bytes)
-    return ort.InferenceSession(data, so, providers=providers or ["CPUExecutionProvider"])
-
-
 def serialize(proto) -> bytes:
     if proto.ir_version > MAX_IR_VERSION:
         proto = _with_ir(proto, MAX_IR_VERSION)
@@ -341,19 +262,6 @@ def initializer_arrays(proto) -> dict:
 #: initializers with more elements than this are graph inputs of a probe session, fed from numpy
 FEED_LIMIT = 1024
 
-
-def _fed_initializers(proto, consts) -> dict:
-    outs = {o.name for o in proto.graph.output} | {i.name for i in proto.graph.input}
-    fed = {}
-    for t in proto.graph.initializer:
-        a = consts.get(t.name)
-        if a is None or a.size <= FEED_LIMIT or t.name in outs or ONNX_TO_NUMPY.get(t.data_type) != a.dtype \
-                or tuple(t.dims) != a.shape or not a.flags.c_contiguous:
-            continue
-        fed[t.name] = a
-    return fed
-
-
 def _repeated(fd) -> bool:
     rep = getattr(fd, "is_repeated", None)
     return bool(rep) if rep is not None else fd.label == fd.LABEL_REPEATED
@@ -374,7 +282,7 @@ def _copy_fields_one(fd, value, dst):
         setattr(dst, fd.name, value)
 
 
-def _skeleton(proto, fed, outputs, *, for_ort=True) -> bytes:
+def skeleton(proto, fed, outputs, *, for_ort=True) -> bytes:
     """Serialised copy of ``proto`` in which the ``fed`` initializers are typed graph inputs (their
     data is not copied) and ``outputs`` are graph outputs too; value_info is left out."""
     m = onnx.ModelProto()
@@ -411,295 +319,7 @@ def check_model(proto) -> None:
     outs = {o.name for o in proto.graph.output}
     fed = {t.name for t in proto.graph.initializer
            if t.name not in outs and int(np.prod(t.dims)) > FEED_LIMIT and t.data_location != onnx.TensorProto.EXTERNAL}
-    onnx.checker.check_model(_skeleton(proto, fed, [], for_ort=False))
-
-
-class _Runner:
-    """One onnxruntime session over ``proto`` exposing ``outputs`` (probe sessions: no
-    optimisation, no prepacking, big initializers fed from ``consts`` without copies)."""
-
-    def __init__(self, proto, consts, outputs):
-        self.proto, self.exposed = proto, outputs
-        self.fed = _fed_initializers(proto, consts)
-        self.ran = False
-        try:
-            self.sess = session(_skeleton(proto, self.fed, outputs), oneshot=True)
-        except Exception:
-            if not self.fed:
-                raise
-            self._embed()
-        self.outputs = [o.name for o in self.sess.get_outputs()]
-
-    def _embed(self):
-        """An operator that insists on constant weights: embed them all (the plain, costly way)."""
-        self.fed = {}
-        self.sess = session(_skeleton(self.proto, {}, self.exposed), oneshot=True)
-
-    def run(self, feed, names=None) -> dict:
-        import onnxruntime as ort
-        names = self.outputs if names is None else names
-        quiet = ort.RunOptions()
-        quiet.log_severity_level = 4  # a size the model refuses is an answer here, not an error to print
-        try:
-            out = self.sess.run(names, {**feed, **self.fed}, quiet)
-        except Exception:
-            if self.ran or not self.fed:  # after one good run, a failure is the feed's
-                raise
-            self._embed()
-            out = self.sess.run(names, feed, quiet)
-        self.ran = True
-        return dict(zip(names, out))
-
-
-def _checked(fn, feed):
-    """Call ``fn``; an onnxruntime failure becomes a one-line SpaError naming the input sizes."""
-    try:
-        return fn()
-    except SpaError:
-        raise
-    except Exception as exc:
-        shapes = ", ".join(f"{k}:{list(np.shape(v))}" for k, v in feed.items())
-        raise SpaError(f"onnxruntime cannot run the model on inputs {shapes} ({ort_reason(exc)}); "
-                       "give the right sizes of its dynamic inputs with --input-shapes") from None
-
-
-def _exposed(proto) -> list:
-    """Graph outputs, then every node output, once each."""
-    names = [o.name for o in proto.graph.output]
-    have = set(names)
-    for node in proto.graph.node:
-        for out in node.output:
-            if out and out not in have:
-                names.append(out)
-                have.add(out)
-    return names
-
-
-def output_runner(proto, consts=None):
-    """A probe-style session over ``proto`` exposing only its graph outputs: ``run(feed) -> dict``."""
-    consts = initializer_arrays(proto) if consts is None else consts
-    return _Runner(proto, consts, [o.name for o in proto.graph.output])
-
-
-def run_all(proto, feed, consts=None):
-    """Run the model exposing every node output; returns name -> value (node outputs, the feed and
-    the initializers)."""
-    consts = initializer_arrays(proto) if consts is None else consts
-    result = _checked(lambda: _Runner(proto, consts, _exposed(proto)).run(feed), feed)
-    result.update(feed)
-    for name, value in consts.items():
-        result.setdefault(name, value)
-    return result
-
-
-def ort_reason(exc) -> str:
-    """The useful part of an onnxruntime error: the node and its message, without C++ paths."""
-    import re
-    text = " ".join(str(exc).split())
-    node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
-    status = re.search(r"Status Message: (.*)", text)
-    msg = status.group(1) if status else text
-    msg = re.sub(r"^\S+:\d+ .*?\) ", "", msg)[:200]  # drop "file.h:91 Class::func(args) "
-    return f"{node.group(1)} '{node.group(2)}': {msg}" if node else msg
-
-
-def dynamic_dims(proto):
-    """(input name, dim) of every input dimension without a static size."""
-    return [(i.name, d) for i in graph_inputs(proto)
-            for d, dim in enumerate(i.type.tensor_type.shape.dim)
-            if not (dim.HasField("dim_value") and dim.dim_value > 0)]
-
-
-def probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
-    """Run once for the shape of every tensor (and the values of constant- and shape-derived ones).
-
-    Dynamic input dims are symbols (``shapes.size_plan``): the first run is at the plan's base
-    sizes (smaller ones are tried when the model refuses them); with dynamic inputs the same
-    session runs again with every symbol moved at once (else one symbol at a time), for the
-    tensors whose rewrite depends on which dims follow the inputs (see ``Probe``).  ``consts`` are
-    the initializers as arrays (computed when not given); ``dynamic=False`` skips the runs at
-    other sizes (validation runs its own); they are also skipped when nothing would read them."""
-    consts = initializer_arrays(proto) if consts is None else consts
-    plan = shapes.size_plan(graph_inputs(proto), input_shapes)
-    exposed = _exposed(proto)
-    cands, any_size = fold_candidates(proto)
-    feed = input_feed(proto, plan=plan)
-    runner = _checked(lambda: _Runner(proto, consts, exposed), feed)
-    first, default = None, plan
-    for plan in [plan] + shapes.related_plans(plan):
-        for base in [plan.base] + shapes.fallback_bases(plan):
-            feed = input_feed(proto, plan=plan, values=base)
-            try:
-                first = runner.run(feed)
-            except Exception:
-                continue
-            plan.base = base
-            break
-        if first is not None:
-            break
-    if first is None:  # the model refuses every size tried: say so for the defaults
-        plan = default
-        feed = input_feed(proto, plan=plan)
-        first = _checked(lambda: runner.run(feed), feed)
-    pr = Probe(inputs=feed, consts=consts, plan=plan, points=[dict(plan.base)])
-    for name, v in first.items():
-        pr.shapes[name] = tuple(np.shape(v))
-        pr.dtypes[name] = getattr(v, "dtype", None)
-        if name in cands and (name in any_size or np.size(v) <= FOLD_LIMIT):
-            pr.values[name] = np.array(v)  # a copy: the session's buffers go back to its arena
-    del first
-    for name, v in feed.items():
-        pr.shapes[name], pr.dtypes[name], pr.values[name] = tuple(v.shape), v.dtype, v
-    for name, v in consts.items():
-        if name not in pr.shapes:
-            pr.shapes[name], pr.dtypes[name], pr.values[name] = tuple(v.shape), v.dtype, v
-    dims = dynamic_dims(proto)
-    if not dims:
-        pr.dynamic = {k: (False,) * len(s) for k, s in pr.shapes.items()}
-        pr.other_runs = [pr.values]
-        return pr
-    shaped = [n for n in proto.graph.node if n.op_type in ("Reshape", "Expand") and n.domain in ("", "ai.onnx")]
-    watch = cands | {n.input[0] for n in shaped} | {n.output[0] for n in shaped} | {o.name for o in proto.graph.output}
-    watched = [n for n in runner.outputs if n in watch]
-    if not dynamic or not watched:
-        # no runs at other sizes: the inputs' flags are their declared dynamic dims, others unknown
-        pr.dynamic = {k: (tuple((k, d) in dims for d in range(len(s))) if k in feed else
-                          (False,) * len(s) if k in consts else None) for k, s in pr.shapes.items()}
-        return pr
-    runs = []
-
-    def run_at(point) -> bool:
-        try:
-            bfeed = input_feed(proto, plan=plan, values=point, seed=1)
-            got = runner.run(bfeed, watched)
-        except Exception:
-            return False
-        run = {k: (tuple(np.shape(v)), np.array(v) if k in pr.values else None) for k, v in got.items()}
-        del got
-        run.update({k: (tuple(v.shape), v) for k, v in bfeed.items()})
-        runs.append(run)
-        pr.points.append(point)
-        return True
-
-    for how in ("up", "short"):  # every symbol moved at once
-        run_at(plan.bumped(how))
-    if not runs and len(plan.symbols) > 1:
-        # the model refuses every symbol moved at once (a relation spa does not know): move each
-        # symbol alone, so that none is taken for a constant because another cannot move
-        for sym in plan.symbols:
-            any(run_at({**plan.base, sym: plan.bumped(how)[sym]}) for how in ("up", "short"))
-    pr.other_runs = [{k: v for k, (_, v) in run.items() if k in cands and v is not None} for run in runs]
-    pr.other_shapes = [{k: s for k, (s, _) in run.items()} for run in runs]
-    for k, s in pr.shapes.items():
-        if k in consts and k not in feed:
-            pr.dynamic[k] = (False,) * len(s)
-            continue
-        if not runs or not (k in watch or k in feed):
-            pr.dynamic[k] = None  # unknown: treated as dynamic everywhere it matters
-            continue
-        flags = [False] * len(s)
-        for run in runs:
-            s2 = run[k][0] if k in run else None
-            if s2 is None or len(s2) != len(s):
-                flags = None
-                break
-            flags = [f or a != b for f, a, b in zip(flags, s, s2)]
-        pr.dynamic[k] = None if flags is None else tuple(flags)
-    return pr
-
-
-SHAPE_SOURCES = {"Shape", "Size"}
-RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
-
-
-def _has_subgraph(node) -> bool:
-    return node.op_type in ("If", "Loop", "Scan") or \
-        any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
-
-
-def fold_candidates(proto):
-    """Node outputs computed only from initializers and tensor shapes (``Shape``/``Size``), found
-    from the graph alone: ``(candidates, any_size)``, where ``any_size`` are those whose node reads
-    initializers only (folded whatever their size; the others only up to ``FOLD_LIMIT`` elements)."""
-    const = {t.name for t in proto.graph.initializer}
-    derived, any_size = set(), set()
-    for node in proto.graph.node:
-        if _has_subgraph(node) or node.op_type in RANDOM_OPS:
-            continue
-        if node.op_type not in SHAPE_SOURCES and \
-                not all((not i) or i in const or i in derived for i in node.input):
-            continue
-        outs = [o for o in node.output if o]
-        derived.update(outs)
-        if node.op_type == "Constant" or (node.op_type not in SHAPE_SOURCES and
-                                          all((not i) or i in const for i in node.input)):
-            any_size.update(outs)
-    return derived, any_size
-
-
-def fold_constants(proto, pr: Probe) -> int:
-    """Replace tensors computed only from constants and shapes by initializers (values from the probe).
-
-    A shape-derived value is folded only where it is the same in every probe run (it does not
-    depend on a dynamic input dimension), even when what it is computed from moves
-    (``Shape(q)[-1]`` of a q with a dynamic batch: the head dim, then the attention scale).  The probe is updated in place (folded tensors become
-    constants, dead tensors are forgotten): values do not change, so no second run is needed.
-    Returns how many node outputs were folded.
-    """
-    const = {t.name for t in proto.graph.initializer}
-    derived = set()   # computed from constants and shapes: folded where the value never moves
-    folded = []
-    runs = pr.other_runs
-    for node in proto.graph.node:
-        if _has_subgraph(node) or node.op_type in RANDOM_OPS:
-            continue
-        if node.op_type not in SHAPE_SOURCES and \
-                not all((not i) or i in const or i in derived for i in node.input):
-            continue
-        derived.update(o for o in node.output if o)
-        for out in node.output:
-            if not out or out not in pr.values:
-                continue
-            v = pr.values[out]
-            if not runs or any(out not in r or np.shape(r[out]) != np.shape(v) or not np.array_equal(r[out], v)
-                               for r in runs):
-                continue
-            if node.op_type not in ("Constant",) and np.size(v) > FOLD_LIMIT and \
-                    not all((not i) or i in const for i in node.input):
-                continue
-            folded.append(out)
-    if not folded:
-        return 0
-    graph_outputs = {o.name for o in proto.graph.output}
-    folded_set = set(folded) - graph_outputs
-    keep = [n for n in proto.graph.node if not all((not o) or o in folded_set for o in n.output)]
-    for name in folded:
-        if name in folded_set:
-            value = np.asarray(pr.values[name])
-            proto.graph.initializer.append(numpy_helper.from_array(value, name))
-            if pr.consts is not None:
-                pr.consts[name] = value
-            pr.dynamic[name] = (False,) * value.ndim
-    del proto.graph.node[:]
-    proto.graph.node.extend(keep)
-    remove_dead(proto)
-    _forget_dead(pr, proto)
-    return len(folded_set)
-
-
-def _forget_dead(pr: Probe, proto) -> None:
-    live = {t.name for t in proto.graph.initializer} | {i.name for i in proto.graph.input} | \
-        {o.name for o in proto.graph.output}
-    for node in proto.graph.node:
-        live.update(node.input)
-        live.update(node.output)
-        for a in node.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                live |= graph_refs(g)
-    for d in (pr.shapes, pr.values, pr.dynamic, pr.dtypes, pr.consts or {}):
-        for name in [k for k in d if k not in live]:
-            del d[name]
-
+    onnx.checker.check_model(skeleton(proto, fed, [], for_ort=False))
 
 
 def remove_dead(proto) -> None:
@@ -735,16 +355,3 @@ def graph_refs(g) -> set:
                 refs |= graph_refs(sg)
     refs.update(o.name for o in g.output)
     return refs
-
-
-def prepare(model, input_shapes=None):
-    """load -> normalise -> probe -> fold: the model every later stage sees, and its probe (the
-    fold updates it: folded tensors keep their values and shapes, so the model is run once)."""
-    proto = load_model(model)
-    drop_initializer_inputs(proto)
-    constants_to_initializers(proto)
-    del proto.graph.value_info[:]
-    pr = probe(proto, input_shapes)
-    fold_constants(proto, pr)
-    return proto, pr
-

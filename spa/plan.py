@@ -185,8 +185,7 @@ class CostModel:
     """
 
     def __init__(self, an):
-        from .api import _mac_axes
-        from .counting import node_macs
+        from .counting import mac_axes, node_macs
         cm = an.channels
         self.cm = cm
         self.params, self.macs = an.params, an.macs
@@ -195,7 +194,7 @@ class CostModel:
         for node in an.model.graph.node:
             m = node_macs(node, shapes)
             if m:
-                self._add("macs", m, _mac_axes(node, shapes))
+                self._add("macs", m, mac_axes(node, shapes))
         for name, value in cm.consts.items():
             if np.issubdtype(value.dtype, np.floating) and value.ndim:
                 self._add("params", value.size, [(name, d) for d in range(value.ndim)])

@@ -122,7 +122,7 @@ def test_running_statistics_match_numpy():
     an = spa.analyze(activation_zero_model())
     _, feeds = calib.batches(an, "random", n_batches=3)
     stats = calib.collect(an, feeds)
-    from spa.io import run_all
+    from spa.probing import run_all
     axis = next(ax for ax in stats.axes if stats.axes[ax].sum.shape == (5,))
     acts = np.concatenate([np.moveaxis(run_all(an.model, f)[axis[0]], axis[1], -1).reshape(-1, 5) for f in feeds])
     st = stats.axes[axis]

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import spa
-from spa import io, shapes
+from spa import probing, shapes
 from spa.api import validate
 from spa.errors import SpaError
 from spa.oracle import check_groups, check_joint
@@ -73,7 +73,7 @@ def test_dynamic_batch_cnn_prunes_like_the_fixed_one_and_batch_rows_agree():
     for r in check_groups(an):
         assert r["error"] < EXACT, r
     pruned = spa.prune(model, 0.3).model
-    sess = io.session(pruned)
+    sess = probing.session(pruned)
     x = np.random.default_rng(0).standard_normal((5, 3, 16, 16)).astype(np.float32)
     batch = sess.run(None, {"x": x})[0]
     rows = np.concatenate([sess.run(None, {"x": x[i:i + 1]})[0] for i in range(5)])
@@ -155,7 +155,7 @@ def test_integer_inputs_span_the_embedding_table():
                               [helper.make_tensor_value_info(e, TensorProto.FLOAT, None)], g.inits)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     assert shapes.integer_ranges(m) == {"input_ids": (0, 50), "attention_mask": (1, 2)}
-    feed = io.input_feed(m)
+    feed = probing.input_feed(m)
     assert feed["input_ids"].shape == (1, shapes.TOKEN_SIZE) and feed["input_ids"].max() > 4
     assert (feed["attention_mask"] == 1).all()
 
@@ -215,7 +215,7 @@ def test_pruned_causal_lm_rows_and_prefixes_agree_at_other_sizes(name):
     path = export(name)
     res = spa.prune(path, 0.3)
     assert res.report["after"]["macs"] < 0.8 * res.report["before"]["macs"]
-    sess = io.session(res.model)
+    sess = probing.session(res.model)
     model = onnx.load(path)
     rng = np.random.default_rng(0)
     for batch, seq in ((1, 7), (3, 19)):
@@ -239,7 +239,7 @@ def test_kv_cache_decoder_prunes_and_runs_a_decode_step_and_a_batch():
     assert any(not g.prunable and "present." in g.reason for g in an.groups)
     assert check_joint(an, seed=1)["error"] < EXACT
     res = spa.prune(path, 0.3, analysis=an)
-    original, pruned = io.session(onnx.load(path)), io.session(res.model)
+    original, pruned = probing.session(onnx.load(path)), probing.session(res.model)
     model = onnx.load(path)
     rng = np.random.default_rng(0)
     for batch, seq, past in ((1, 1, 24), (2, 5, 3), (2, 9, 0)):
@@ -283,7 +283,7 @@ def test_decode_step_export_moves_each_dim_alone(tmp_path):
     an = spa.analyze(path)
     assert an.probe.points[0]["sequence"] == 1 and {p["past"] for p in an.probe.points} != {an.probe.points[0]["past"]}
     res = spa.prune(path, 0.3, analysis=an)
-    original, pruned = io.session(model), io.session(res.model)
+    original, pruned = probing.session(model), probing.session(res.model)
     rng = np.random.default_rng(0)
     for batch, past in ((1, 0), (1, 5), (3, 40)):
         feed = _token_feed(model, batch, 1, rng, past=past)

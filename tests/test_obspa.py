@@ -4,7 +4,7 @@ import pytest
 
 import spa
 from graphs import PATTERNS, G
-from spa import io
+from spa import io, probing
 from spa.oracle import compare_outputs
 from spa.scoring import obspa
 from spa.scoring.obs import conv_patches
@@ -12,7 +12,7 @@ from spa.scoring.obs import conv_patches
 
 def _feed(model, seed=7, n=None):
     proto = io.load_model(model)
-    feed = io.input_feed(proto, seed=seed)
+    feed = probing.input_feed(proto, seed=seed)
     return {k: np.random.default_rng(seed).standard_normal(v.shape).astype(v.dtype) for k, v in feed.items()}
 
 
@@ -123,8 +123,8 @@ def test_real_model_obspa_is_valid_and_closer_than_l2():
     l2 = spa.prune(path, 0.3, criterion="l2", analysis=an, exclude=dfl)
     assert obs.report["after"]["params"] < obs.report["before"]["params"]
     assert sum("obspa" in g for g in obs.report["groups"]) >= 40
-    out_dense = io.session(an.model).run(None, feed)
-    out_obs = io.session(obs.model).run(None, feed)
+    out_dense = probing.session(an.model).run(None, feed)
+    out_obs = probing.session(obs.model).run(None, feed)
     assert [o.shape for o in out_obs] == [o.shape for o in out_dense]
     assert compare_outputs(an.model, obs.model, feed) < compare_outputs(an.model, l2.model, feed)
 

@@ -11,19 +11,19 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
-from spa import io
+from spa import io, probing
 from graphs import G, attention, residual_chain
 
 
 def _count_runs(monkeypatch):
     calls = []
-    orig = io._Runner.run
+    orig = probing._Runner.run
 
     def run(self, feed, names=None):
         calls.append(None if names is None else list(names))
         return orig(self, feed, names)
 
-    monkeypatch.setattr(io._Runner, "run", run)
+    monkeypatch.setattr(probing._Runner, "run", run)
     return calls
 
 
@@ -62,26 +62,26 @@ def test_weights_are_fed_not_serialised():
     y = g.op("Add", [g.op("MatMul", ["x", g.w(64, 64)]), g.w(64)])
     m = g.model([("x", [2, 64])], [g.op("MatMul", [g.op("Relu", [y]), g.w(64, 40)])])
     consts = io.initializer_arrays(m)
-    fed = io._fed_initializers(m, consts)
+    fed = probing._fed_initializers(m, consts)
     assert fed and all(consts[n].size > io.FEED_LIMIT for n in fed)
-    skeleton = onnx.load_from_string(io._skeleton(m, fed, ["extra"]))
+    skeleton = onnx.load_from_string(io.skeleton(m, fed, ["extra"]))
     assert not {t.name for t in skeleton.graph.initializer} & set(fed)
     assert set(fed) <= {i.name for i in skeleton.graph.input}
-    ref = io.session(m).run(None, io.input_feed(m))
-    got = io.run_all(m, io.input_feed(m), consts)
+    ref = probing.session(m).run(None, probing.input_feed(m))
+    got = probing.run_all(m, probing.input_feed(m), consts)
     for out, value in zip(m.graph.output, ref):
         np.testing.assert_array_equal(got[out.name], value)
 
 
 def test_dynamic_model_folds_without_a_second_probe(monkeypatch):
     calls = _count_runs(monkeypatch)
-    proto, pr = io.prepare(_shape_chain_model())
+    proto, pr = probing.prepare(_shape_chain_model())
     # first run exposes everything, the runs at other sizes (every dim up, then down) only what is watched
     assert calls[0] is None and len(calls) == 3 and all(c is not None for c in calls[1:])
     ops = {n.op_type for n in proto.graph.node}
     assert "Sqrt" not in ops and "Div" not in ops  # the constant scale was folded
     assert "Shape" in ops  # the batch-dependent target was not
-    fresh = io.probe(proto, {"x": [1, 4, 8]})
+    fresh = probing.probe(proto, {"x": [1, 4, 8]})
     assert pr.shapes == fresh.shapes
     reshape = next(n for n in proto.graph.node if n.op_type == "Reshape")
     for name in (reshape.input[0], reshape.output[0], "x"):
@@ -89,7 +89,7 @@ def test_dynamic_model_folds_without_a_second_probe(monkeypatch):
         assert pr.dynamic[name][0] is True and not any(pr.dynamic[name][1:])
     # pruning through the Reshape still works: the target keeps the batch dim dynamic
     res = spa.prune(_shape_chain_model(), 0.5)
-    out = io.session(res.model).run(None, {"x": np.ones((3, 4, 8), np.float32)})
+    out = probing.session(res.model).run(None, {"x": np.ones((3, 4, 8), np.float32)})
     assert out[0].shape == (3, 4, 2, 3)
 
 
@@ -99,13 +99,13 @@ def test_runs_at_other_sizes_expose_only_the_outputs_when_nothing_else_reads_the
     for vi in list(m.graph.input) + list(m.graph.output):
         vi.type.tensor_type.shape.dim[0].dim_param = "N"
     calls = _count_runs(monkeypatch)
-    pr = io.probe(m)
+    pr = probing.probe(m)
     outputs = [o.name for o in m.graph.output]
     assert calls == [None, outputs, outputs]
     assert pr.dynamic["x"] == (True, False, False, False)
     assert [p["N"] for p in pr.points] == [1, 3, 2] and all(outputs[0] in s for s in pr.other_shapes)
     calls.clear()
-    pr = io.probe(_shape_chain_model(), dynamic=False)
+    pr = probing.probe(_shape_chain_model(), dynamic=False)
     assert calls == [None] and pr.dynamic["x"] == (True, False, False)
 
 
@@ -152,7 +152,7 @@ def test_folded_big_constant_keeps_its_value():
     wt = g.op("Transpose", [g.w(300, 256)], perm=[1, 0])
     y = g.op("MatMul", ["x", wt])
     m = g.model([("x", [1, 256])], [y])
-    proto, pr = io.prepare(m)
+    proto, pr = probing.prepare(m)
     assert [n.op_type for n in proto.graph.node] == ["MatMul"]
     name = proto.graph.node[0].input[1]
     np.testing.assert_array_equal(pr.consts[name], numpy_helper.to_array(m.graph.initializer[0]).T)
@@ -164,7 +164,7 @@ def test_probe_falls_back_to_embedded_weights(monkeypatch):
     g = G(seed=4)
     y = g.op("MatMul", ["x", g.w(64, 64)])
     m = g.model([("x", [1, 64])], [y])
-    orig = io.session
+    orig = probing.session
     refused = []
 
     def picky(data, *a, **k):
@@ -174,8 +174,8 @@ def test_probe_falls_back_to_embedded_weights(monkeypatch):
             raise RuntimeError("weights must be constant")
         return sess
 
-    monkeypatch.setattr(io, "session", picky)
-    pr = io.probe(m)
+    monkeypatch.setattr(probing, "session", picky)
+    pr = probing.probe(m)
     assert refused and pr.shapes[y] == (1, 64)
 
 
@@ -186,5 +186,5 @@ def test_initializers_listed_as_inputs_are_not_fed_twice():
     w = m.graph.initializer[0]
     m.graph.input.append(helper.make_tensor_value_info(w.name, w.data_type, list(w.dims)))
     consts = io.initializer_arrays(m)
-    assert io._fed_initializers(m, consts) == {}
-    assert io.probe(m).shapes[y] == (1, 64)
+    assert probing._fed_initializers(m, consts) == {}
+    assert probing.probe(m).shapes[y] == (1, 64)

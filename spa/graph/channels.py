@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..io import fold_candidates, graph_refs
+from ..io import graph_refs
+from ..probing import fold_candidates
 from ..ops.rules import RULES
 from ..shapes import all_reads, shape_reads
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import SpaError
 from .magnitude import SliceAccumulator
-from .structure import _fallback
+from .structure import fallback
 
 
 def _need(stats, name):
@@ -29,7 +29,7 @@ def act_mean_scores(an, stats=None, reduction="sum", **_):
     for axis, st in stats.axes.items():
         acc.add(axis, st.mean_abs)
     raw = acc.reduce(reduction)
-    return raw, _fallback(an, raw, acc.covered(), reduction, "no calibrated activation")
+    return raw, fallback(an, raw, acc.covered(), reduction, "no calibrated activation")
 
 
 def consumer_columns(an, node, index, power):
@@ -80,7 +80,7 @@ def _weighted(an, stats, reduction, name, act, power):
             continue
         acc.add(axis, act(st) * col)
     raw = acc.reduce(reduction)
-    return raw, _fallback(an, raw, acc.covered(), reduction, "no weighted consumer with calibrated input")
+    return raw, fallback(an, raw, acc.covered(), reduction, "no weighted consumer with calibrated input")
 
 
 def wanda_scores(an, stats=None, reduction="sum", **_):

@@ -251,7 +251,7 @@ def _rows(x, c: Consumer, rows, rng):
 
 def data_hessians(an, wanted, feeds, *, rows=ROWS_PER_BATCH, seed=0, source="synthetic", progress=_quiet):
     """``E[x x^T]`` and ``E[x]`` for every consumer in ``wanted`` ({key: consumer}) over ``feeds``."""
-    from .. import io
+    from .. import probing
     from ..calib import exposing_session
     hs = Hessians()
     if not wanted:
@@ -265,7 +265,7 @@ def data_hessians(an, wanted, feeds, *, rows=ROWS_PER_BATCH, seed=0, source="syn
         try:
             values = dict(zip(fetch, sess.run(fetch, feed)))
         except Exception as exc:
-            raise SpaError(f"obspa: onnxruntime cannot run the {source} batch ({io.ort_reason(exc)})") from None
+            raise SpaError(f"obspa: onnxruntime cannot run the {source} batch ({probing.ort_reason(exc)})") from None
         values.update({k: v for k, v in feed.items() if k in tensors})
         for key, c in wanted.items():
             X = _rows(np.asarray(values[c.axis[0]], np.float32), c, rows, rng)

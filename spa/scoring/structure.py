@@ -57,7 +57,7 @@ def l2_scores(an, stats=None, reduction="sum", **_):
     return magnitude_scores(an.channels, "l2", reduction)
 
 
-def _fallback(an, raw, covered, reduction, why):
+def fallback(an, raw, covered, reduction, why):
     """Fill prunable groups that ``covered`` misses with L2 magnitude; return the notes."""
     notes, l2 = {}, None
     for g in an.groups:
@@ -78,7 +78,7 @@ def bn_scale_scores(an, stats=None, reduction="sum", **_):
         if node.op_type == "BatchNormalization" and len(node.input) > 1 and node.input[1] in cm.consts:
             acc.add((node.input[1], 0), np.abs(cm.consts[node.input[1]].astype(np.float64)).reshape(-1))
     raw = acc.reduce(reduction)
-    notes = _fallback(an, raw, acc.covered(), reduction, "no BatchNormalization on this group")
+    notes = fallback(an, raw, acc.covered(), reduction, "no BatchNormalization on this group")
     return raw, notes
 
 
@@ -131,7 +131,7 @@ def fpgm_scores(an, stats=None, reduction="sum", **_):
                 part = part / max(len(g.units) - 1, 1)
             raw[g.units] += part
             covered[g.units] = True
-    notes = _fallback(an, raw, covered, reduction, "no producer filter (Conv/Gemm/MatMul output weights)")
+    notes = fallback(an, raw, covered, reduction, "no producer filter (Conv/Gemm/MatMul output weights)")
     return raw, notes
 
 
