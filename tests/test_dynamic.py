@@ -142,7 +142,7 @@ def test_an_unnamed_total_length_is_found_as_a_sum():
 
 
 def test_regrouped_dims_are_refined_into_common_factors():
-    from spa.ops.rules import refine
+    from spa.ops.layout import refine
     # [N, heads*dim] -> [N*heads, dim] (a batch merged with the heads)
     assert refine([3, 768], [36, 64]) == ([3, 12, 64], [[0], [1, 2]], [[0, 1], [2]])
     assert refine([6, 4], [4, 6]) is None
