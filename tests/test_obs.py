@@ -1,10 +1,10 @@
-"""OBSPA numerical core (spa/scoring/obs.py): constructed layers, exact expectations, seeded."""
+"""OBSPA numerical core (spa/scoring/obs.py, spa/scoring/hessians.py): constructed layers, exact expectations, seeded."""
 import numpy as np
 import pytest
 
-from spa.scoring.obs import (BlockHessian, HessianAccumulator, bn_moments, conv_patches, damped_inverse,
-                             hessian_from_bn, hessian_from_samples, hessian_identity, kept_columns,
-                             obs_group, obs_scores, obs_select, split_bias, with_bias)
+from spa.scoring.hessians import (BlockHessian, HessianAccumulator, bn_moments, conv_patches, hessian_from_bn,
+                                  hessian_from_samples, hessian_identity, kept_columns, split_bias, with_bias)
+from spa.scoring.obs import damped_inverse, obs_group, obs_scores, obs_select
 
 
 def correlated(rng, n, d):

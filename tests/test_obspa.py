@@ -7,7 +7,7 @@ from graphs import PATTERNS, G
 from spa import io, probing
 from spa.oracle import compare_outputs
 from spa.scoring import obspa
-from spa.scoring.obs import conv_patches
+from spa.scoring.hessians import conv_patches
 
 
 def _feed(model, seed=7, n=None):

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import SpaError
-from .obs import bn_moments, hessian_from_bn, obs_group, obs_scores, split_bias, with_bias
+from .hessians import bn_moments, hessian_from_bn, split_bias, with_bias
+from .obs import obs_group, obs_scores
 from .structure import axis_pairs
 
 HESSIANS = ("auto", "synthetic", "bn", "identity")
