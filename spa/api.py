@@ -13,6 +13,7 @@ from .errors import SpaError
 from .graph.channels import ChannelModel, build
 from .plan import plan as make_plan
 from .scoring import CRITERIA
+from .validate import validate
 
 
 def _quiet(msg):
@@ -89,13 +90,9 @@ class PruneResult:
     report: dict = field(default_factory=dict)
 
 
-def prune(model, ratio: float = 0.3, *, criterion: str = "l2", reduction: str = "sum",
-          normalisation: str | None = None, global_rank: bool = False, round_to: int = 1,
-          exclude: str | None = None, max_ratio: float = 0.9, target=None, overrides=None, steps: int = 1,
-          calib=None, calib_batches: int = 8, calib_batch_size: int | None = None, seed: int = 0,
-          hessian: str = "auto", input_shapes=None, output=None, progress=_quiet,
-          analysis: Analysis | None = None) -> PruneResult:
-    """Remove channels from ``model`` and return the smaller model with a report.
+@dataclass
+class PruneOptions:
+    """Everything ``spa.prune`` and ``spa prune`` take besides the model: one object for both.
 
     ``ratio`` removes that fraction of every prunable group (or, with ``global_rank``, of all
     channels ranked together); ``target`` ('macs=2', 'params=1.5') instead searches the global
@@ -104,245 +101,178 @@ def prune(model, ratio: float = 0.3, *, criterion: str = "l2", reduction: str = 
     re-scoring the pruned model each step.  Calibrated criteria (act_mean, wanda, flap) need
     ``calib`` ('random', or a .npz/.npy path).  ``criterion='obspa'`` chooses channels by Optimal
     Brain Surgeon cost and compensates the kept weights, with Hessians from ``hessian`` ('auto',
-    'synthetic', 'bn', 'identity'; ``calib`` data when given).  With ``output`` the validated model
-    is written there.
+    'synthetic', 'bn', 'identity'; ``calib`` data when given).
     """
-    from . import calib as calib_mod
-    from .plan import CostModel, parse_target, plan_target, resolve_overrides
-    from .scoring import score
-    scorer = CRITERIA.get(criterion)
-    if scorer is None:
-        raise SpaError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    if scorer.needs_calib and calib is None:
-        raise SpaError(f"criterion {criterion!r} needs calibration data: pass --calib FILE.npz or --calib random")
-    if steps < 1:
-        raise SpaError(f"--steps must be >= 1, got {steps}")
-    tgt = parse_target(target)
-    if tgt is None and not 0.0 <= ratio < 1.0:
-        raise SpaError(f"--ratio must be in [0, 1), got {ratio}")
+    ratio: float = 0.3
+    criterion: str = "l2"
+    reduction: str = "sum"
+    normalisation: str | None = None
+    global_rank: bool = False
+    round_to: int = 1
+    exclude: str | None = None
+    max_ratio: float = 0.9
+    target: str | None = None
+    overrides: object = None
+    steps: int = 1
+    calib: object = None
+    calib_batches: int = 8
+    calib_batch_size: int | None = None
+    seed: int = 0
+    hessian: str = "auto"
+    input_shapes: dict | None = None
+
+    def checked(self):
+        """The criterion's Scorer and the parsed target; one-line errors for bad values."""
+        from .plan import parse_target
+        scorer = CRITERIA.get(self.criterion)
+        if scorer is None:
+            raise SpaError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if scorer.needs_calib and self.calib is None:
+            raise SpaError(f"criterion {self.criterion!r} needs calibration data: pass --calib FILE.npz or --calib random")
+        if self.steps < 1:
+            raise SpaError(f"--steps must be >= 1, got {self.steps}")
+        target = parse_target(self.target)
+        if target is None and not 0.0 <= self.ratio < 1.0:
+            raise SpaError(f"--ratio must be in [0, 1), got {self.ratio}")
+        return scorer, target
+
+
+@dataclass
+class Step:
+    """One pass of the pipeline: the analysis it pruned and what each stage decided."""
+    analysis: Analysis
+    stats: object = None          # calibration statistics (calibrated criteria)
+    scores: object = None         # scoring.Scores
+    compensation: object = None   # the criterion's compensation (obspa), if it has one
+    overrides: dict = field(default_factory=dict)
+    removal: dict = field(default_factory=dict)   # group id -> removed units
+    plan: dict = field(default_factory=dict)      # what a target plan reports
+
+
+def prune(model, ratio: float = 0.3, *, options: PruneOptions | None = None, output=None, progress=_quiet,
+          analysis: Analysis | None = None, **kwargs) -> PruneResult:
+    """Remove channels from ``model`` and return the smaller model with a report: analyse, then per
+    step score, plan, compensate, cut and validate, then report (and write to ``output``).
+
+    Options come as a :class:`PruneOptions` or as its fields by keyword (``spa.prune(m, 0.3,
+    criterion="obspa")``); ``analysis`` reuses an earlier ``spa.analyze`` of the same model."""
+    opts = options or PruneOptions(ratio=ratio, **kwargs)
+    scorer, target = opts.checked()
     t0 = time.perf_counter()
-    an = analysis or analyze(model, input_shapes=input_shapes, progress=progress)
-    first = an
-    history, current, after_probe = [], an.model, an.probe
-    for step in range(1, steps + 1):
-        if step > 1:
-            progress(f"step {step}/{steps}: re-analysing the pruned model")
-            an = analyze(current, input_shapes=input_shapes, progress=progress)
-        cm = an.channels
-        tag = f"step {step}/{steps}: " if steps > 1 else ""
-        stats = None
-        if scorer.needs_calib:
-            stats = calib_mod.gather(an, calib, n_batches=calib_batches, batch_size=calib_batch_size,
-                                     seed=seed, progress=progress)
-        progress(f"{tag}scoring {sum(g.channels for g in an.groups if g.prunable)} channels in "
-                 f"{sum(g.prunable for g in an.groups)} prunable groups ({criterion}, {reduction})")
-        sc = score(an, criterion, stats=stats, reduction=reduction, normalisation=normalisation, seed=seed + step - 1)
-        obs = None
-        if criterion == "obspa":
-            obs = _obspa_setup(an, sc, hessian, calib, global_rank or tgt is not None, calib_batches,
-                               calib_batch_size, seed, progress)
-        fixed = resolve_overrides(an.groups, overrides)
-        info = {}
-        if tgt is not None:
-            kind, factor = tgt
-            base0 = first.macs if kind == "macs" else first.params
-            now = an.macs if kind == "macs" else an.params
-            goal = base0 / factor ** (step / steps)
-            rel = max(now / goal, 1.0) if goal > 0 else 1.0
-            removal, info = plan_target(an.groups, sc.normalised, CostModel(an), (kind, rel), round_to=round_to,
-                                        exclude=exclude, max_ratio=max_ratio, overrides=fixed)
-        else:
-            r = 1.0 - (1.0 - ratio) ** (1.0 / steps)
-            stepped = {k: 1.0 - (1.0 - v) ** (1.0 / steps) for k, v in fixed.items()}
-            removal = make_plan(an.groups, sc.normalised, r, global_rank=global_rank, round_to=round_to,
-                                exclude=exclude, max_ratio=max_ratio, overrides=stepped)
-        source = an.model
-        if obs is not None:
-            source, cm = _obspa_apply(an, sc, obs, removal, progress)
-        units = np.concatenate(list(removal.values())) if removal else np.zeros(0, np.int64)
-        progress(f"{tag}removing {len(units)} channels from {len(removal)} groups")
+    first = analysis or analyze(model, input_shapes=opts.input_shapes, progress=progress)
+    history, current, after = [], first.model, first.probe
+    for k in range(1, opts.steps + 1):
+        tag = f"step {k}/{opts.steps}: " if opts.steps > 1 else ""
+        if k > 1:
+            progress(f"{tag}re-analysing the pruned model")
+        step = Step(first if k == 1 else analyze(current, input_shapes=opts.input_shapes, progress=progress))
+        _score(step, scorer, opts, k, tag, opts.global_rank or target is not None, progress)
+        _plan(step, first, opts, target, k)
+        source, channels = step.compensation.apply(step.removal, progress) if step.compensation \
+            else (step.analysis.model, step.analysis.channels)
+        units = np.concatenate(list(step.removal.values())) if step.removal else np.zeros(0, np.int64)
+        progress(f"{tag}removing {len(units)} channels from {len(step.removal)} groups")
         if len(units):
-            current = surgery.apply(source, cm, an.probe, units)
+            current = surgery.apply(source, channels, step.analysis.probe, units)
             progress("validating the pruned model in onnxruntime")
-            after_probe = validate(current, first, input_shapes)
-        history.append((an, sc, removal, fixed, info, stats, obs))
-    pruned = current
-    an, sc, removal, fixed, info, stats, obs = history[-1]
+            after = validate(current, first, opts.input_shapes)
+        history.append(step)
+    report = _report(first, history, current, after, opts, target)
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    if output is not None:
+        io.save_model(current, output)
+        report["output"] = str(output)
+    return PruneResult(current, report)
+
+
+def _score(step: Step, scorer, opts: PruneOptions, k: int, tag: str, ranked: bool, progress) -> None:
+    """Calibration statistics (calibrated criteria), scores, and the criterion's compensation
+    (``ranked``: the plan compares scores across groups, a global rank or a target)."""
+    from . import calib as calib_mod
+    from .scoring import score
+    an = step.analysis
+    if scorer.needs_calib:
+        step.stats = calib_mod.gather(an, opts.calib, n_batches=opts.calib_batches, batch_size=opts.calib_batch_size,
+                                      seed=opts.seed, progress=progress)
+    progress(f"{tag}scoring {sum(g.channels for g in an.groups if g.prunable)} channels in "
+             f"{sum(g.prunable for g in an.groups)} prunable groups ({opts.criterion}, {opts.reduction})")
+    step.scores = score(an, opts.criterion, stats=step.stats, reduction=opts.reduction,
+                        normalisation=opts.normalisation, seed=opts.seed + k - 1)
+    if scorer.compensation is not None:
+        step.compensation = scorer.compensation(an, step.scores, opts, ranked, progress)
+
+
+def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int) -> None:
+    """Which units go: a ratio per group (or global), or the threshold that reaches a target; with
+    several steps each reaches its share."""
+    from .plan import CostModel, plan_target, resolve_overrides
+    an, n = step.analysis, opts.steps
+    step.overrides = resolve_overrides(an.groups, opts.overrides)
+    common = dict(round_to=opts.round_to, exclude=opts.exclude, max_ratio=opts.max_ratio)
+    if target is not None:
+        kind, factor = target
+        base0 = first.macs if kind == "macs" else first.params
+        now = an.macs if kind == "macs" else an.params
+        goal = base0 / factor ** (k / n)
+        rel = max(now / goal, 1.0) if goal > 0 else 1.0
+        step.removal, step.plan = plan_target(an.groups, step.scores.normalised, CostModel(an), (kind, rel),
+                                              overrides=step.overrides, **common)
+    else:
+        r = 1.0 - (1.0 - opts.ratio) ** (1.0 / n)
+        stepped = {g: 1.0 - (1.0 - v) ** (1.0 / n) for g, v in step.overrides.items()}
+        step.removal = make_plan(an.groups, step.scores.normalised, r, global_rank=opts.global_rank,
+                                 overrides=stepped, **common)
+
+
+def _report(first: Analysis, history: list, pruned, after, opts: PruneOptions, target) -> dict:
+    """The prune report: options, sizes before and after, and every group of the last step."""
+    last = history[-1]
+    sc, removal, fixed = last.scores, last.removal, last.overrides
     report = {
-        "criterion": criterion, "reduction": sc.reduction, "normalisation": sc.normalisation,
-        "ratio": None if tgt else ratio, "global": bool(global_rank or tgt), "round_to": round_to,
-        "exclude": exclude, "max_ratio": max_ratio, "steps": steps, "seed": seed,
+        "criterion": opts.criterion, "reduction": sc.reduction, "normalisation": sc.normalisation,
+        "ratio": None if target else opts.ratio, "global": bool(opts.global_rank or target),
+        "round_to": opts.round_to, "exclude": opts.exclude, "max_ratio": opts.max_ratio, "steps": opts.steps,
+        "seed": opts.seed,
         "before": {"params": first.params, "macs": first.macs},
-        "after": {"params": count_params(pruned), "macs": count_macs(pruned, after_probe.shapes)},
+        "after": {"params": count_params(pruned), "macs": count_macs(pruned, after.shapes)},
         "groups": [],
     }
-    if tgt:
-        report["target"] = f"{tgt[0]}={tgt[1]:g}"
-        reached = first.macs / max(report["after"]["macs"], 1) if tgt[0] == "macs" \
+    if target:
+        report["target"] = f"{target[0]}={target[1]:g}"
+        reached = first.macs / max(report["after"]["macs"], 1) if target[0] == "macs" \
             else first.params / max(report["after"]["params"], 1)
         report["target_reached"] = round(reached, 4)
-        report["target_reachable"] = all(h[4].get("reachable", True) for h in history)
-        report["plan"] = info
-    if stats is not None:
-        report["calibration"] = {"source": stats.source, "samples": stats.samples, "batches": stats.batches,
-                                 "tensors": len(stats.axes)}
-    if obs is not None:
-        report["obspa"] = {"hessian": hessian, "source": obs["hs"].desc, "damp": obs["damp"],
-                           "not_modelled": obs["skipped"]}
+        report["target_reachable"] = all(s.plan.get("reachable", True) for s in history)
+        report["plan"] = last.plan
+    if last.stats is not None:
+        st = last.stats
+        report["calibration"] = {"source": st.source, "samples": st.samples, "batches": st.batches,
+                                 "tensors": len(st.axes)}
+    if last.compensation is not None:
+        report[opts.criterion] = last.compensation.report()
     if fixed:
         report["overrides"] = {str(k): v for k, v in fixed.items()}
     if sc.notes:
         report["fallbacks"] = {str(k): v for k, v in sc.notes.items()}
-    if steps > 1:
+    if opts.steps > 1:
         report["step_summaries"] = [
-            {"step": i + 1, "params": h[0].params, "macs": h[0].macs,
-             "removed": int(sum(len(v) for v in h[2].values())), **({"plan": h[4]} if h[4] else {})}
-            for i, h in enumerate(history)]
-    for g in an.groups:
+            {"step": i + 1, "params": s.analysis.params, "macs": s.analysis.macs,
+             "removed": int(sum(len(v) for v in s.removal.values())), **({"plan": s.plan} if s.plan else {})}
+            for i, s in enumerate(history)]
+    for g in last.analysis.groups:
         entry = g.summary()
         gone = removal.get(g.id, np.zeros(0, np.int64))
         entry.update(kept=g.channels - len(gone), removed=int(len(gone)),
                      removed_channels=[int(np.searchsorted(g.units, u)) for u in gone])
         if g.prunable:
-            entry.update(criterion=criterion, reduction=sc.reduction,
+            entry.update(criterion=opts.criterion, reduction=sc.reduction,
                          scores=[round(float(s), 6) for s in sc.normalised[g.units]])
             if g.id in sc.notes:
                 entry["fallback"] = sc.notes[g.id]
             if g.id in fixed:
                 entry["override"] = fixed[g.id]
-            if obs is not None and g.id in obs["results"]:
-                r = obs["results"][g.id]
-                entry["obspa"] = {"cost": r.cost, "hessian": r.sources, "inverse": sorted(set(r.how))}
+            extra = last.compensation.group_report(g.id) if last.compensation is not None else None
+            if extra is not None:
+                entry[opts.criterion] = extra
         report["groups"].append(entry)
-    report["seconds"] = round(time.perf_counter() - t0, 3)
-    if output is not None:
-        io.save_model(pruned, output)
-        report["output"] = str(output)
-    return PruneResult(pruned, report)
-
-
-def _obspa_setup(an, sc, hessian, calib, need_scores, n_batches, batch_size, seed, progress) -> dict:
-    """Consumers and Hessians of every group; with a global plan or a target, the groups' scores
-    become their single-removal OBS costs (a local ratio needs only counts: the greedy picks)."""
-    from .scoring import normalise, obspa
-    consumers, skipped = obspa.find_consumers(an)
-    per_group = obspa.group_consumers(an, consumers)
-    used = [c for items in per_group.values() for c, _ in items]
-    progress(f"obspa: {len(used)} consumer weights in {len(per_group)} groups; Hessians: {hessian}")
-    hs = obspa.hessians(an, used, hessian, calib, n_batches=n_batches, batch_size=batch_size, seed=seed,
-                        progress=progress)
-    for g in an.groups:
-        if g.prunable and g.id not in per_group:
-            sc.notes[g.id] = "obspa: no consumer weight modelled; l2, not compensated"
-    if need_scores:
-        progress("obspa: single-removal costs of every channel")
-        groups = {g.id: g for g in an.groups}
-        for gid, s in obspa.group_scores(an, per_group, hs).items():
-            sc.raw[groups[gid].units] = s
-        sc.normalised = normalise(sc.raw, an.groups, sc.normalisation)
-    return {"per_group": per_group, "hs": hs, "skipped": skipped, "damp": obspa.DAMP, "results": {}}
-
-
-def _obspa_apply(an, sc, obs, removal, progress):
-    """Let OBS choose which channels go (as many per group as the plan says) and compensate the
-    kept weights; returns the model and channel model carrying the compensated weights."""
-    import dataclasses
-    from .scoring import normalise, obspa
-    counts = {gid: len(u) for gid, u in removal.items()}
-    results, new = obspa.prune_groups(an, obs["per_group"], obs["hs"], counts, progress=progress)
-    groups = {g.id: g for g in an.groups}
-    for gid, r in results.items():
-        units = groups[gid].units
-        removal[gid] = units[r.removed]
-        if len(r.first_costs) == len(units):
-            sc.raw[units] = r.first_costs
-    sc.normalised = normalise(sc.raw, an.groups, sc.normalisation)
-    obs["results"] = results
-    if not new:
-        return an.model, an.channels
-    model = onnx.ModelProto()
-    model.CopyFrom(an.model)
-    for init in model.graph.initializer:
-        if init.name in new:
-            init.CopyFrom(onnx.numpy_helper.from_array(new[init.name], init.name))
-    return model, dataclasses.replace(an.channels, consts={**an.channels.consts, **new})
-
-
-def validate(pruned: onnx.ModelProto, an: Analysis, input_shapes=None, *, every_size: bool = True) -> probing.Probe:
-    """onnx.checker, then onnxruntime runs at every size the analysis ran the original at (the
-    probe sizes and, for dynamic inputs, every symbol moved up and down): the pruned model must run
-    and give the original's output shapes at each, and where the inputs have a batch, a batch's
-    first row must equal that row run alone.  A failure is a one-line SpaError naming the sizes.
-    ``every_size=False`` checks the probe sizes only (the oracle, which compares at several)."""
-    if io.model_size(pruned) < 2_000_000_000:
-        try:
-            io.check_model(pruned)
-        except onnx.checker.ValidationError as exc:
-            if _checker_ok(an.model):  # only complain about what pruning broke
-                raise SpaError(f"internal: pruned model fails onnx.checker ({str(exc).splitlines()[0]})") from None
-    if input_shapes is None:  # the sizes the analysis ran with
-        input_shapes = {k: list(np.shape(v)) for k, v in an.probe.inputs.items()}
-    try:
-        pr = probing.probe(pruned, input_shapes, dynamic=False)
-    except SpaError as exc:
-        raise SpaError(f"internal: pruned model does not run in onnxruntime: {exc}") from None
-    for out in an.model.graph.output:
-        if pr.shapes.get(out.name) != an.probe.shapes.get(out.name):
-            raise SpaError(f"internal: output '{out.name}' changed shape "
-                           f"{an.probe.shapes.get(out.name)} -> {pr.shapes.get(out.name)}")
-    if every_size:
-        _validate_other_sizes(pruned, an, pr)
-    return pr
-
-
-def _validate_other_sizes(pruned, an: Analysis, pr: probing.Probe) -> None:
-    plan, points, ref = an.probe.plan, an.probe.points[1:], an.probe.other_shapes
-    if plan is None or not points:
-        return
-    runner = probing.output_runner(pruned, pr.consts)
-    outputs = [o.name for o in pruned.graph.output]
-    rows_checked = False
-    for point, ref_shapes in zip(points, ref):
-        where = plan.describe(point)
-        feed = probing.input_feed(pruned, plan=plan, values=point, seed=1)
-        try:
-            got = runner.run(feed)
-        except Exception as exc:
-            raise SpaError(f"pruned model fails at {where} ({probing.ort_reason(exc)}); spa would not write it: "
-                           "please report this model") from None
-        for name in outputs:
-            if name in ref_shapes and tuple(np.shape(got[name])) != ref_shapes[name]:
-                raise SpaError(f"pruned model: output '{name}' is {list(np.shape(got[name]))} at {where}, "
-                               f"the original's is {list(ref_shapes[name])}; spa would not write it")
-        if not rows_checked:
-            rows_checked = _check_batch_rows(runner, plan, point, feed, got, where)
-
-
-def _check_batch_rows(runner, plan, point, feed, got, where) -> bool:
-    """Row 0 of a batch run equals row 0 run alone (a size frozen at the probe's batch shows here).
-    False when the inputs and outputs have no common batch dim to check."""
-    batch = [s for s in plan.symbols if s in plan.batch and point[s] > 1]
-    if not batch or any(plan.dims[(name, 0)] != ("sym", batch[0]) for name in feed):
-        return False
-    n = point[batch[0]]
-    if any(np.ndim(v) == 0 or np.shape(v)[0] != n for v in got.values()):
-        return False
-    alone = runner.run({k: v[:1] for k, v in feed.items()})
-    for name, v in got.items():
-        a, b = np.asarray(v[:1], np.float64), np.asarray(alone[name], np.float64)
-        if a.shape != b.shape:
-            raise SpaError(f"pruned model: output '{name}' row 0 has shape {list(b.shape)} alone and "
-                           f"{list(a.shape)} in a batch at {where}; spa would not write it")
-        scale = max(np.abs(b).max(initial=0.0), 1e-3)
-        if np.abs(a - b).max(initial=0.0) > 1e-3 * scale:
-            raise SpaError(f"pruned model: output '{name}' row 0 differs between a batch of {n} and a batch of 1 "
-                           f"({where}); a size is frozen somewhere; spa would not write it: please report this model")
-    return True
-
-
-def _checker_ok(proto) -> bool:
-    try:
-        io.check_model(proto)
-        return True
-    except onnx.checker.ValidationError:
-        return False
+    return report

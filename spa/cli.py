@@ -163,7 +163,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
     Exit code 0 on success (--check only reports unless --atol/--rtol is given), 1 when --atol/--rtol
     is given and an output is out of tolerance (the model is written all the same), 2 on errors.
     """
-    from .api import analyze
+    from .api import PruneOptions, analyze
     from .api import prune as do_prune
     from .io import save_model
     src, shapes = _resolve_model(model, input_shapes)
@@ -178,11 +178,11 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
         _bench_provider_usable(bench_provider)  # fail before pruning, not after
     an = analyze(src, input_shapes=shapes, progress=_progress)
     _known_inputs(an, shapes)
-    result = do_prune(src, ratio, criterion=criterion, reduction=reduction, normalisation=normalisation,
-                      global_rank=global_rank, round_to=round_to, exclude=exclude, max_ratio=max_ratio,
-                      target=target, overrides=overrides, steps=steps, calib=calib, calib_batches=calib_batches,
-                      calib_batch_size=calib_batch_size, seed=seed, hessian=hessian, input_shapes=shapes,
-                      progress=_progress, analysis=an)
+    options = PruneOptions(ratio=ratio, criterion=criterion, reduction=reduction, normalisation=normalisation,
+                           global_rank=global_rank, round_to=round_to, exclude=exclude, max_ratio=max_ratio,
+                           target=target, overrides=overrides, steps=steps, calib=calib, calib_batches=calib_batches,
+                           calib_batch_size=calib_batch_size, seed=seed, hessian=hessian, input_shapes=shapes)
+    result = do_prune(src, options=options, progress=_progress, analysis=an)
     save_model(result.model, output)
     rep = result.report
     rep["output"] = output

@@ -96,7 +96,7 @@ def check_groups(an, fraction: float = 0.34, seed: int = 0, groups=None):
     Raises whatever surgery or validation raises: a group that cannot be pruned validly is a bug.
     """
     from . import surgery
-    from .api import validate
+    from .validate import validate
     rng = np.random.default_rng(seed)
     results = []
     for g in (groups if groups is not None else an.groups):
@@ -120,7 +120,7 @@ def check_joint(an, fraction: float = 0.34, seed: int = 0, approximate: bool = F
     group is pruned and only validity is checked (error is then informative, not bounded).
     """
     from . import surgery
-    from .api import validate
+    from .validate import validate
     rng = np.random.default_rng(seed)
     chosen = [g for g in an.groups if g.prunable and (approximate or not g.approximate)]
     units = []

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 
 import spa
 from spa import probing, shapes
-from spa.api import validate
+from spa.validate import validate
 from spa.errors import SpaError
 from spa.oracle import check_groups, check_joint
 from graphs import G

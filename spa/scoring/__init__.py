@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from .activation import act_mean_scores, flap_scores, wanda_scores
+from .obspa import Compensation as obspa_compensation
 from .magnitude import NORMALISATIONS, REDUCTIONS, magnitude_scores, normalise  # noqa: F401
 from .structure import (bn_scale_scores, fpgm_scores, l1_scores, l2_scores, lamp_scores,  # noqa: F401
                         random_scores)
@@ -26,6 +27,7 @@ class Scorer:
     needs_calib: bool = False
     normalisation: str = "mean"     # the default; lamp is already layer-adaptive
     doc: str = ""
+    compensation: Callable | None = None   # see the module docstring
 
 
 CRITERIA = {s.name: s for s in (
@@ -38,9 +40,10 @@ CRITERIA = {s.name: s for s in (
     Scorer("act_mean", act_mean_scores, needs_calib=True, doc="mean |activation| of the channel"),
     Scorer("wanda", wanda_scores, needs_calib=True, doc="|W| x input activation norm over consumers"),
     Scorer("flap", flap_scores, needs_calib=True, doc="activation variance x squared consumer column norm"),
-    # the scores here are only L2, the fallback for groups OBS cannot model: spa.prune replaces
-    # them with OBS removal costs and compensates the kept weights (spa.scoring.obspa)
-    Scorer("obspa", l2_scores, doc="Optimal Brain Surgeon removal cost + weight compensation (no data needed)"),
+    # the scores here are only L2, the fallback for groups OBS cannot model: the compensation
+    # replaces them with OBS removal costs and compensates the kept weights (spa.scoring.obspa)
+    Scorer("obspa", l2_scores, compensation=obspa_compensation,
+           doc="Optimal Brain Surgeon removal cost + weight compensation (no data needed)"),
 )}
 
 

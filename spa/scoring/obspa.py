@@ -514,3 +514,63 @@ def prune_groups(an, per_group, hs, counts, *, damp=DAMP, progress=_quiet):
                                     info.get("first_costs", np.zeros(0)))
     changed = {k: v for k, v in weights.items() if v is not an.channels.consts.get(k)}
     return results, changed
+
+
+class Compensation:
+    """What ``criterion='obspa'`` adds to the prune pipeline (``Scorer.compensation``): consumers and
+    Hessians of every group; with a global plan or a target (``ranked``), the groups' scores become
+    their single-removal OBS costs (a local ratio needs only counts: the greedy picks); ``apply`` lets
+    OBS choose which channels go, as many per group as the plan says, and compensates the kept
+    weights."""
+
+    def __init__(self, an, scores, opts, ranked, progress=_quiet):
+        from .magnitude import normalise
+        self.an, self.scores, self.hessian = an, scores, opts.hessian
+        consumers, self.skipped = find_consumers(an)
+        self.per_group = group_consumers(an, consumers)
+        used = [c for items in self.per_group.values() for c, _ in items]
+        progress(f"obspa: {len(used)} consumer weights in {len(self.per_group)} groups; Hessians: {opts.hessian}")
+        self.hs = hessians(an, used, opts.hessian, opts.calib, n_batches=opts.calib_batches,
+                           batch_size=opts.calib_batch_size, seed=opts.seed, progress=progress)
+        self.results = {}
+        for g in an.groups:
+            if g.prunable and g.id not in self.per_group:
+                scores.notes[g.id] = "obspa: no consumer weight modelled; l2, not compensated"
+        if ranked:
+            progress("obspa: single-removal costs of every channel")
+            groups = {g.id: g for g in an.groups}
+            for gid, s in group_scores(an, self.per_group, self.hs).items():
+                scores.raw[groups[gid].units] = s
+            scores.normalised = normalise(scores.raw, an.groups, scores.normalisation)
+
+    def apply(self, removal, progress=_quiet):
+        """OBS's choice of channels (``removal`` is updated in place) and the model and channel model
+        carrying the compensated weights."""
+        import dataclasses
+        import onnx
+        from .magnitude import normalise
+        an, sc = self.an, self.scores
+        counts = {gid: len(u) for gid, u in removal.items()}
+        self.results, new = prune_groups(an, self.per_group, self.hs, counts, progress=progress)
+        groups = {g.id: g for g in an.groups}
+        for gid, r in self.results.items():
+            units = groups[gid].units
+            removal[gid] = units[r.removed]
+            if len(r.first_costs) == len(units):
+                sc.raw[units] = r.first_costs
+        sc.normalised = normalise(sc.raw, an.groups, sc.normalisation)
+        if not new:
+            return an.model, an.channels
+        model = onnx.ModelProto()
+        model.CopyFrom(an.model)
+        for init in model.graph.initializer:
+            if init.name in new:
+                init.CopyFrom(onnx.numpy_helper.from_array(new[init.name], init.name))
+        return model, dataclasses.replace(an.channels, consts={**an.channels.consts, **new})
+
+    def report(self) -> dict:
+        return {"hessian": self.hessian, "source": self.hs.desc, "damp": DAMP, "not_modelled": self.skipped}
+
+    def group_report(self, gid):
+        r = self.results.get(gid)
+        return None if r is None else {"cost": r.cost, "hessian": r.sources, "inverse": sorted(set(r.how))}

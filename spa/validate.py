@@ -1,0 +1,93 @@
+"""The validate stage: a pruned model is written only if it runs right at every size.
+
+``onnx.checker``, then onnxruntime runs at every size the analysis ran the original at (the probe
+sizes and, for dynamic inputs, every symbol moved up and down: ``spa.shapes``), each with the
+original's output shapes, and a batch's first row equal to that row run alone.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from . import io, probing
+from .errors import SpaError
+
+
+def validate(pruned: onnx.ModelProto, an, input_shapes=None, *, every_size: bool = True) -> probing.Probe:
+    """onnx.checker, then onnxruntime runs at every size the analysis ran the original at (the
+    probe sizes and, for dynamic inputs, every symbol moved up and down): the pruned model must run
+    and give the original's output shapes at each, and where the inputs have a batch, a batch's
+    first row must equal that row run alone.  A failure is a one-line SpaError naming the sizes.
+    ``every_size=False`` checks the probe sizes only (the oracle, which compares at several)."""
+    if io.model_size(pruned) < 2_000_000_000:
+        try:
+            io.check_model(pruned)
+        except onnx.checker.ValidationError as exc:
+            if _checker_ok(an.model):  # only complain about what pruning broke
+                raise SpaError(f"internal: pruned model fails onnx.checker ({str(exc).splitlines()[0]})") from None
+    if input_shapes is None:  # the sizes the analysis ran with
+        input_shapes = {k: list(np.shape(v)) for k, v in an.probe.inputs.items()}
+    try:
+        pr = probing.probe(pruned, input_shapes, dynamic=False)
+    except SpaError as exc:
+        raise SpaError(f"internal: pruned model does not run in onnxruntime: {exc}") from None
+    for out in an.model.graph.output:
+        if pr.shapes.get(out.name) != an.probe.shapes.get(out.name):
+            raise SpaError(f"internal: output '{out.name}' changed shape "
+                           f"{an.probe.shapes.get(out.name)} -> {pr.shapes.get(out.name)}")
+    if every_size:
+        _validate_other_sizes(pruned, an, pr)
+    return pr
+
+
+def _validate_other_sizes(pruned, an, pr: probing.Probe) -> None:
+    plan, points, ref = an.probe.plan, an.probe.points[1:], an.probe.other_shapes
+    if plan is None or not points:
+        return
+    runner = probing.output_runner(pruned, pr.consts)
+    outputs = [o.name for o in pruned.graph.output]
+    rows_checked = False
+    for point, ref_shapes in zip(points, ref):
+        where = plan.describe(point)
+        feed = probing.input_feed(pruned, plan=plan, values=point, seed=1)
+        try:
+            got = runner.run(feed)
+        except Exception as exc:
+            raise SpaError(f"pruned model fails at {where} ({probing.ort_reason(exc)}); spa would not write it: "
+                           "please report this model") from None
+        for name in outputs:
+            if name in ref_shapes and tuple(np.shape(got[name])) != ref_shapes[name]:
+                raise SpaError(f"pruned model: output '{name}' is {list(np.shape(got[name]))} at {where}, "
+                               f"the original's is {list(ref_shapes[name])}; spa would not write it")
+        if not rows_checked:
+            rows_checked = _check_batch_rows(runner, plan, point, feed, got, where)
+
+
+def _check_batch_rows(runner, plan, point, feed, got, where) -> bool:
+    """Row 0 of a batch run equals row 0 run alone (a size frozen at the probe's batch shows here).
+    False when the inputs and outputs have no common batch dim to check."""
+    batch = [s for s in plan.symbols if s in plan.batch and point[s] > 1]
+    if not batch or any(plan.dims[(name, 0)] != ("sym", batch[0]) for name in feed):
+        return False
+    n = point[batch[0]]
+    if any(np.ndim(v) == 0 or np.shape(v)[0] != n for v in got.values()):
+        return False
+    alone = runner.run({k: v[:1] for k, v in feed.items()})
+    for name, v in got.items():
+        a, b = np.asarray(v[:1], np.float64), np.asarray(alone[name], np.float64)
+        if a.shape != b.shape:
+            raise SpaError(f"pruned model: output '{name}' row 0 has shape {list(b.shape)} alone and "
+                           f"{list(a.shape)} in a batch at {where}; spa would not write it")
+        scale = max(np.abs(b).max(initial=0.0), 1e-3)
+        if np.abs(a - b).max(initial=0.0) > 1e-3 * scale:
+            raise SpaError(f"pruned model: output '{name}' row 0 differs between a batch of {n} and a batch of 1 "
+                           f"({where}); a size is frozen somewhere; spa would not write it: please report this model")
+    return True
+
+
+def _checker_ok(proto) -> bool:
+    try:
+        io.check_model(proto)
+        return True
+    except onnx.checker.ValidationError:
+        return False
