@@ -1,6 +1,7 @@
 """The library entry points: ``spa.analyze`` and ``spa.prune`` (the CLI only calls these)."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -180,7 +181,7 @@ def prune(model, ratio: float = 0.3, *, options: PruneOptions | None = None, out
     report = _report(first, history, current, after, opts, target)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     if output is not None:
-        io.save_model(current, output)
+        io.save_model(current, output, inputs=[model] if isinstance(model, (str, os.PathLike)) else [])
         report["output"] = str(output)
     return PruneResult(current, report)
 

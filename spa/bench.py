@@ -253,8 +253,12 @@ def plot_bench(result, path) -> None:
     ax.set_ylabel("median latency (ms)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    from .io import write_atomic
+    fmt = os.path.splitext(str(path))[1].lstrip(".") or "png"
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format=fmt), inputs=models, what="--plot")
+    finally:
+        plt.close(fig)
 
 
 def _batches_option(ctx, param, value):

@@ -37,6 +37,17 @@ def _resolve_model(model: str, input_shapes=()):
     raise SpaError(f"{model}: no such file (nor a zoo model: {', '.join(zoo.names())})")
 
 
+def _run_inputs(model, targets, *files) -> list:
+    """The files a run reads that a write must never replace: the model, its external data (looked
+    up only when a target is an existing file in the model's folder), and option files."""
+    from .io import external_data_files
+    out = [str(Path(model).resolve())] + [str(Path(f).resolve()) for f in files if f and Path(str(f)).is_file()]
+    folder = Path(model).resolve().parent
+    if any(t and Path(t).exists() and Path(t).resolve().parent == folder for t in targets):
+        out += external_data_files(model)
+    return out
+
+
 def _shapes(values):
     if not values:
         return None
@@ -165,7 +176,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
     """
     from .api import PruneOptions, analyze
     from .api import prune as do_prune
-    from .io import save_model
+    from .io import check_target, save_model, write_text
     src, shapes = _resolve_model(model, input_shapes)
     do_check = do_check or atol is not None or rtol is not None
     if Path(src).resolve() == Path(output).resolve():
@@ -174,6 +185,14 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
         if do_check or do_bench:
             raise SpaError("--check and --bench compare with the input model, which -o would overwrite; "
                            "write the pruned model elsewhere")
+    # every file of the run that spa reads is protected from every file it writes (checked now, before
+    # the work, and again at each write)
+    protect = _run_inputs(src, [output, report], calib, overrides)
+    check_target(output, [p for p in protect if not (force and p == src)])
+    if report:
+        if Path(report).resolve() == Path(output).resolve():
+            raise SpaError(f"--report {report}: is the output model's path; choose another file for the report")
+        check_target(report, protect + [output], what="--report")
     if do_bench:
         _bench_provider_usable(bench_provider)  # fail before pruning, not after
     an = analyze(src, input_shapes=shapes, progress=_progress)
@@ -183,7 +202,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                            target=target, overrides=overrides, steps=steps, calib=calib, calib_batches=calib_batches,
                            calib_batch_size=calib_batch_size, seed=seed, hessian=hessian, input_shapes=shapes)
     result = do_prune(src, options=options, progress=_progress, analysis=an)
-    save_model(result.model, output)
+    save_model(result.model, output, inputs=[p for p in protect if not (force and p == src)])
     rep = result.report
     rep["output"] = output
     # the pruned model is validated (and its shape constants folded) at the sizes the analysis ran with:
@@ -194,7 +213,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
     if do_bench:
         rep["bench"] = _run_bench(src, output, used, bench_provider, bench_warmup, bench_iters)
     if report:
-        Path(report).write_text(json.dumps(rep, indent=1))
+        write_text(report, json.dumps(rep, indent=1), inputs=protect + [output], what="--report")
     failed = do_check and rep["check"]["passed"] is False
     if as_json:
         click.echo(json.dumps(rep, indent=1))

@@ -11,9 +11,13 @@ numpy.
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,8 @@ from onnx import numpy_helper
 
 from .errors import SpaError
 
+#: models larger than this (bytes) are written with external data (protobuf's limit is 2 GiB)
+EXTERNAL_DATA_ABOVE = 2_000_000_000
 #: ONNX Runtime 1.2x reads IR versions up to this.
 MAX_IR_VERSION = 10
 
@@ -90,36 +96,155 @@ def _external_tensors(proto):
                 yield a.t
 
 
+def external_data_files(path) -> list:
+    """The files a model's external data lives in (resolved paths; the model is parsed without its
+    data, so only call this when it matters: a write into the model's folder)."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return []
+    base = Path(path).parent
+    return sorted({str((base / next((e.value for e in t.external_data if e.key == "location"), "")).resolve())
+                   for t in _external_tensors(proto)})
+
+
 def _uses_external_data(proto) -> bool:
     return any(True for _ in _external_tensors(proto))
 
 
-def save_model(proto: onnx.ModelProto, path, *, overwrite_ok: bool = True) -> Path:
-    """Write atomically (temp file + rename); external data for models over 2 GB."""
+def save_model(proto: onnx.ModelProto, path, *, inputs=()) -> Path:
+    """Write a model through the safe writer (``write_atomic``; ``inputs``: the run's input files,
+    which it refuses to replace); external data, beside it and as safely, for models over 2 GB."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     plan = None
     if not _no_external(proto):
         big = True
     else:
         plan = _stream_plan(proto)
-        big = (plan[0] if plan is not None else proto.ByteSize()) > 2_000_000_000
-    fd, tmp = tempfile.mkstemp(prefix=".spa-", suffix=".onnx", dir=str(path.parent))
-    os.close(fd)
-    try:
-        if big:
-            data_name = path.name + ".data"
-            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-        elif plan is None:
-            onnx.save_model(proto, tmp)
-        else:
-            _write_stream(proto, plan, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        big = (plan[0] if plan is not None else proto.ByteSize()) > EXTERNAL_DATA_ABOVE
+    if not big:
+        return write_atomic(path, lambda tmp: onnx.save_model(proto, tmp) if plan is None
+                            else _write_stream(proto, plan, tmp), inputs=inputs)
+    data = path.with_name(path.name + ".data")
+    for target in (path, data):
+        check_target(target, inputs)
+    # both files are written in a temporary folder beside the target, then renamed: data first, so
+    # the model never names data that is not there
+    with _cleanup_on_term():
+        tmpdir = tempfile.mkdtemp(prefix=".spa-", dir=str(path.parent))
+        try:
+            onnx.save_model(proto, os.path.join(tmpdir, path.name), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+            for final in (data, path):
+                tmp = os.path.join(tmpdir, final.name)
+                _finish(tmp)
+                os.replace(tmp, final)
+            _sync_dir(path.parent)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# the safe writer: every file spa writes goes through here
+
+
+def check_target(path, inputs=(), *, what="output") -> Path:
+    """Refuse, in one line, a write that would replace one of the run's input files (``inputs``:
+    paths; hard links count) or anything that is not a regular file (a symbolic link, a device, a
+    FIFO, a folder); the target's folder must exist or be creatable."""
+    p = Path(path)
+    if p.is_symlink():
+        raise SpaError(f"{what} {p}: is a symbolic link; spa writes regular files only (give the real path)")
+    if p.exists():
+        if not p.is_file():
+            raise SpaError(f"{what} {p}: exists and is not a regular file; spa will not replace it")
+        for src in inputs:
+            try:
+                same = src is not None and os.path.samefile(p, src)
+            except OSError:
+                continue
+            if same:
+                raise SpaError(f"{what} {p}: is {src}, an input of this run; choose another path")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise SpaError(f"{what} {p}: cannot write in {parent} (not a writable folder)")
+    return p
+
+
+def write_atomic(path, write, *, inputs=(), what="output") -> Path:
+    """Write ``path`` the safe way: ``check_target``, then ``write(tmp)`` into a temporary file in
+    the same folder, fsync, the mode the umask gives (0644 under 022), rename over the target.  On
+    any failure, SIGTERM included, the temporary file is removed and the target left as it was."""
+    path = check_target(path, inputs, what=what)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SpaError(f"{what} {path}: cannot create its folder ({exc.strerror})") from None
+    with _cleanup_on_term():
+        fd, tmp = tempfile.mkstemp(prefix=".spa-", suffix=path.suffix, dir=str(path.parent))
+        os.close(fd)
+        try:
+            write(tmp)
+            _finish(tmp)
+            os.replace(tmp, path)
+            _sync_dir(path.parent)
+        except OSError as exc:
+            raise SpaError(f"{what} {path}: write failed ({exc.strerror or exc}); nothing was written") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return path
+
+
+def write_text(path, text: str, *, inputs=(), what="output") -> Path:
+    """A text file (a JSON report) through ``write_atomic``."""
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), inputs=inputs, what=what)
+
+
+def _finish(tmp) -> None:
+    """fsync the written file and give it the mode a plain open() would (0666 less the umask)."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+
+
+def _sync_dir(folder) -> None:
+    try:
+        fd = os.open(str(folder), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _cleanup_on_term():
+    """SIGTERM during a write raises SystemExit, so that the writer's ``finally`` removes its
+    temporary files (the default action would kill the process and leave them behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+    try:
+        old = signal.signal(signal.SIGTERM, stop)
+    except (ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _varint(n: int) -> bytes:
