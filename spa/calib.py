@@ -96,6 +96,8 @@ def batches(an, spec, *, n_batches: int = 8, batch_size: int | None = None, seed
     path = Path(spec)
     if not path.exists():
         raise SpaError(f"--calib: {path}: no such file (give a .npz, a .npy, or 'random')")
+    if not path.is_file():
+        raise SpaError(f"--calib: {path}: not a regular file (a FIFO or a device); give a .npz or .npy file")
     try:
         loaded = np.load(str(path), allow_pickle=False)
     except Exception as exc:

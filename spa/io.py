@@ -16,6 +16,7 @@ import mmap
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -50,6 +51,8 @@ def load_model(model, *, load_weights: bool = True) -> onnx.ModelProto:
         raise SpaError(f"{path}: no such file")
     if path.is_dir():
         raise SpaError(f"{path}: is a directory, expected an .onnx file")
+    if not path.is_file():
+        raise SpaError(f"{path}: not a regular file (a FIFO or a device); give spa the .onnx file itself")
     try:
         proto = _parse(path)
     except Exception as exc:  # protobuf raises DecodeError and friends
@@ -58,16 +61,43 @@ def load_model(model, *, load_weights: bool = True) -> onnx.ModelProto:
     if not proto.graph.node and not proto.graph.initializer:
         raise SpaError(f"{path}: not an ONNX model (empty graph)")
     if load_weights and _uses_external_data(proto):
-        base = path.parent
         for tensor in _external_tensors(proto):
-            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-            target = (base / location).resolve()
-            if base.resolve() not in target.parents and target != base.resolve():
-                raise SpaError(f"{path}: external data '{location}' points outside the model's folder; refusing to read it")
-            if not target.exists():
-                raise SpaError(f"{path}: external data file '{location}' is missing; keep it next to the model")
-        onnx.load_external_data_for_model(proto, str(base))
+            _check_external(path, tensor)
+        try:
+            onnx.load_external_data_for_model(proto, str(path.parent))
+        except Exception as exc:
+            raise SpaError(f"{path}: cannot read its external data ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
     return proto
+
+
+def _check_external(path: Path, tensor) -> None:
+    """Before anything reads it: a tensor's external data must be a regular file inside the model's
+    folder (a relative location, no '..' out, no symbolic or hard link out), its offset and length
+    within the file (the CVE-2024-27318 class; onnx >= 1.16 checks too, spa does not rely on it)."""
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    where = f"{path}: external data '{location}' of tensor '{tensor.name}'"
+    if not location or os.path.isabs(location) or ".." in Path(location).parts:
+        raise SpaError(f"{where}: not a plain relative path; refusing to read it")
+    base = os.path.realpath(path.parent)
+    target = os.path.realpath(os.path.join(base, location))
+    if os.path.commonpath([base, target]) != base:
+        raise SpaError(f"{where} points outside the model's folder; refusing to read it")
+    try:
+        st = os.stat(target)
+    except OSError:
+        raise SpaError(f"{where} is missing; keep it next to the model") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SpaError(f"{where} is not a regular file; refusing to read it")
+    if st.st_nlink > 1:
+        raise SpaError(f"{where} is a hard link (it may be a file from elsewhere); copy the data instead")
+    try:
+        offset, length = int(info.get("offset", 0) or 0), int(info.get("length", -1) or -1)
+    except ValueError:
+        raise SpaError(f"{where}: offset/length are not numbers") from None
+    if offset < 0 or offset > st.st_size or (length >= 0 and offset + length > st.st_size):
+        raise SpaError(f"{where}: offset {offset} and length {length} run past the file's {st.st_size} bytes")
 
 
 def _parse(path: Path) -> onnx.ModelProto:
@@ -87,13 +117,22 @@ def _parse(path: Path) -> onnx.ModelProto:
 
 
 def _external_tensors(proto):
-    for t in proto.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            yield t
-    for n in proto.graph.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.TENSOR and a.t.data_location == onnx.TensorProto.EXTERNAL:
-                yield a.t
+    """Every tensor stored as external data, in the main graph and in every subgraph (initializers
+    and Constant-node values)."""
+    def walk(graph):
+        for t in graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                yield t
+        for n in graph.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR and a.t.data_location == onnx.TensorProto.EXTERNAL:
+                    yield a.t
+                for t in a.tensors:
+                    if t.data_location == onnx.TensorProto.EXTERNAL:
+                        yield t
+                for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    yield from walk(g)
+    yield from walk(proto.graph)
 
 
 def external_data_files(path) -> list:

@@ -8,6 +8,9 @@ import numpy as np
 
 from .errors import SpaError
 
+#: an --overrides file is a small JSON object; anything bigger is a mistake (or /dev/zero)
+OVERRIDES_LIMIT = 1 << 20
+
 
 def _n_remove(n: int, want: int, round_to: int, max_ratio: float) -> int:
     """How many of ``n`` channels to remove: capped, rounded so that kept % round_to == 0, never all."""
@@ -118,10 +121,14 @@ def resolve_overrides(groups, overrides) -> dict:
         import json
         from pathlib import Path
         path = Path(overrides)
+        if not path.exists():
+            raise SpaError(f"--overrides: {path}: no such file")
+        if not path.is_file() or path.stat().st_size > OVERRIDES_LIMIT:
+            raise SpaError(f"--overrides: {path}: not a JSON file of at most {OVERRIDES_LIMIT // 1024} KB")
         try:
             overrides = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise SpaError(f"--overrides: {path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SpaError(f"--overrides: {path}: cannot read ({type(exc).__name__})") from None
         except ValueError as exc:
             raise SpaError(f"--overrides: {path}: not JSON ({exc})") from None
         if isinstance(overrides, dict) and isinstance(overrides.get("overrides"), dict):

@@ -157,3 +157,83 @@ def test_external_data_output_is_written_beside_it_and_never_appended(tmp_path, 
     data.symlink_to(tmp_path / "elsewhere")  # the data target is checked like the model's
     with pytest.raises(SpaError, match="symbolic link"):
         io.save_model(residual_chain(), out)
+
+
+# ----------------------------------------------------------------------------------------------
+# reading only what the model's folder holds
+
+
+def _with_location(tmp_path, location, offset=None, length=None, subgraph=False):
+    """m.onnx whose first weight is external data at ``location`` (a file 'weights.bin' beside it
+    holds the real bytes); ``subgraph``: the weight sits inside an If branch."""
+    from onnx import TensorProto, helper, numpy_helper
+    import numpy as np
+    folder = tmp_path / "model"
+    folder.mkdir(exist_ok=True)
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    (folder / "weights.bin").write_bytes(w.raw_data)
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    entries = {"location": location}
+    if offset is not None:
+        entries["offset"] = str(offset)
+    if length is not None:
+        entries["length"] = str(length)
+    for k, v in entries.items():
+        e = w.external_data.add()
+        e.key, e.value = k, v
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    if subgraph:
+        branch = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "b", [], [y], [w])
+        cond = numpy_helper.from_array(np.array(True), "c")
+        graph = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)],
+                                  "g", [x], [y], [cond])
+    else:
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [w])
+    path = folder / "m.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("case", ["dotdot", "absolute", "symlink_out", "hardlink", "fifo", "past_end", "subgraph"])
+def test_external_data_outside_the_model_folder_is_never_read(tmp_path, case):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\x00" * 64)
+    if case == "dotdot":
+        path = _with_location(tmp_path, "../secret.bin")
+    elif case == "absolute":
+        path = _with_location(tmp_path, str(secret))
+    elif case == "symlink_out":
+        path = _with_location(tmp_path, "link.bin")
+        (path.parent / "link.bin").symlink_to(secret)
+    elif case == "hardlink":
+        path = _with_location(tmp_path, "hard.bin")
+        os.link(secret, path.parent / "hard.bin")
+    elif case == "fifo":
+        path = _with_location(tmp_path, "pipe.bin")
+        os.mkfifo(path.parent / "pipe.bin")
+    elif case == "past_end":
+        path = _with_location(tmp_path, "weights.bin", offset=32, length=64)
+    else:
+        path = _with_location(tmp_path, "../secret.bin", subgraph=True)
+    with pytest.raises(SpaError, match="external data") as err:
+        io.load_model(str(path))
+    assert "\n" not in str(err.value)
+    res = run("inspect", path)  # the CLI: one line, exit 2, no hang
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+
+
+def test_a_good_external_data_model_still_loads(tmp_path):
+    path = _with_location(tmp_path, "weights.bin", offset=0, length=64)
+    assert len(io.load_model(str(path)).graph.initializer[0].raw_data) == 64
+
+
+def test_fifos_as_model_calib_or_overrides_do_not_hang(model, tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert "not a regular file" in refused(run("inspect", fifo))
+    out = tmp_path / "o.onnx"
+    assert "not a regular file" in refused(run("prune", model, "-o", out, "--criterion", "wanda", "--calib", fifo))
+    assert "--overrides" in refused(run("prune", model, "-o", out, "--overrides", fifo))
+    assert "--overrides" in refused(run("prune", model, "-o", out, "--overrides", "/dev/zero"))
