@@ -48,8 +48,12 @@ class Analysis:
 
 
 def analyze(model, *, input_shapes=None, progress=_quiet) -> Analysis:
-    """Load, normalise and probe ``model`` (path or ModelProto) and find its channel groups."""
+    """Load, normalise and probe ``model`` (a path, a zoo model's name such as ``"yolov8n"``, or a
+    ModelProto) and find its channel groups."""
     t0 = time.perf_counter()
+    if isinstance(model, (str, os.PathLike)):  # a path or a zoo model's name, with its default shapes
+        from . import zoo
+        model, input_shapes = zoo.resolve(model, input_shapes, progress=progress)
     progress("loading and probing the model in onnxruntime")
     proto, pr = probing.prepare(model, input_shapes)
     progress(f"building the channel model ({len(proto.graph.node)} nodes)")

@@ -279,7 +279,7 @@ def _shapes_option(ctx, param, values):
 
 
 @click.command("bench")
-@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("models", nargs=-1, required=True)
 @click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu",
               show_default=True, help="ONNX Runtime execution provider.")
 @click.option("--batch", "batches", default="1", show_default=True, callback=_batches_option,
@@ -304,6 +304,10 @@ def bench_command(models, provider, batches, threads, warmup, iters, input_shape
     Models run interleaved (round-robin) in one process; speedup is relative to the first
     MODEL at the same provider and batch. Progress goes to stderr."""
     try:
+        from spa import zoo
+        resolved = [zoo.resolve(m, input_shapes or None) for m in models]  # paths or zoo models' names
+        models = [path for path, _ in resolved]
+        input_shapes = input_shapes or resolved[0][1]
         if plot:
             _pyplot()  # fail before measuring, not after
         result = benchmark(list(models), provider=provider, batches=batches, threads=threads,

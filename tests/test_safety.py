@@ -237,3 +237,35 @@ def test_fifos_as_model_calib_or_overrides_do_not_hang(model, tmp_path):
     assert "not a regular file" in refused(run("prune", model, "-o", out, "--criterion", "wanda", "--calib", fifo))
     assert "--overrides" in refused(run("prune", model, "-o", out, "--overrides", fifo))
     assert "--overrides" in refused(run("prune", model, "-o", out, "--overrides", "/dev/zero"))
+
+
+# ----------------------------------------------------------------------------------------------
+# one front door: every command and the API take a path or a zoo model's name, with its default shapes
+
+
+def test_every_command_and_the_api_take_zoo_names(tmp_path):
+    import spa
+    an = spa.analyze("yolov8n")
+    assert an.probe.inputs["images"].shape == (1, 3, 320, 320)  # the manifest's default, not 224
+    out = tmp_path / "y.onnx"
+    res = run("prune", "yolov8n", "-o", out, "--ratio", "0.2")
+    assert res.exit_code == 0, res.output
+    res = run("check", "yolov8n", out)
+    assert "images:[1,3,320,320]" in res.output and "Traceback" not in res.output, res.output
+    res = run("inspect", "ppocr_cls")
+    assert res.exit_code == 0 and "input shapes: x:[" in res.output, res.output
+    res = run("bench", "ppocr_cls", "ppocr_cls", "--iters", "2", "--warmup", "0", "--json")
+    import json
+    rows = json.loads(res.stdout)["results"]
+    assert res.exit_code == 0 and rows and not any(r.get("skipped") for r in rows), res.output
+
+
+def test_a_minus_one_dim_is_dynamic():
+    from onnx import TensorProto, helper
+    from spa.check import make_inputs
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 8, 8])
+    m = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x],
+                                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]))
+    assert make_inputs(m, batch=4)["x"].shape == (4, 3, 8, 8)
+    from spa import shapes
+    assert shapes.size_plan([x]).symbols == ["x[0]"]
