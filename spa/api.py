@@ -14,6 +14,7 @@ from .errors import SpaError
 from .graph.channels import ChannelModel, build
 from .plan import plan as make_plan
 from .scoring import CRITERIA
+from .scoring.obspa import HESSIANS
 from .validate import validate
 
 
@@ -139,6 +140,19 @@ class PruneOptions:
         target = parse_target(self.target)
         if target is None and not 0.0 <= self.ratio < 1.0:
             raise SpaError(f"--ratio must be in [0, 1), got {self.ratio}")
+        if not 0.0 < self.max_ratio <= 1.0:
+            raise SpaError(f"--max-ratio must be in (0, 1], got {self.max_ratio}")
+        if self.round_to < 1:
+            raise SpaError(f"--round-to must be >= 1, got {self.round_to}")
+        if self.seed < 0:
+            raise SpaError(f"--seed must be >= 0, got {self.seed}")
+        if self.calib_batches < 1 or (self.calib_batch_size is not None and self.calib_batch_size < 1):
+            raise SpaError("--calib-batches and --calib-batch-size must be >= 1")
+        if self.overrides is not None and not isinstance(self.overrides, dict):
+            from .plan import load_overrides
+            load_overrides(self.overrides)  # a file: readable, small, JSON (its keys need the analysis)
+        if self.hessian not in HESSIANS:
+            raise SpaError(f"unknown Hessian source {self.hessian!r}; choose one of {', '.join(HESSIANS)}")
         return scorer, target
 
 

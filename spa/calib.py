@@ -108,10 +108,20 @@ def batches(an, spec, *, n_batches: int = 8, batch_size: int | None = None, seed
                            f"{', '.join(ref)}: use a .npz keyed by input name")
         arrays = {next(iter(ref)): loaded}
     else:
-        arrays = {k: loaded[k] for k in loaded.files}
-        missing = [k for k in ref if k not in arrays]
+        missing = [k for k in ref if k not in loaded.files]
         if missing:
-            raise SpaError(f"--calib: {path} lacks input(s) {', '.join(missing)} (has {', '.join(arrays) or 'nothing'})")
+            raise SpaError(f"--calib: {path} lacks input(s) {', '.join(missing)} "
+                           f"(has {', '.join(loaded.files) or 'nothing'})")
+        arrays = {}
+        for k in ref:  # only the members that name inputs are read (an npz may hold much else)
+            try:
+                arrays[k] = loaded[k]
+            except Exception as exc:
+                raise SpaError(f"--calib: {path}: member '{k}' cannot be read ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+    for k, a in arrays.items():
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+            raise SpaError(f"--calib: input '{k}' holds {a.dtype} data; calibration data must be numbers")
     n = None
     for name, v in ref.items():
         a = arrays[name]

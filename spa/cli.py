@@ -188,12 +188,13 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
         check_target(report, protect + [output], what="--report")
     if do_bench:
         _bench_provider_usable(bench_provider)  # fail before pruning, not after
-    an = analyze(src, input_shapes=shapes, progress=_progress)
-    _known_inputs(an, shapes)
     options = PruneOptions(ratio=ratio, criterion=criterion, reduction=reduction, normalisation=normalisation,
                            global_rank=global_rank, round_to=round_to, exclude=exclude, max_ratio=max_ratio,
                            target=target, overrides=overrides, steps=steps, calib=calib, calib_batches=calib_batches,
                            calib_batch_size=calib_batch_size, seed=seed, hessian=hessian, input_shapes=shapes)
+    options.checked()  # every option before the load and probe
+    an = analyze(src, input_shapes=shapes, progress=_progress)
+    _known_inputs(an, shapes)
     result = do_prune(src, options=options, progress=_progress, analysis=an)
     save_model(result.model, output, inputs=[p for p in protect if not (force and p == src)])
     rep = result.report

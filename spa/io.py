@@ -378,7 +378,7 @@ def constants_to_initializers(proto: onnx.ModelProto) -> int:
 
 def _constant_value(attr):
     if attr.name == "value":
-        return numpy_helper.to_array(attr.t)
+        return tensor_array(attr.t)
     if attr.name == "value_float":
         return np.array(attr.f, np.float32)
     if attr.name == "value_floats":
@@ -420,7 +420,18 @@ def _with_ir(proto, ir):
 def initializer_arrays(proto) -> dict:
     """Every initializer as a numpy array: one copy of the weights, shared by the probe sessions
     (fed in place) and the channel model."""
-    return {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    return {t.name: tensor_array(t) for t in proto.graph.initializer}
+
+
+def tensor_array(t) -> np.ndarray:
+    """A TensorProto as numpy, or a one-line SpaError for a damaged one (data shorter or longer
+    than its dims, an unknown data type)."""
+    try:
+        return numpy_helper.to_array(t)
+    except Exception as exc:
+        raise SpaError(f"tensor '{t.name}' (dims {list(t.dims)}, data type {t.data_type}) cannot be read: "
+                       f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}; "
+                       "the model file is damaged") from None
 
 
 #: initializers with more elements than this are graph inputs of a probe session, fed from numpy

@@ -104,9 +104,26 @@ def parse_target(target):
         factor = float(factor)
     except ValueError:
         raise SpaError(f"--target: the reduction factor must be a number, got {factor!r}") from None
-    if not factor >= 1.0:
-        raise SpaError(f"--target: the reduction factor must be >= 1 (2 halves the {kind}), got {factor}")
+    if not 1.0 <= factor < float("inf"):
+        raise SpaError(f"--target: the reduction factor must be a finite number >= 1 (2 halves the {kind}), got {factor}")
     return kind, factor
+
+
+def load_overrides(path):
+    """The JSON object of an --overrides file (small, regular, JSON), or a one-line SpaError."""
+    import json
+    from pathlib import Path
+    path = Path(path)
+    if not path.exists():
+        raise SpaError(f"--overrides: {path}: no such file")
+    if not path.is_file() or path.stat().st_size > OVERRIDES_LIMIT:
+        raise SpaError(f"--overrides: {path}: not a JSON file of at most {OVERRIDES_LIMIT // 1024} KB")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpaError(f"--overrides: {path}: cannot read ({type(exc).__name__})") from None
+    except ValueError as exc:
+        raise SpaError(f"--overrides: {path}: not JSON ({exc})") from None
 
 
 def resolve_overrides(groups, overrides) -> dict:
@@ -118,19 +135,7 @@ def resolve_overrides(groups, overrides) -> dict:
     if not overrides:
         return {}
     if not isinstance(overrides, dict):
-        import json
-        from pathlib import Path
-        path = Path(overrides)
-        if not path.exists():
-            raise SpaError(f"--overrides: {path}: no such file")
-        if not path.is_file() or path.stat().st_size > OVERRIDES_LIMIT:
-            raise SpaError(f"--overrides: {path}: not a JSON file of at most {OVERRIDES_LIMIT // 1024} KB")
-        try:
-            overrides = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SpaError(f"--overrides: {path}: cannot read ({type(exc).__name__})") from None
-        except ValueError as exc:
-            raise SpaError(f"--overrides: {path}: not JSON ({exc})") from None
+        overrides = load_overrides(overrides)
         if isinstance(overrides, dict) and isinstance(overrides.get("overrides"), dict):
             overrides = overrides["overrides"]
         if not isinstance(overrides, dict):

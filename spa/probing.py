@@ -25,6 +25,8 @@ from .errors import SpaError
 from .io import (FEED_LIMIT, ONNX_TO_NUMPY, constants_to_initializers, drop_initializer_inputs, graph_inputs,
                  graph_refs, initializer_arrays, load_model, remove_dead, serialize, skeleton)
 
+#: spa refuses to make a random input larger than this (bytes): a huge --input-shapes is a mistake
+INPUT_LIMIT = 4 << 30
 #: a shape-derived tensor larger than this is left as computed, not folded into a constant.
 FOLD_LIMIT = 1 << 16
 
@@ -66,6 +68,9 @@ def input_feed(proto, input_shapes=None, seed=0, *, plan=None, values=None):
     for inp in graph_inputs(proto):
         dims = sizes[inp.name]
         dtype = ONNX_TO_NUMPY.get(inp.type.tensor_type.elem_type, np.float32)
+        if np.prod(dims, dtype=np.float64) * np.dtype(dtype).itemsize > INPUT_LIMIT:
+            raise SpaError(f"input '{inp.name}' of shape {dims} would take more than {INPUT_LIMIT >> 30} GiB; "
+                           "give smaller sizes with --input-shapes")
         if np.issubdtype(dtype, np.floating):
             feed[inp.name] = rng.standard_normal(dims).astype(dtype)
         elif dtype == np.bool_:

@@ -223,6 +223,8 @@ def size_plan(inputs, input_shapes=None) -> SizePlan:
         if len(shape) != ranks[name]:
             raise SpaError(f"--input-shapes {name}: rank {len(shape)}, the model's input has rank {ranks[name]}")
         for d, n in enumerate(shape):
+            if int(n) < 1:
+                raise SpaError(f"--input-shapes {name}: dim {d} is {n}; sizes must be >= 1")
             tree = dims[(name, d)]
             if isinstance(tree, int):
                 if int(n) != tree:

@@ -51,7 +51,7 @@ def external(tmp_path):
 
 def refused(res, *paths_and_digests):
     assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.startswith("spa: error")]
+    lines = [ln for ln in res.output.splitlines() if ln.startswith(("spa: error", "Error:"))]  # spa's, or click's
     assert len(lines) == 1 and "Traceback" not in res.output, res.output
     for path, before in paths_and_digests:
         assert digest(path) == before, f"{path} changed"
@@ -269,3 +269,83 @@ def test_a_minus_one_dim_is_dynamic():
     assert make_inputs(m, batch=4)["x"].shape == (4, 3, 8, 8)
     from spa import shapes
     assert shapes.size_plan([x]).symbols == ["x[0]"]
+
+
+# ----------------------------------------------------------------------------------------------
+# bad options and damaged models: one line, exit 2, before any work where the option alone says so
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--max-ratio", "nan"], "--max-ratio"), (["--max-ratio", "inf"], "--max-ratio"),
+    (["--seed", "-1"], "--seed"), (["--target", "macs=inf"], "--target"), (["--round-to", "0"], "--round-to"),
+    (["--input-shapes", "x:[]"], "rank"), (["--input-shapes", "x:[1,3,8,8,1]"], "rank"),
+    (["--input-shapes", "x:[-1,3,8,8]"], ">= 1"), (["--input-shapes", "x:[1,3,8,100000000]"], "dim 3"),
+    (["--calib-batches", "0"], "--calib-batches"), (["--hessian", "oracle"], None),
+])
+def test_bad_options_are_one_line(model, tmp_path, args, says):
+    before = digest(model)
+    line = refused(run("prune", model, "-o", tmp_path / "o.onnx", *args), (model, before))
+    assert says is None or says in line, line
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_calib_npz_reads_only_the_inputs_and_refuses_strings(model, tmp_path):
+    import numpy as np
+    good = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    path = tmp_path / "c.npz"
+    np.savez_compressed(path, x=good, unused=np.zeros(1, np.float32))
+    res = run("prune", model, "-o", tmp_path / "o.onnx", "--criterion", "wanda", "--calib", path)
+    assert res.exit_code == 0, res.output
+    np.savez(path, x=np.array(["a", "b"]))
+    assert "numbers" in refused(run("prune", model, "-o", tmp_path / "o.onnx", "--criterion", "wanda",
+                                    "--calib", path))
+
+
+def test_mutated_models_never_give_a_traceback(tmp_path):
+    """A small mutation fuzzer over two models (damaged tensors, attributes, shapes, op types, names,
+    opsets): inspect and prune answer every mutant with success or one line and exit 2."""
+    import random
+    import traceback
+    from onnx import AttributeProto, TensorProto
+    from graphs import attention
+    rng = random.Random(0)
+    path, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    failures = []
+    for base in (residual_chain(), attention()):
+        for _ in range(40):
+            m = onnx.ModelProto()
+            m.CopyFrom(base)
+            g, k = m.graph, rng.randrange(10)
+            t = rng.choice(list(g.initializer))
+            n = rng.choice(list(g.node))
+            if k == 0:
+                t.raw_data = t.raw_data[: len(t.raw_data) // 2]
+            elif k == 1:
+                t.dims[0] += rng.choice([-1, 1, 7])
+            elif k == 2:
+                t.data_type = rng.choice([TensorProto.INT64, TensorProto.STRING, TensorProto.FLOAT16, 99])
+            elif k == 3 and len(n.input) > 1:
+                del n.input[-1]
+            elif k == 4 and n.attribute:
+                a = rng.choice(list(n.attribute))
+                if a.type == AttributeProto.INT:
+                    a.i = rng.choice([-5, 0, 10 ** 9])
+                elif a.type == AttributeProto.INTS and len(a.ints):
+                    a.ints[0] = rng.choice([-5, 0, 10 ** 6])
+            elif k == 5:
+                rng.choice(list(g.input[0].type.tensor_type.shape.dim)).dim_value = rng.choice([-3, 0, 10 ** 7])
+            elif k == 6:
+                n.op_type = rng.choice(["Relu", "Conv", "Foo", "Reshape", "MatMul"])
+            elif k == 7:
+                n.output[0] = rng.choice(list(g.node)).input[0]
+            elif k == 8:
+                m.opset_import[0].version = rng.choice([1, 5, 99])
+            else:
+                t.ClearField("raw_data")
+                t.float_data.extend([1.0] * 3)
+            path.write_bytes(m.SerializeToString())
+            for args in (["inspect", path], ["prune", path, "-o", out]):
+                res = run(*args)
+                if res.exception is not None and not isinstance(res.exception, SystemExit):
+                    failures.append((k, type(res.exception).__name__, traceback.format_tb(res.exception.__traceback__)[-1]))
+    assert not failures, failures[:3]

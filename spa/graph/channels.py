@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..io import graph_refs
+from ..io import graph_refs, tensor_array
 from ..probing import fold_candidates
 from ..ops.rules import RULES
 from ..shapes import all_reads, shape_reads
@@ -263,7 +263,7 @@ def _consts(proto, probe) -> dict:
     out = {}
     for t in proto.graph.initializer:
         a = have.get(t.name)
-        out[t.name] = a if a is not None and a.shape == tuple(t.dims) else onnx.numpy_helper.to_array(t)
+        out[t.name] = a if a is not None and a.shape == tuple(t.dims) else tensor_array(t)
     return out
 
 
