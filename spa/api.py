@@ -36,6 +36,12 @@ class Analysis:
     def groups(self):
         return self.channels.groups
 
+    @property
+    def graph(self):
+        """The model as a networkx graph whose edges carry their channel groups (``spa.graph.view``)."""
+        from .graph.view import graph_view
+        return graph_view(self)
+
     def summary(self) -> dict:
         prunable = [g for g in self.groups if g.prunable]
         return {

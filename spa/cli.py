@@ -80,14 +80,25 @@ SHAPES_HELP = "shape of a dynamic input, e.g. 'x:[1,3,224,224]' (repeatable)"
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.option("--all", "show_all", is_flag=True, help="list blocked groups too")
 @click.option("--input-shapes", multiple=True, help=SHAPES_HELP)
-def inspect(model, as_json, show_all, input_shapes):
+@click.option("--graph", "graph_file", default=None, metavar="FILE",
+              help="also write the operator graph with each tensor's channel groups (.graphml or .dot)")
+def inspect(model, as_json, show_all, input_shapes, graph_file):
     """List the coupled channel groups of MODEL and whether each can be pruned."""
     from .api import analyze
     path, shapes = _resolve_model(model, input_shapes)
+    if graph_file:
+        from .io import check_target
+        if not str(graph_file).lower().endswith((".graphml", ".dot", ".gv")):
+            raise SpaError(f"--graph {graph_file}: write .graphml (networkx, yEd, Gephi) or .dot/.gv (Graphviz)")
+        check_target(graph_file, _run_inputs(path, [graph_file]), what="--graph")
     an = analyze(path, input_shapes=shapes, progress=_progress)
     _known_inputs(an, shapes)
     summary = an.summary()
     summary["input_shapes"] = {k: [int(d) for d in np.shape(v)] for k, v in an.probe.inputs.items()}
+    if graph_file:
+        from .graph.view import write_graph
+        write_graph(an.graph, graph_file, inputs=_run_inputs(path, [graph_file]))
+        _progress(f"wrote the graph to {graph_file}")
     if as_json:
         click.echo(json.dumps(summary, indent=1))
         return

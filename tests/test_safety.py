@@ -349,3 +349,21 @@ def test_mutated_models_never_give_a_traceback(tmp_path):
                 if res.exception is not None and not isinstance(res.exception, SystemExit):
                     failures.append((k, type(res.exception).__name__, traceback.format_tb(res.exception.__traceback__)[-1]))
     assert not failures, failures[:3]
+
+
+def test_inspect_graph_carries_every_prunable_group(tmp_path):
+    import networkx as nx
+    import spa
+    path = tmp_path / "g.graphml"
+    res = run("inspect", "yolov8n", "--graph", path)
+    assert res.exit_code == 0, res.output
+    G = nx.read_graphml(str(path))
+    on_edges = {int(p.split(":")[1]) for _, _, d in G.edges(data=True)
+                for p in (d.get("prunable_groups") or "").split(",") if p}
+    prunable = {g.id for g in spa.analyze("yolov8n").groups if g.prunable}
+    assert prunable and prunable <= on_edges
+    assert {d["kind"] for _, d in G.nodes(data=True)} == {"input", "op", "output"}
+    dot = tmp_path / "g.dot"
+    assert run("inspect", "yolov8n", "--graph", dot).exit_code == 0
+    assert dot.read_text().startswith("digraph spa {") and "color=blue" in dot.read_text()
+    assert "--graph" in refused(run("inspect", "yolov8n", "--graph", tmp_path / "g.png"))
