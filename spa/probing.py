@@ -25,6 +25,8 @@ from .errors import SpaError
 from .io import (FEED_LIMIT, ONNX_TO_NUMPY, constants_to_initializers, drop_initializer_inputs, graph_inputs,
                  graph_refs, initializer_arrays, load_model, remove_dead, serialize, skeleton)
 
+#: the probe exposes at most this many bytes of tensors per onnxruntime session (more: several sessions)
+PROBE_BUDGET = 256 << 20
 #: spa refuses to make a random input larger than this (bytes): a huge --input-shapes is a mistake
 INPUT_LIMIT = 4 << 30
 #: a shape-derived tensor larger than this is left as computed, not folded into a constant.
@@ -212,6 +214,57 @@ def dynamic_dims(proto):
             if not (dim.HasField("dim_value") and dim.dim_value > 0)]
 
 
+def exposure_chunks(proto, feed, exposed, budget=None) -> list:
+    """``exposed`` split into runs whose exposed tensors fit ``budget`` bytes (``PROBE_BUDGET``), from
+    ONNX shape inference at the feed's sizes (a tensor of unknown size counts as the largest known);
+    one chunk when everything fits or nothing is known."""
+    budget = PROBE_BUDGET if budget is None else budget
+    sizes = estimated_bytes(proto, feed)
+    known = [n for n in sizes.values() if n]
+    if not known:
+        return [exposed]
+    guess = max(known)
+    cost = [sizes.get(name) or guess for name in exposed]
+    if sum(cost) <= budget:
+        return [exposed]
+    outputs = [o.name for o in proto.graph.output]
+    chunks, current, total = [], [], 0
+    for name, c in zip(exposed, cost):
+        if current and total + c > budget:
+            chunks.append(outputs + [n for n in current if n not in outputs])
+            current, total = [], 0
+        current.append(name)
+        total += c
+    chunks.append(outputs + [n for n in current if n not in outputs])
+    return chunks
+
+
+def estimated_bytes(proto, feed) -> dict:
+    """{tensor: bytes} from ONNX shape inference with the inputs at the feed's sizes (weights left
+    out: big initializers are typed inputs); tensors whose shape it cannot tell are left out."""
+    try:
+        fed = {t.name for t in proto.graph.initializer if int(np.prod(t.dims)) > FEED_LIMIT}
+        m = onnx.ModelProto()
+        m.ParseFromString(skeleton(proto, fed, [], for_ort=False))
+        for inp in m.graph.input:
+            if inp.name in feed:
+                dims = inp.type.tensor_type.shape.dim
+                del dims[:]
+                for n in np.shape(feed[inp.name]):
+                    dims.add().dim_value = int(n)
+        m = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+    except Exception:
+        return {}
+    out = {}
+    for vi in list(m.graph.value_info) + list(m.graph.output):
+        tt = vi.type.tensor_type
+        dtype = ONNX_TO_NUMPY.get(tt.elem_type)
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+        if dtype is not None and tt.HasField("shape") and all(d >= 0 for d in dims):
+            out[vi.name] = int(np.prod(dims, dtype=np.float64)) * np.dtype(dtype).itemsize
+    return out
+
+
 def probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
     """Run once for the shape of every tensor (and the values of constant- and shape-derived ones).
 
@@ -226,7 +279,12 @@ def probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
     exposed = _exposed(proto)
     cands, any_size = fold_candidates(proto)
     feed = input_feed(proto, plan=plan)
-    runner = _checked(lambda: _Runner(proto, consts, exposed), feed)
+    # every node output exposed at once keeps every activation alive in onnxruntime: where that
+    # would pass PROBE_BUDGET, the sizes are found with the outputs only, then the tensors are
+    # exposed a chunk per session (each chunk's activations freed before the next)
+    chunks = exposure_chunks(proto, feed, exposed)
+    runner = _checked(lambda: _Runner(proto, consts, exposed if len(chunks) == 1 else
+                                      [o.name for o in proto.graph.output]), feed)
     first, default = None, plan
     for plan in [plan] + shapes.related_plans(plan):
         for base in [plan.base] + shapes.fallback_bases(plan):
@@ -244,12 +302,21 @@ def probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
         feed = input_feed(proto, plan=plan)
         first = _checked(lambda: runner.run(feed), feed)
     pr = Probe(inputs=feed, consts=consts, plan=plan, points=[dict(plan.base)])
-    for name, v in first.items():
-        pr.shapes[name] = tuple(np.shape(v))
-        pr.dtypes[name] = getattr(v, "dtype", None)
-        if name in cands and (name in any_size or np.size(v) <= FOLD_LIMIT):
-            pr.values[name] = np.array(v)  # a copy: the session's buffers go back to its arena
+
+    def keep(got):
+        for name, v in got.items():
+            pr.shapes[name] = tuple(np.shape(v))
+            pr.dtypes[name] = getattr(v, "dtype", None)
+            if name in cands and (name in any_size or np.size(v) <= FOLD_LIMIT):
+                pr.values[name] = np.array(v)  # a copy: the session's buffers go back to its arena
+
+    keep(first)
     del first
+    if len(chunks) > 1:
+        for chunk in chunks:
+            got = _checked(lambda: _Runner(proto, consts, chunk).run(feed), feed)
+            keep(got)
+            del got
     for name, v in feed.items():
         pr.shapes[name], pr.dtypes[name], pr.values[name] = tuple(v.shape), v.dtype, v
     for name, v in consts.items():
@@ -262,7 +329,9 @@ def probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
         return pr
     shaped = [n for n in proto.graph.node if n.op_type in ("Reshape", "Expand") and n.domain in ("", "ai.onnx")]
     watch = cands | {n.input[0] for n in shaped} | {n.output[0] for n in shaped} | {o.name for o in proto.graph.output}
-    watched = [n for n in runner.outputs if n in watch]
+    watched = [n for n in exposed if n in watch]
+    if len(chunks) > 1 and watched and dynamic:
+        runner = _checked(lambda: _Runner(proto, consts, watched), feed)
     if not dynamic or not watched:
         # no runs at other sizes: the inputs' flags are their declared dynamic dims, others unknown
         pr.dynamic = {k: (tuple((k, d) in dims for d in range(len(s))) if k in feed else

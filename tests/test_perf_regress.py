@@ -188,3 +188,21 @@ def test_initializers_listed_as_inputs_are_not_fed_twice():
     consts = io.initializer_arrays(m)
     assert probing._fed_initializers(m, consts) == {}
     assert probing.probe(m).shapes[y] == (1, 64)
+
+
+def test_probe_exposes_tensors_in_chunks_that_fit_its_budget(monkeypatch):
+    """Every node output exposed at once keeps every activation alive in onnxruntime (a 2000-op
+    elementwise chain needed 1.7 GB): past PROBE_BUDGET the probe runs one session per chunk."""
+    g = G(seed=6)
+    y = g.conv("x", 3, 8, act="Relu")
+    for i in range(40):
+        y = g.op(["Relu", "Sigmoid"][i % 2], [y])
+    m = g.model([("x", [1, 3, 16, 16])], [y])
+    whole = probing.probe(m)
+    monkeypatch.setattr(probing, "PROBE_BUDGET", 8 * 16 * 16 * 4 * 5)  # five activations per session
+    exposed = probing._exposed(m)
+    chunks = probing.exposure_chunks(m, whole.inputs, exposed)
+    assert len(chunks) > 5 and all(len(c) <= 6 for c in chunks)  # the graph output rides along
+    assert set().union(*map(set, chunks)) == set(exposed)
+    chunked = probing.probe(m)
+    assert chunked.shapes == whole.shapes and chunked.dtypes == whole.dtypes
