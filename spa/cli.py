@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -11,8 +12,12 @@ import numpy as np
 from .errors import SpaError
 
 
+_STARTED = time.perf_counter()
+
+
 def _progress(msg):
-    click.echo(f"spa: {msg}", err=True)
+    """A progress line on stderr, with the seconds since the command started."""
+    click.echo(f"spa: [{time.perf_counter() - _STARTED:6.1f}s] {msg}", err=True)
 
 
 def _human(n: float) -> str:
@@ -141,7 +146,9 @@ def _criteria():
 @click.option("--calib-batch-size", type=int, default=None, help="samples per batch when the batch dim is dynamic")
 @click.option("--hessian", type=click.Choice(["auto", "synthetic", "bn", "identity"]), default="auto", show_default=True,
               help="--criterion obspa: where E[x x^T] of each consumer input comes from (auto: --calib data if "
-                   "given, else synthetic)")
+                   "given, else bn with a synthetic fallback)")
+@click.option("--blas-threads", type=click.IntRange(min=0), default=1, show_default=True,
+              help="threads of numpy's BLAS while pruning (obspa's inverses); 0 leaves BLAS's own default")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of --criterion random and --calib random")
 @click.option("--global", "global_rank", is_flag=True, help="rank all channels together instead of per group")
 @click.option("--max-ratio", type=float, default=0.9, show_default=True,
@@ -171,7 +178,8 @@ def _criteria():
 @click.option("--bench-iters", type=click.IntRange(min=1), default=20, show_default=True,
               help="timed runs per model for --bench")
 def prune(model, output, ratio, target, criterion, reduction, normalisation, calib, calib_batches, calib_batch_size,
-          hessian, seed, global_rank, max_ratio, overrides, steps, round_to, exclude, report, as_json, input_shapes, force,
+          hessian, blas_threads, seed, global_rank, max_ratio, overrides, steps, round_to, exclude, report, as_json,
+          input_shapes, force,
           do_check, atol, rtol, do_bench, bench_provider, bench_warmup, bench_iters):
     """Remove channels from MODEL and write the smaller model to OUTPUT.
 
@@ -202,7 +210,8 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
     options = PruneOptions(ratio=ratio, criterion=criterion, reduction=reduction, normalisation=normalisation,
                            global_rank=global_rank, round_to=round_to, exclude=exclude, max_ratio=max_ratio,
                            target=target, overrides=overrides, steps=steps, calib=calib, calib_batches=calib_batches,
-                           calib_batch_size=calib_batch_size, seed=seed, hessian=hessian, input_shapes=shapes)
+                           calib_batch_size=calib_batch_size, seed=seed, hessian=hessian, input_shapes=shapes,
+                           blas_threads=blas_threads)
     options.checked()  # every option before the load and probe
     an = analyze(src, input_shapes=shapes, progress=_progress)
     _known_inputs(an, shapes)
