@@ -30,10 +30,6 @@ import onnxruntime as ort
 from spa.errors import SpaError
 from spa.shapes import integer_ranges
 
-# Sizes given to dynamic dimensions that neither ``input_shapes`` nor ``batch`` fixes:
-# (first dimension, every other dimension). The first dimension is usually the batch;
-# 224 is the usual image side.
-DEFAULT_DYNAMIC_DIMS = (1, 224)
 
 # Models whose serialised protobuf reaches this size cannot be passed to ORT as bytes.
 _PROTO_LIMIT = 2**31 - 1
@@ -151,17 +147,19 @@ def _random_array(rng, shape, elem_type, name, int_range=(0, 4)):
     raise CheckError(f"input {name!r}: cannot make random data of type {dtype} (pass --inputs)")
 
 
-def make_inputs(model_or_path, input_shapes=None, seed=0, batch=None) -> dict:
+def make_inputs(model_or_path, input_shapes=None, seed=0, batch=None, values=None) -> dict:
     """Random inputs for the declared graph inputs (initializers listed as inputs are skipped).
 
-    Shape of each input: ``input_shapes[name]`` if given (it must name a graph input), else
-    the declared shape with each dynamic dimension set from ``DEFAULT_DYNAMIC_DIMS``
-    (1 for the first dimension, 224 for the others). ``batch``, if given, then replaces the
-    first dimension of every input whose declared first dimension is dynamic.
-    Floats are standard normal, bools fair coin flips, integers uniform over what the model can
-    read (``spa.shapes.integer_ranges``: an embedding's rows, ones for an attention mask; [0, 4)
+    Shape of each input: ``input_shapes[name]`` if given (it must name a graph input), else the
+    declared shape with its dynamic dims from the size plan (``spa.shapes.size_plan``, as
+    ``spa inspect``/``spa prune`` size them: the batch 1, token dims 16, other dims 224; a named dim
+    given for one input sizes the others; ``values`` gives symbol sizes instead). ``batch``, if
+    given, then replaces the first dimension of every input whose declared first dimension is
+    dynamic. Floats are standard normal, bools fair coin flips, integers uniform over what the model
+    can read (``spa.shapes.integer_ranges``: an embedding's rows, ones for an attention mask; [0, 4)
     otherwise).
     """
+    from spa.shapes import size_plan
     model = load_proto(model_or_path)
     specs = input_specs(model)
     input_shapes = dict(input_shapes or {})
@@ -170,17 +168,17 @@ def make_inputs(model_or_path, input_shapes=None, seed=0, batch=None) -> dict:
         known = ", ".join(name for name, _, _ in specs)
         raise CheckError(f"--input-shapes names {', '.join(unknown)}, not a model input "
                          f"(inputs: {known})")
+    for name, _, dims in specs:
+        if dims is None and name not in input_shapes:
+            raise CheckError(f"input {name!r} has no declared shape: pass --input-shapes")
+    infos = [vi for vi in model.graph.input if vi.name in {n for n, _, _ in specs}]
+    plan = size_plan(infos, input_shapes)
+    sizes = plan.shapes(plan.base if values is None else {**plan.base, **values})
     rng = np.random.default_rng(seed)
     ranges = integer_ranges(model)
     inputs = {}
     for name, elem_type, dims in specs:
-        if name in input_shapes:
-            shape = [int(d) for d in input_shapes[name]]
-        elif dims is None:
-            raise CheckError(f"input {name!r} has no declared shape: pass --input-shapes")
-        else:
-            shape = [d if d is not None else DEFAULT_DYNAMIC_DIMS[0 if i == 0 else 1]
-                     for i, d in enumerate(dims)]
+        shape = [int(d) for d in input_shapes[name]] if name in input_shapes else sizes[name]
         if batch is not None and dims and dims[0] is None and shape:
             shape[0] = int(batch)
         inputs[name] = _random_array(rng, tuple(shape), elem_type, name, ranges.get(name, (0, 4)))
@@ -288,8 +286,10 @@ def _run(sess, inputs):
     if missing:
         raise CheckError(f"no data for input(s) {', '.join(missing)}")
     outputs = [o.name for o in sess.get_outputs()]
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # a failure comes back as the exception below, not as a log line too
     try:
-        values = sess.run(outputs, {n: inputs[n] for n in names})
+        values = sess.run(outputs, {n: inputs[n] for n in names}, quiet)
     except Exception as e:  # noqa: BLE001
         raise CheckError(f"onnxruntime failed to run the model: {one_line(e)}") from e
     return dict(zip(outputs, values))
@@ -316,14 +316,21 @@ def compare(reference, candidate, inputs=None, input_shapes=None, seed=0, atol=1
     unknown = sorted(set(shapes) - ref_names - cand_names)
     if unknown:
         raise CheckError(f"--input-shapes names {', '.join(unknown)}, not a model input")
-    feeds = make_inputs(ref_proto, {k: v for k, v in shapes.items() if k in ref_names}, seed)
-    extra = make_inputs(cand_proto, {k: v for k, v in shapes.items() if k in cand_names}, seed)
-    for name, value in extra.items():
-        feeds.setdefault(name, value)
-    feeds.update(given)
-
     ref_sess, cand_sess = session(reference, providers), session(candidate, providers)
-    ref_out = _run(ref_sess, feeds)
+    ref_out, first_error = None, None
+    for values in [None] + ([] if shapes or given else _fallback_sizes(ref_proto)):
+        feeds = make_inputs(ref_proto, {k: v for k, v in shapes.items() if k in ref_names}, seed, values=values)
+        extra = make_inputs(cand_proto, {k: v for k, v in shapes.items() if k in cand_names}, seed, values=values)
+        for name, value in extra.items():
+            feeds.setdefault(name, value)
+        feeds.update(given)
+        try:
+            ref_out = _run(ref_sess, feeds)
+            break
+        except CheckError as e:
+            first_error = first_error or e
+    if ref_out is None:
+        raise first_error
     cand_out = _run(cand_sess, feeds)
     outputs = [_metrics(name, value, np.asarray(cand_out[name]), atol, rtol)
                for name, value in ref_out.items() if name in cand_out]
@@ -334,6 +341,14 @@ def compare(reference, candidate, inputs=None, input_shapes=None, seed=0, atol=1
         result["sizes"] = _other_sizes(ref_proto, ref_sess, cand_sess, feeds, seed, atol, rtol)
         result["passed"] = passed and all(s["passed"] is not False for s in result["sizes"])
     return result
+
+
+def _fallback_sizes(model) -> list:
+    """Smaller sizes of the dynamic dims to try when the reference refuses the defaults (a
+    recogniser that only runs at heights up to 64), as the probe does."""
+    from spa.shapes import fallback_bases, size_plan
+    names = {n for n, _, _ in input_specs(model)}
+    return fallback_bases(size_plan([vi for vi in model.graph.input if vi.name in names]))
 
 
 def _other_sizes(ref_proto, ref_sess, cand_sess, feeds, seed, atol, rtol) -> list:

@@ -367,3 +367,13 @@ def test_inspect_graph_carries_every_prunable_group(tmp_path):
     assert run("inspect", "yolov8n", "--graph", dot).exit_code == 0
     assert dot.read_text().startswith("digraph spa {") and "color=blue" in dot.read_text()
     assert "--graph" in refused(run("inspect", "yolov8n", "--graph", tmp_path / "g.png"))
+
+
+def test_check_sizes_a_path_like_prune_and_falls_back_when_refused():
+    """spa check on the PP-OCRv4 recogniser's file (no --input-shapes): the defaults (224) are
+    refused, so smaller sizes are tried as the probe does, instead of failing on a Concat."""
+    from spa import zoo
+    from spa.check import compare
+    path = str(zoo.fetch("ppocr_rec"))
+    res = compare(path, path)
+    assert res["passed"] and res["input_shapes"]["x"][2] < 224
