@@ -413,23 +413,18 @@ def fold_constants(proto, pr: Probe) -> int:
 
     A shape-derived value is folded only where it is the same in every probe run (it does not
     depend on a dynamic input dimension), even when what it is computed from moves
-    (``Shape(q)[-1]`` of a q with a dynamic batch: the head dim, then the attention scale).  The probe is updated in place (folded tensors become
-    constants, dead tensors are forgotten): values do not change, so no second run is needed.
+    (``Shape(q)[-1]`` of a q with a dynamic batch: the head dim, then the attention scale).  The
+    probe is updated in place (folded tensors become constants, dead tensors are forgotten):
+    values do not change, so no second run is needed.
     Returns how many node outputs were folded.
     """
     const = {t.name for t in proto.graph.initializer}
-    derived = set()   # computed from constants and shapes: folded where the value never moves
+    derived, _ = fold_candidates(proto)   # folded where the value never moves
     folded = []
     runs = pr.other_runs
     for node in proto.graph.node:
-        if _has_subgraph(node) or node.op_type in RANDOM_OPS:
-            continue
-        if node.op_type not in SHAPE_SOURCES and \
-                not all((not i) or i in const or i in derived for i in node.input):
-            continue
-        derived.update(o for o in node.output if o)
         for out in node.output:
-            if not out or out not in pr.values:
+            if not out or out not in derived or out not in pr.values:
                 continue
             v = pr.values[out]
             if not runs or any(out not in r or np.shape(r[out]) != np.shape(v) or not np.array_equal(r[out], v)

@@ -38,6 +38,7 @@ dependencies, e.g. ``pip install torch==2.14.1 torchvision==0.29.1``) and onnx.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
 import sys
@@ -55,6 +56,23 @@ OPSET = 17
 def cache_dir() -> pathlib.Path:
     env = os.environ.get("SPA_CACHE")
     return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "spa" / "models"
+
+
+@contextlib.contextmanager
+def checked_export(out: pathlib.Path):
+    """A temporary path beside ``out`` to export to; on success the file is checked with
+    ``onnx.checker`` (full_check) and renamed to ``out``, on any failure removed."""
+    import onnx
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".part.onnx", dir=out.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        onnx.checker.check_model(tmp, full_check=True)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def default_path(arch: str, size: int = 224, dynamic_batch: bool = False, keep_shared: bool = False,
@@ -152,10 +170,7 @@ def export(arch: str, size: int = 224, out: pathlib.Path | None = None, dynamic_
         return out
     model = build(arch, size, init)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".part.onnx", dir=out.parent)
-    os.close(fd)
-    try:
+    with checked_export(out) as tmp:
         # No torch.no_grad(): with grad disabled nn.MultiheadAttention (vit_*) takes its fused fast
         # path, aten::_native_multi_head_attention, which the TorchScript exporter cannot export.
         with warnings.catch_warnings():
@@ -169,12 +184,6 @@ def export(arch: str, size: int = 224, out: pathlib.Path | None = None, dynamic_
             m = onnx.load(tmp)
             if unshare_initializers(m):
                 onnx.save(m, tmp)
-        onnx.checker.check_model(tmp, full_check=True)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return out
 
 

@@ -68,15 +68,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
-import os
 import pathlib
 import sys
-import tempfile
 import time
 import warnings
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from export_torchvision import cache_dir, calibrate_parameters, unshare_initializers  # noqa: E402
+from export_torchvision import cache_dir, calibrate_parameters, checked_export, unshare_initializers  # noqa: E402
 
 NAMES = ["gpt2_ts", "gpt2_dynamo", "llama_gqa", "llama_gqa_kv", "bert"]
 OPSET_TS = 17
@@ -283,10 +281,7 @@ def export(name: str, out: pathlib.Path | None = None, init: str = "transformers
     if out.is_file():
         return out
     module = build(name, init)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".part.onnx", dir=out.parent)
-    os.close(fd)
-    try:
+    with checked_export(out) as tmp:
         with warnings.catch_warnings(), _single_sequence_masks(), \
                 _keep_parameters_apart(_tensor_names(module)):
             warnings.simplefilter("ignore")  # legacy-exporter DeprecationWarning, TracerWarnings, dim renames
@@ -297,12 +292,6 @@ def export(name: str, out: pathlib.Path | None = None, init: str = "transformers
             raise RuntimeError(f"{name}: the exporter wrote external data ({len(external)} tensors)")
         if unshare_initializers(m):
             onnx.save(m, tmp)
-        onnx.checker.check_model(tmp, full_check=True)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return out
 
 
