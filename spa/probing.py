@@ -162,8 +162,12 @@ def _checked(fn, feed):
     except SpaError:
         raise
     except Exception as exc:
+        reason = ort_reason(exc)
+        if "NOT_IMPLEMENTED" in str(exc) or "Could not find an implementation" in str(exc):
+            raise SpaError(f"this onnxruntime has no CPU kernel for part of the model ({reason}); spa runs the "
+                           "model to learn its shapes: convert it to float32/float16 or use a newer onnxruntime") from None
         shapes = ", ".join(f"{k}:{list(np.shape(v))}" for k, v in feed.items())
-        raise SpaError(f"onnxruntime cannot run the model on inputs {shapes} ({ort_reason(exc)}); "
+        raise SpaError(f"onnxruntime cannot run the model on inputs {shapes} ({reason}); "
                        "give the right sizes of its dynamic inputs with --input-shapes") from None
 
 

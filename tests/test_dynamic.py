@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 
 import spa
 from spa import probing, shapes
+
 from spa.validate import validate
 from spa.errors import SpaError
 from spa.oracle import check_groups, check_joint
@@ -165,7 +166,7 @@ def test_integer_inputs_span_the_embedding_table():
 
 CAUSAL = ["gpt2_ts", "gpt2_dynamo", "llama_gqa"]
 #: prunable groups each export must expose (heads, head dims, KV heads, query heads per KV group, MLP, width)
-MIN_PRUNABLE = {"gpt2_ts": 7, "gpt2_dynamo": 7, "llama_gqa": 10, "bert": 7, "llama_gqa_kv": 5}
+MIN_PRUNABLE = {"gpt2_ts": 7, "gpt2_dynamo": 7, "llama_gqa": 10, "bert": 7, "llama_gqa_kv": 5, "llama_gqa_fp16": 10}
 
 _paths = {}
 
@@ -288,3 +289,19 @@ def test_decode_step_export_moves_each_dim_alone(tmp_path):
     for batch, past in ((1, 0), (1, 5), (3, 40)):
         feed = _token_feed(model, batch, 1, rng, past=past)
         assert [o.shape for o in pruned.run(None, feed)] == [o.shape for o in original.run(None, feed)]
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_fp16_decoder_prunes_in_fp16_and_agrees_with_the_cut_original():
+    """Llama-GQA exported in half precision (how LLMs ship): the same groups as fp32, the oracle at
+    every size, and the pruned file keeps fp16 weights."""
+    path = export("llama_gqa_fp16")
+    an = spa.analyze(path)
+    assert prunable(an) >= MIN_PRUNABLE["llama_gqa_fp16"]
+    assert check_joint(an, seed=1)["error"] < 1e-3  # fp16 sums
+    res = spa.prune(path, 0.3, analysis=an)
+    kinds = {t.data_type for t in res.model.graph.initializer if t.dims and np.prod(t.dims) > 64}
+    assert onnx.TensorProto.FLOAT16 in kinds and onnx.TensorProto.FLOAT not in kinds
+    logits = probing.session(res.model).run(["logits"], {"input_ids": np.zeros((3, 19), np.int64)})[0]
+    assert logits.shape == (3, 19, 256) and logits.dtype == np.float16

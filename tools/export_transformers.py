@@ -77,6 +77,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from export_torchvision import cache_dir, calibrate_parameters, checked_export, unshare_initializers  # noqa: E402
 
 NAMES = ["gpt2_ts", "gpt2_dynamo", "llama_gqa", "llama_gqa_kv", "bert"]
+#: fp16 variants (weights and activations in half precision, as LLMs ship): ``NAME_fp16`` of these
+FP16 = ["llama_gqa"]
 OPSET_TS = 17
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTER, VOCAB, MAXPOS = 64, 2, 4, 2, 128, 256, 128
 HEAD_DIM = HIDDEN // HEADS
@@ -91,8 +93,8 @@ def default_path(name: str, init: str = "transformers") -> pathlib.Path:
 
 
 def _check_name(name: str) -> None:
-    if name not in NAMES:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(NAMES)}")
+    if name not in NAMES and name not in [f"{n}_fp16" for n in FP16]:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(NAMES + [n + '_fp16' for n in FP16])}")
 
 
 def kv_names() -> tuple[list[str], list[str]]:
@@ -280,12 +282,15 @@ def export(name: str, out: pathlib.Path | None = None, init: str = "transformers
     out = pathlib.Path(out) if out is not None else default_path(name, init)
     if out.is_file():
         return out
-    module = build(name, init)
+    base = name.removesuffix("_fp16")
+    module = build(base, init)
+    if base != name:
+        module = module.half()
     with checked_export(out) as tmp:
         with warnings.catch_warnings(), _single_sequence_masks(), \
                 _keep_parameters_apart(_tensor_names(module)):
             warnings.simplefilter("ignore")  # legacy-exporter DeprecationWarning, TracerWarnings, dim renames
-            _export_to(name, module, tmp)
+            _export_to(base, module, tmp)
         m = onnx.load(tmp, load_external_data=False)
         external = [t.name for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
         if external:
