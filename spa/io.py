@@ -167,18 +167,28 @@ def save_model(proto: onnx.ModelProto, path, *, inputs=()) -> Path:
     data = path.with_name(path.name + ".data")
     for target in (path, data):
         check_target(target, inputs)
+    # onnx moves the tensors' bytes out of the proto it saves this way: save a copy, the caller's
+    # model keeps its weights
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
     # both files are written in a temporary folder beside the target, then renamed: data first, so
     # the model never names data that is not there
     with _cleanup_on_term():
-        tmpdir = tempfile.mkdtemp(prefix=".spa-", dir=str(path.parent))
         try:
-            onnx.save_model(proto, os.path.join(tmpdir, path.name), save_as_external_data=True,
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmpdir = tempfile.mkdtemp(prefix=".spa-", dir=str(path.parent))
+        except OSError as exc:
+            raise SpaError(f"output {path}: cannot write there ({exc.strerror or exc})") from None
+        try:
+            onnx.save_model(copy, os.path.join(tmpdir, path.name), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
             for final in (data, path):
                 tmp = os.path.join(tmpdir, final.name)
                 _finish(tmp)
                 os.replace(tmp, final)
             _sync_dir(path.parent)
+        except OSError as exc:
+            raise SpaError(f"output {path}: write failed ({exc.strerror or exc}); nothing was written") from None
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
     return path

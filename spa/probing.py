@@ -356,7 +356,7 @@ def probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
         pr.points.append(point)
         return True
 
-    for how in ("up", "short"):  # every symbol moved at once
+    for how in ("up", "short", "odd"):  # every symbol moved at once; odd sizes where the model takes them
         run_at(plan.bumped(how))
     if not runs and len(plan.symbols) > 1:
         # the model refuses every symbol moved at once (a relation spa does not know): move each

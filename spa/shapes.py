@@ -41,6 +41,8 @@ def parse_dim(text: str):
     Anything that is not a sum/product of names and integers is one opaque symbol."""
     tokens, pos = [], 0
     text = text.strip()
+    if re.search(r"\w-\w", text):  # 'batch-size', 'seq-len': a name, not a subtraction
+        return ("sym", text)
     while pos < len(text):
         m = _TOKEN.match(text, pos)
         if not m or m.end() == pos:
@@ -119,7 +121,7 @@ _INT_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.I
 #: dim_params that name nothing (paddle2onnx writes '?' for every unknown dim): each such dim is its own symbol
 _ANONYMOUS = re.compile(r"^\s*(\?+|-1|None|unk|unknown|dynamic)\s*$", re.I)
 #: inputs whose dynamic dims count tokens though they are float (a KV cache)
-_CACHE_NAME = re.compile(r"past|cache|key|value", re.I)
+_CACHE_NAME = re.compile(r"past|cache|present|(^|\.)(key|value)(\.|$)", re.I)
 
 
 @dataclass
@@ -142,7 +144,7 @@ class SizePlan:
             for d in range(rank):
                 v = self.dims[(name, d)]
                 n = v if isinstance(v, int) else evaluate(v, values)
-                if n is None or n < 0:
+                if n is None or n < 1:
                     raise SpaError(f"input '{name}' dim {d}: cannot size '{_show(v)}'; give it with --input-shapes")
                 dims.append(int(n))
             out[name] = dims
@@ -150,18 +152,21 @@ class SizePlan:
 
     def bumped(self, how: str = "up") -> dict:
         """Every symbol moved at once, each by a different amount (so values that stay put depend
-        on none of them): ``up`` (batch 3, others +32, +64, ...) or ``short`` (batch 2, a decode
+        on none of them): ``up`` (batch 3, others +32, +64, ...), ``short`` (batch 2, a decode
         step: the tokens an integer input holds 1, a past 8 longer; others halved to a multiple
-        of 32)."""
+        of 32) or ``odd`` (every symbol +1, +3, ...: a value such as ``H % 32`` that the other points
+        all agree on moves here, where the model accepts such sizes)."""
         out, k = {}, 0
         for s in self.symbols:
             v = self.base[s]
             if s in self.batch:
-                out[s] = (v + 2) if how == "up" else (2 if v != 2 else 3)
+                out[s] = (v + 2) if how == "up" else (v + 1) if how == "odd" else (2 if v != 2 else 3)
                 continue
             k += 1
             if how == "up":
                 out[s] = v + 32 * k
+            elif how == "odd":
+                out[s] = v + 2 * k - 1           # +1, +3, ...: what '% 32' hides from the others
             elif s in self.steps:
                 out[s] = 1 if v != 1 else 2      # one new token: a decode step
             elif s in self.tokens:
@@ -217,9 +222,11 @@ def size_plan(inputs, input_shapes=None) -> SizePlan:
             if any(is_int and dims[(name, d)] == ("sym", s) for name, d, is_int in used):
                 plan.steps.add(s)
     given = input_shapes or {}
+    unknown = sorted(set(given) - set(ranks))
+    if unknown:
+        raise SpaError(f"--input-shapes names {', '.join(unknown)}, not a model input "
+                       f"(inputs: {', '.join(ranks) or 'none'})")
     for name, shape in given.items():
-        if name not in ranks:
-            continue
         if len(shape) != ranks[name]:
             raise SpaError(f"--input-shapes {name}: rank {len(shape)}, the model's input has rank {ranks[name]}")
         for d, n in enumerate(shape):

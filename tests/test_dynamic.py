@@ -70,7 +70,7 @@ def test_dynamic_batch_cnn_prunes_like_the_fixed_one_and_batch_rows_agree():
     model = dyn_cnn()
     an = spa.analyze(model)
     assert prunable(an) == prunable(spa.analyze(fixed(model, {"x": [1, 3, 16, 16]}))) == 2
-    assert [p["batch"] for p in an.probe.points] == [1, 3, 2]
+    assert [p["batch"] for p in an.probe.points] == [1, 3, 2, 2]  # probe, up, short, odd
     for r in check_groups(an):
         assert r["error"] < EXACT, r
     pruned = spa.prune(model, 0.3).model
@@ -305,3 +305,32 @@ def test_fp16_decoder_prunes_in_fp16_and_agrees_with_the_cut_original():
     assert onnx.TensorProto.FLOAT16 in kinds and onnx.TensorProto.FLOAT not in kinds
     logits = probing.session(res.model).run(["logits"], {"input_ids": np.zeros((3, 19), np.int64)})[0]
     assert logits.shape == (3, 19, 256) and logits.dtype == np.float16
+
+
+def test_a_size_modulo_32_is_not_frozen():
+    """Padding to a multiple of 32 ((32 - H % 32) % 32, Swin/YOLO style) is the same at sizes that
+    are all multiples of 32: the probe's odd point moves it, so it stays live."""
+    g = G()
+    y = g.conv("x", 3, 8)
+    h = g.op("Gather", [g.op("Shape", [y]), g.i64([2])], axis=0)
+    pad = g.op("Mod", [g.op("Sub", [g.i64([32]), g.op("Mod", [h, g.i64([32])])]), g.i64([32])])
+    y = g.op("Pad", [y, g.op("Concat", [g.i64([0, 0, 0, 0, 0, 0]), pad, g.i64([0])], axis=0)])
+    g.conv(y, 8, 8, act=None)
+    g.nodes[-1].output[0] = "out"
+    graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "H", "W"])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], g.inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    pruned = spa.prune(m, 0.25).model
+    for H in (224, 100):
+        x = {"x": np.zeros((1, 3, H, 40), np.float32)}
+        assert probing.session(pruned).run(None, x)[0].shape == probing.session(m).run(None, x)[0].shape
+
+
+def test_names_are_names():
+    assert shapes.parse_dim("batch-size") == ("sym", "batch-size")  # not batch minus size
+    pixel = helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["b", 3, "h", "w"])
+    assert shapes.size_plan([pixel]).tokens == set()  # an image, not a KV cache
+    kv = helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["b", 2, "past", 8])
+    assert shapes.size_plan([kv]).tokens == {"past"}
+    with pytest.raises(SpaError, match="not a model input"):
+        shapes.size_plan([pixel], {"pixel": [1, 3, 8, 8]})

@@ -377,3 +377,12 @@ def test_check_sizes_a_path_like_prune_and_falls_back_when_refused():
     path = str(zoo.fetch("ppocr_rec"))
     res = compare(path, path)
     assert res["passed"] and res["input_shapes"]["x"][2] < 224
+
+
+def test_external_data_save_keeps_the_callers_weights_and_creates_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "EXTERNAL_DATA_ABOVE", 0)
+    m = residual_chain()
+    before = sum(len(t.raw_data) for t in m.graph.initializer)
+    io.save_model(m, tmp_path / "new" / "o.onnx")
+    assert sum(len(t.raw_data) for t in m.graph.initializer) == before  # onnx would have moved them out
+    assert (tmp_path / "new" / "o.onnx.data").is_file()

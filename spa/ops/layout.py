@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..shapes import all_reads
+
 def rule_squeeze(ctx):
     """Squeeze/Unsqueeze/Flatten: match dims by products; size-1 dims carry nothing."""
     node = ctx.node
@@ -101,6 +103,14 @@ def _widest(ctx, x, y):
     return max(runs, key=lambda r: sum(n != 1 for n in r[0]) + sum(n != 1 for n in r[1]))
 
 
+def _give_up(ctx, target):
+    """No rebuild of this node's target: it stays as computed, so the sizes it reads must not
+    change either (the channel model skips them for targets it expects surgery to rebuild)."""
+    for axis in all_reads(ctx.reads(target)):
+        ctx.fix(axis)
+    return ctx.fix_all()
+
+
 def rule_reshape(ctx):
     """Reshape: dims matched by products (heads x head dims, flatten before a Linear).  Surgery
     rebuilds the target (``surgery.rw_reshape``) from one piece per output dim: static dims get
@@ -111,11 +121,11 @@ def rule_reshape(ctx):
     node = ctx.node
     x, y, target = node.input[0], node.output[0], node.input[1]
     if ctx.shape(x) is None or ctx.shape(y) is None:
-        return ctx.fix_all()
+        return _give_up(ctx, target)
     wx, wy = _widest(ctx, x, y)
     blocks = match_dims(wx, wy)
     if blocks is None:
-        return ctx.fix_all()
+        return _give_up(ctx, target)
     dyn = ctx.dynamic(y)
     dyn = [True] * len(wy) if dyn is None else list(dyn)
     reads, value = ctx.reads(target), ctx.value(target)
@@ -141,7 +151,7 @@ def rule_reshape(ctx):
         if dyn[d] and d not in paired:  # size 1 in every run: only the original target knows it
             pieces[d] = from_target(d)
     if None in pieces:
-        return ctx.fix_all()
+        return _give_up(ctx, target)
     _tie_blocks(ctx, x, y, blocks, (wx, wy))
     ctx.rewrite("reshape", pieces=pieces)
 
@@ -183,7 +193,7 @@ def rule_expand(ctx):
     x, y, target = node.input[0], node.output[0], node.input[1]
     rx, ry = ctx.rank(x), ctx.rank(y)
     if rx is None or ry is None:
-        return ctx.fix_all()
+        return _give_up(ctx, target)
     runs = [(ctx.shape(x), ctx.shape(y))] + ctx.other_shapes(x, y)
     dyn = ctx.dynamic(y)
     dyn = [True] * ry if dyn is None else list(dyn)
@@ -201,9 +211,9 @@ def rule_expand(ctx):
                 for axis in (reads[ti] if 0 <= ti < len(reads) else reads[0]):
                     ctx.fix(axis)
         else:
-            return ctx.fix_all()
+            return _give_up(ctx, target)
     if "dyn" in kinds and reads is None:
-        return ctx.fix_all()        # a dynamic size from a target that is not a shape computation
+        return _give_up(ctx, target)  # a dynamic size from a target that is not a shape computation
     ctx.rewrite("expand", kinds=kinds)
 
 
