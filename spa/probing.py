@@ -123,7 +123,7 @@ class _Runner:
     optimisation, no prepacking, big initializers fed from ``consts`` without copies)."""
 
     def __init__(self, proto, consts, outputs):
-        self.proto, self.exposed = proto, outputs
+        self.proto, self.exposed, self.consts = proto, outputs, consts
         self.fed = _fed_initializers(proto, consts)
         self.ran = False
         try:
@@ -150,7 +150,14 @@ class _Runner:
             if self.ran or not self.fed:  # after one good run, a failure is the feed's
                 raise
             self._embed()
-            out = self.sess.run(names, feed, quiet)
+            try:
+                out = self.sess.run(names, feed, quiet)
+            except Exception:
+                # embedding did not help: the sizes were refused, not the fed weights; feed them
+                # again (embedded weights cost a copy of the model for the rest of the probe)
+                self.fed = _fed_initializers(self.proto, self.consts)
+                self.sess = session(skeleton(self.proto, self.fed, self.exposed), oneshot=True)
+                raise
         self.ran = True
         return dict(zip(names, out))
 

@@ -206,3 +206,26 @@ def test_probe_exposes_tensors_in_chunks_that_fit_its_budget(monkeypatch):
     assert set().union(*map(set, chunks)) == set(exposed)
     chunked = probing.probe(m)
     assert chunked.shapes == whole.shapes and chunked.dtypes == whole.dtypes
+
+
+def test_a_refused_size_does_not_leave_the_weights_embedded(monkeypatch):
+    """The first run at a size the model refuses looks like a fed-weight failure; once embedding
+    does not help either, the weights are fed again for the rest of the probe (not copied)."""
+    g = G(seed=7)
+    y = g.op("Add", ["x", g.w(64)])          # x: [1, n], only n = 64 (or 1) runs
+    y = g.op("MatMul", [y, g.w(64, 64)])     # a weight big enough to be fed
+    graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n"])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, 64])], g.inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    inputs_of_sessions = []
+    orig = probing.session
+
+    def counting(data, *a, **k):
+        sess = orig(data, *a, **k)
+        inputs_of_sessions.append(len(sess.get_inputs()))
+        return sess
+
+    monkeypatch.setattr(probing, "session", counting)
+    pr = probing.probe(m)
+    assert pr.inputs["x"].shape == (1, 64)  # the default 224 was refused, a fallback size ran
+    assert inputs_of_sessions[-1] > 1       # the last session still takes the weight as an input
