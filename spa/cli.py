@@ -54,14 +54,6 @@ def _shapes(values):
         raise click.BadParameter(str(exc), param_hint="'--input-shapes'") from None
 
 
-def _known_inputs(an, shapes):
-    """--input-shapes must name inputs of the model (the probe would silently ignore others)."""
-    unknown = sorted(set(shapes or ()) - set(an.probe.inputs))
-    if unknown:
-        raise SpaError(f"--input-shapes names {', '.join(unknown)}, not a model input "
-                       f"(inputs: {', '.join(an.probe.inputs) or 'none'})")
-
-
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
@@ -97,7 +89,6 @@ def inspect(model, as_json, show_all, input_shapes, graph_file):
             raise SpaError(f"--graph {graph_file}: write .graphml (networkx, yEd, Gephi) or .dot/.gv (Graphviz)")
         check_target(graph_file, _run_inputs(path, [graph_file]), what="--graph")
     an = analyze(path, input_shapes=shapes, progress=_progress)
-    _known_inputs(an, shapes)
     summary = an.summary()
     summary["input_shapes"] = {k: [int(d) for d in np.shape(v)] for k, v in an.probe.inputs.items()}
     if graph_file:
@@ -214,7 +205,6 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                            blas_threads=blas_threads)
     options.checked()  # every option before the load and probe
     an = analyze(src, input_shapes=shapes, progress=_progress)
-    _known_inputs(an, shapes)
     result = do_prune(src, options=options, progress=_progress, analysis=an)
     save_model(result.model, output, inputs=[p for p in protect if not (force and p == src)])
     rep = result.report

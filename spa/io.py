@@ -165,32 +165,14 @@ def save_model(proto: onnx.ModelProto, path, *, inputs=()) -> Path:
         return write_atomic(path, lambda tmp: onnx.save_model(proto, tmp) if plan is None
                             else _write_stream(proto, plan, tmp), inputs=inputs)
     data = path.with_name(path.name + ".data")
-    for target in (path, data):
-        check_target(target, inputs)
     # onnx moves the tensors' bytes out of the proto it saves this way: save a copy, the caller's
-    # model keeps its weights
+    # model keeps its weights; the data is renamed into place first, so the model never names data
+    # that is not there
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
-    # both files are written in a temporary folder beside the target, then renamed: data first, so
-    # the model never names data that is not there
-    with _cleanup_on_term():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmpdir = tempfile.mkdtemp(prefix=".spa-", dir=str(path.parent))
-        except OSError as exc:
-            raise SpaError(f"output {path}: cannot write there ({exc.strerror or exc})") from None
-        try:
-            onnx.save_model(copy, os.path.join(tmpdir, path.name), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
-            for final in (data, path):
-                tmp = os.path.join(tmpdir, final.name)
-                _finish(tmp)
-                os.replace(tmp, final)
-            _sync_dir(path.parent)
-        except OSError as exc:
-            raise SpaError(f"output {path}: write failed ({exc.strerror or exc}); nothing was written") from None
-        finally:
-            shutil.rmtree(tmpdir, ignore_errors=True)
+    _write_files([data, path], lambda folder: onnx.save_model(
+        copy, os.path.join(folder, path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+        location=data.name, size_threshold=1024), inputs=inputs)
     return path
 
 
@@ -224,28 +206,37 @@ def check_target(path, inputs=(), *, what="output") -> Path:
 
 
 def write_atomic(path, write, *, inputs=(), what="output") -> Path:
-    """Write ``path`` the safe way: ``check_target``, then ``write(tmp)`` into a temporary file in
-    the same folder, fsync, the mode the umask gives (0644 under 022), rename over the target.  On
-    any failure, SIGTERM included, the temporary file is removed and the target left as it was."""
-    path = check_target(path, inputs, what=what)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SpaError(f"{what} {path}: cannot create its folder ({exc.strerror})") from None
-    with _cleanup_on_term():
-        fd, tmp = tempfile.mkstemp(prefix=".spa-", suffix=path.suffix, dir=str(path.parent))
-        os.close(fd)
-        try:
-            write(tmp)
-            _finish(tmp)
-            os.replace(tmp, path)
-            _sync_dir(path.parent)
-        except OSError as exc:
-            raise SpaError(f"{what} {path}: write failed ({exc.strerror or exc}); nothing was written") from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    """Write ``path`` the safe way: ``check_target``, then ``write(tmp)`` into a temporary folder
+    beside it, fsync, the mode the umask gives (0644 under 022), rename over the target.  On any
+    failure, SIGTERM included, the temporary folder is removed and the target left as it was."""
+    path = Path(path)
+    _write_files([path], lambda folder: write(os.path.join(folder, path.name)), inputs=inputs, what=what)
     return path
+
+
+def _write_files(targets, write, *, inputs=(), what="output") -> None:
+    """``write(folder)`` makes each target's file, under its own name, in a temporary folder beside
+    them; each is then fsynced, given the umask's mode and renamed over its target, in order.  The
+    temporary folder goes on any failure, SIGTERM included."""
+    targets = [check_target(t, inputs, what=what) for t in targets]
+    parent = targets[0].parent
+    with _cleanup_on_term():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            folder = tempfile.mkdtemp(prefix=".spa-", dir=str(parent))
+        except OSError as exc:
+            raise SpaError(f"{what} {targets[0]}: cannot write there ({exc.strerror or exc})") from None
+        try:
+            write(folder)
+            for final in targets:
+                tmp = os.path.join(folder, final.name)
+                _finish(tmp)
+                os.replace(tmp, final)
+            _sync_dir(parent)
+        except OSError as exc:
+            raise SpaError(f"{what} {targets[0]}: write failed ({exc.strerror or exc}); nothing was written") from None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_text(path, text: str, *, inputs=(), what="output") -> Path:
