@@ -79,6 +79,8 @@ from export_torchvision import cache_dir, calibrate_parameters, checked_export, 
 NAMES = ["gpt2_ts", "gpt2_dynamo", "llama_gqa", "llama_gqa_kv", "bert"]
 #: fp16 variants (weights and activations in half precision, as LLMs ship): ``NAME_fp16`` of these
 FP16 = ["llama_gqa"]
+#: every name export() takes
+ALL = NAMES + [f"{n}_fp16" for n in FP16]
 OPSET_TS = 17
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTER, VOCAB, MAXPOS = 64, 2, 4, 2, 128, 256, 128
 HEAD_DIM = HIDDEN // HEADS
@@ -93,8 +95,8 @@ def default_path(name: str, init: str = "transformers") -> pathlib.Path:
 
 
 def _check_name(name: str) -> None:
-    if name not in NAMES and name not in [f"{n}_fp16" for n in FP16]:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(NAMES + [n + '_fp16' for n in FP16])}")
+    if name not in ALL:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(ALL)}")
 
 
 def kv_names() -> tuple[list[str], list[str]]:
@@ -321,7 +323,11 @@ def verify(name: str, path, tol: float = TOL, init: str | None = None) -> dict[s
     _check_name(name)
     if init is None:
         init = "calibrated" if pathlib.Path(path).stem.endswith("_cal") else "transformers"
-    module = build(name, init)
+    base = name.removesuffix("_fp16")
+    module = build(base, init)
+    if base != name:  # half precision on both sides: compare to fp16 rounding
+        module, tol = module.half(), max(tol, 1e-2)
+    name = base
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     want_in, want_out = io_names(name)
     got_in, got_out = [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()]
@@ -360,7 +366,7 @@ def verify(name: str, path, tol: float = TOL, init: str | None = None) -> dict[s
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("names", nargs="*", help=f"models (known: {', '.join(NAMES)})")
+    ap.add_argument("names", nargs="*", help=f"models (known: {', '.join(ALL)})")
     ap.add_argument("--all", action="store_true", help="export every model")
     ap.add_argument("--out", type=pathlib.Path, help="output file (only with a single model)")
     ap.add_argument("--init", choices=INITS, default="transformers", help="weight init recipe (see docstring)")
@@ -372,9 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("name at least one model, or --all")
     if args.out and len(names) != 1:
         ap.error("--out needs exactly one model")
-    unknown = [n for n in names if n not in NAMES]
+    unknown = [n for n in names if n not in ALL]
     if unknown:
-        ap.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(NAMES)}")
+        ap.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(ALL)}")
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
