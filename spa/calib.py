@@ -151,20 +151,14 @@ def _batch_dynamic(an) -> bool:
     return all(dyn.get(name) is not None and len(dyn[name]) and dyn[name][0] for name in an.probe.inputs)
 
 
-def exposing_session(model, tensors):
-    """``(session, fetch)``: an onnxruntime session of ``model`` with ``tensors`` exposed as extra
-    outputs, and the names among them to fetch (graph inputs come from the feed instead)."""
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model)
-    del proto.graph.value_info[:]
-    have = {o.name for o in proto.graph.output} | {i.name for i in proto.graph.input}
-    for t in tensors:
-        if t not in have:
-            proto.graph.output.append(onnx.ValueInfoProto(name=t))
-            have.add(t)
-    sess = probing.session(proto)
-    out_names = {o.name for o in sess.get_outputs()}
-    return sess, [t for t in tensors if t in out_names]
+def exposing_session(an, tensors):
+    """``(runner, fetch)``: an onnxruntime runner over the analysed model (weights fed from the
+    analysis, never copied) with ``tensors`` exposed as extra outputs, and the names among them to
+    fetch (graph inputs come from the feed instead); ``runner.run(feed, fetch) -> {name: value}``."""
+    inputs = {i.name for i in an.model.graph.input}
+    outputs = [o.name for o in an.model.graph.output] + [t for t in tensors if t not in inputs]
+    runner = probing.output_runner(an.model, an.probe.consts, outputs=list(dict.fromkeys(outputs)))
+    return runner, [t for t in tensors if t in set(runner.outputs)]
 
 
 def collect(an, feeds, *, axes=None, progress=_quiet, source: str = "") -> ActStats:
@@ -174,11 +168,11 @@ def collect(an, feeds, *, axes=None, progress=_quiet, source: str = "") -> ActSt
     if not axes or not feeds:
         return stats
     tensors = sorted({ax[0] for ax in axes})
-    sess, wanted = exposing_session(an.model, tensors)
+    runner, wanted = exposing_session(an, tensors)
     for i, feed in enumerate(feeds):
         progress(f"calibration batch {i + 1}/{len(feeds)}")
         try:
-            values = dict(zip(wanted, sess.run(wanted, feed)))
+            values = runner.run(feed, wanted)
         except Exception as exc:
             msg = str(exc).strip().splitlines()[-1][:300]
             raise SpaError(f"--calib: onnxruntime cannot run the calibration batch ({msg})") from None

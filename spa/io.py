@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import weights as weights_mod
 from .errors import SpaError
 
 #: models larger than this (bytes) are written with external data (protobuf's limit is 2 GiB)
@@ -46,13 +47,7 @@ def load_model(model, *, load_weights: bool = True) -> onnx.ModelProto:
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
         return proto
-    path = Path(model)
-    if not path.exists():
-        raise SpaError(f"{path}: no such file")
-    if path.is_dir():
-        raise SpaError(f"{path}: is a directory, expected an .onnx file")
-    if not path.is_file():
-        raise SpaError(f"{path}: not a regular file (a FIFO or a device); give spa the .onnx file itself")
+    path = _checked_path(Path(model))
     try:
         proto = _parse(path)
     except Exception as exc:  # protobuf raises DecodeError and friends
@@ -69,6 +64,60 @@ def load_model(model, *, load_weights: bool = True) -> onnx.ModelProto:
             raise SpaError(f"{path}: cannot read its external data ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
     return proto
+
+
+def load_lazily(model, weights=None) -> tuple[onnx.ModelProto, dict]:
+    """``(proto, weights)``: a path is read without copying its big weights (``spa.weights``: the
+    proto holds stubs, ``weights`` read-only arrays over a memory map of the file and of its
+    external data); a ModelProto is copied (its stubs' arrays are ``weights``)."""
+    if isinstance(model, onnx.ModelProto):
+        return load_model(model), dict(weights or {})
+    path = _checked_path(Path(model))
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ValueError("empty file")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        proto, arrays = weights_mod.parse_with_stubs(mm)
+    except SpaError:
+        raise
+    except Exception as exc:
+        raise SpaError(f"{path}: not an ONNX model ({type(exc).__name__}); "
+                       "export it with torch.onnx.export, tf2onnx or paddle2onnx first") from None
+    if not proto.graph.node and not proto.graph.initializer:
+        raise SpaError(f"{path}: not an ONNX model (empty graph)")
+    external = [t for t in _external_tensors(proto) if not weights_mod.is_stub(t)]
+    if not external:
+        return proto, arrays
+    for tensor in external:
+        _check_external(path, tensor)
+    if len(external) != sum(t.data_location == onnx.TensorProto.EXTERNAL and not weights_mod.is_stub(t)
+                            for t in proto.graph.initializer):
+        # external data in subgraphs or Constant nodes: rare; read it all the plain way
+        return load_model(path), {}
+    maps = {}
+    for t in external:
+        info = {e.key: e.value for e in t.external_data}
+        target = os.path.realpath(os.path.join(path.parent, info["location"]))
+        if target not in maps:
+            with open(target, "rb") as f:
+                maps[target] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size \
+                    else b""
+        a = weights_mod.stub_external(t, maps[target], int(info.get("offset", 0) or 0),
+                                      int(info.get("length", -1) or -1))
+        if a is not None:
+            arrays[t.name] = a
+    return proto, arrays
+
+
+def _checked_path(path: Path) -> Path:
+    if not path.exists():
+        raise SpaError(f"{path}: no such file")
+    if path.is_dir():
+        raise SpaError(f"{path}: is a directory, expected an .onnx file")
+    if not path.is_file():
+        raise SpaError(f"{path}: not a regular file (a FIFO or a device); give spa the .onnx file itself")
+    return path
 
 
 def _check_external(path: Path, tensor) -> None:
@@ -151,10 +200,14 @@ def _uses_external_data(proto) -> bool:
     return any(True for _ in _external_tensors(proto))
 
 
-def save_model(proto: onnx.ModelProto, path, *, inputs=()) -> Path:
+def save_model(proto: onnx.ModelProto, path, *, inputs=(), weights=None) -> Path:
     """Write a model through the safe writer (``write_atomic``; ``inputs``: the run's input files,
-    which it refuses to replace); external data, beside it and as safely, for models over 2 GB."""
+    which it refuses to replace); external data, beside it and as safely, for models over 2 GB.
+    ``weights`` holds the arrays of ``proto``'s stubs (``spa.weights``): they are streamed to the
+    file one tensor at a time, never copied into a proto."""
     path = Path(path)
+    if weights_mod.has_stubs(proto):
+        return _save_stubbed(proto, path, inputs, weights)
     plan = None
     if not _no_external(proto):
         big = True
@@ -174,6 +227,59 @@ def save_model(proto: onnx.ModelProto, path, *, inputs=()) -> Path:
         copy, os.path.join(folder, path.name), save_as_external_data=True, all_tensors_to_one_file=True,
         location=data.name, size_threshold=1024), inputs=inputs)
     return path
+
+
+def _save_stubbed(proto, path: Path, inputs, weights) -> Path:
+    plan = _stream_plan(proto, weights)
+    if plan is None:  # unknown fields: the plain way, with a filled copy
+        return save_model(weights_mod.full_model(proto, weights), path, inputs=inputs)
+    if plan[0] <= EXTERNAL_DATA_ABOVE:
+        return write_atomic(path, lambda tmp: _write_stream(proto, plan, tmp, weights), inputs=inputs)
+    data = path.with_name(path.name + ".data")
+    _write_files([data, path], lambda folder: _write_external(proto, weights, folder, path.name, data.name),
+                 inputs=inputs)
+    return path
+
+
+#: offsets of tensors in an external data file spa writes (onnxruntime maps page-aligned tensors
+#: from the file instead of copying them)
+DATA_ALIGN = 4096
+
+
+def _write_external(proto, weights, folder, name, data_name) -> None:
+    """The model file and its one external data file: every stub and every initializer with more
+    than 1 KB of raw data goes to the data file, page-aligned, streamed from its array."""
+    m = onnx.ModelProto()
+    _copy_fields(proto, m, skip=("graph",))
+    _copy_fields(proto.graph, m.graph, skip=("initializer",))
+    with open(os.path.join(folder, data_name), "wb") as f:
+        for t in proto.graph.initializer:
+            stub = weights_mod.is_stub(t)
+            if not stub and len(t.raw_data) <= 1024:
+                m.graph.initializer.append(t)
+                continue
+            offset = -f.tell() % DATA_ALIGN
+            if offset:
+                f.write(b"\0" * offset)
+            start = f.tell()
+            if stub:
+                f.write(np.ascontiguousarray(weights_mod.array_of(t, weights)).data)
+            else:
+                f.write(t.raw_data)
+            h = weights_mod.header(t) if stub else _without_data(t)
+            h.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(start)), ("length", str(f.tell() - start))):
+                h.external_data.add(key=key, value=value)
+            m.graph.initializer.append(h)
+    with open(os.path.join(folder, name), "wb") as f:
+        f.write(m.SerializeToString())
+
+
+def _without_data(t):
+    h = onnx.TensorProto()
+    h.CopyFrom(t)
+    h.ClearField("raw_data")
+    return h
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,6 +407,7 @@ def _varint(n: int) -> bytes:
 
 _GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number            # 7
 _INIT_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number       # 5
+_RAW_TAG = _varint(onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number << 3 | 2)
 
 
 def _split(msg, number, cls):
@@ -312,11 +419,11 @@ def _split(msg, number, cls):
     return lo, hi
 
 
-def _stream_plan(proto):
-    """(total bytes, pieces) to write ``proto`` exactly as ``SerializeToString`` would, one
-    initializer at a time: upb serialises a whole model into a growing buffer and then copies it,
-    three times the model in fresh memory (seconds for a ViT).  None when the model or its graph
-    carries unknown fields (then the plain path keeps them)."""
+def _stream_plan(proto, weights=None):
+    """(total bytes, pieces) to write ``proto`` one initializer at a time (as ``SerializeToString``
+    would, stubs with their data from ``weights``): upb serialises a whole model into a growing
+    buffer and then copies it, three times the model in fresh memory (seconds for a ViT).  None
+    when the model or its graph carries unknown fields (then the plain path keeps them)."""
     try:
         from google.protobuf import unknown_fields
         if len(unknown_fields.UnknownFieldSet(proto)) or len(unknown_fields.UnknownFieldSet(proto.graph)):
@@ -326,26 +433,41 @@ def _stream_plan(proto):
     m_lo, m_hi = _split(proto, _GRAPH_FIELD, onnx.ModelProto)
     g_lo, g_hi = _split(proto.graph, _INIT_FIELD, onnx.GraphProto)
     m_lo, m_hi, g_lo, g_hi = (x.SerializeToString() for x in (m_lo, m_hi, g_lo, g_hi))
-    sizes = [t.ByteSize() for t in proto.graph.initializer]
+    sizes, stubs = [], []
+    for t in proto.graph.initializer:
+        if weights_mod.is_stub(t):
+            head = weights_mod.header(t).SerializeToString()
+            nbytes = weights_mod.array_of(t, weights).nbytes
+            stubs.append((head, nbytes))
+            sizes.append(len(head) + len(_RAW_TAG) + len(_varint(nbytes)) + nbytes)
+        else:
+            stubs.append(None)
+            sizes.append(t.ByteSize())
     init_tag = _varint(_INIT_FIELD << 3 | 2)
     glen = len(g_lo) + len(g_hi) + sum(len(init_tag) + len(_varint(n)) + n for n in sizes)
     graph_head = _varint(_GRAPH_FIELD << 3 | 2) + _varint(glen) if proto.HasField("graph") else b""
     total = len(m_lo) + len(graph_head) + (glen if graph_head else 0) + len(m_hi)
-    return total, (m_lo, graph_head, g_lo, sizes, init_tag, g_hi, m_hi)
+    return total, (m_lo, graph_head, g_lo, sizes, stubs, init_tag, g_hi, m_hi)
 
 
-def _write_stream(proto, plan, path) -> None:
-    _, (m_lo, graph_head, g_lo, sizes, init_tag, g_hi, m_hi) = plan
+def _write_stream(proto, plan, path, weights=None) -> None:
+    _, (m_lo, graph_head, g_lo, sizes, stubs, init_tag, g_hi, m_hi) = plan
     with open(path, "wb") as f:
         f.write(m_lo)
         if graph_head:
             f.write(graph_head)
             f.write(g_lo)
-            for t, n in zip(proto.graph.initializer, sizes):
+            for t, n, stub in zip(proto.graph.initializer, sizes, stubs):
+                f.write(init_tag + _varint(n))
+                if stub is not None:  # the header's fields, then raw_data (fields may come in any order)
+                    head, nbytes = stub
+                    f.write(head)
+                    f.write(_RAW_TAG + _varint(nbytes))
+                    f.write(np.ascontiguousarray(weights_mod.array_of(t, weights)).data)
+                    continue
                 data = t.SerializeToString()
                 if len(data) != n:
                     raise SpaError(f"internal: initializer '{t.name}' changed while being written")
-                f.write(init_tag + _varint(n))
                 f.write(data)
             f.write(g_hi)
         f.write(m_hi)
@@ -418,10 +540,11 @@ def _with_ir(proto, ir):
     return copy
 
 
-def initializer_arrays(proto) -> dict:
-    """Every initializer as a numpy array: one copy of the weights, shared by the probe sessions
-    (fed in place) and the channel model."""
-    return {t.name: tensor_array(t) for t in proto.graph.initializer}
+def initializer_arrays(proto, weights=None) -> dict:
+    """Every initializer as a numpy array (stubs: their array in ``weights``): one copy of the
+    weights, shared by the probe sessions (fed in place) and the channel model."""
+    return {t.name: weights_mod.array_of(t, weights) if weights_mod.is_stub(t) else tensor_array(t)
+            for t in proto.graph.initializer}
 
 
 def tensor_array(t) -> np.ndarray:
@@ -458,9 +581,10 @@ def _copy_fields_one(fd, value, dst):
         setattr(dst, fd.name, value)
 
 
-def skeleton(proto, fed, outputs, *, for_ort=True) -> bytes:
+def skeleton(proto, fed, outputs, *, for_ort=True, weights=None) -> bytes:
     """Serialised copy of ``proto`` in which the ``fed`` initializers are typed graph inputs (their
-    data is not copied) and ``outputs`` are graph outputs too; value_info is left out."""
+    data is not copied) and ``outputs`` are graph outputs too; value_info is left out.  Stubs that
+    are not fed are filled from ``weights``."""
     m = onnx.ModelProto()
     _copy_fields(proto, m, skip=("graph",))
     if for_ort and m.ir_version > MAX_IR_VERSION:
@@ -472,7 +596,7 @@ def skeleton(proto, fed, outputs, *, for_ort=True) -> bytes:
         if t.name in fed:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         else:
-            g.initializer.append(t)
+            g.initializer.append(weights_mod.filled(t, weights))
     g.output.extend(proto.graph.output)
     have = {o.name for o in proto.graph.output}
     for name in outputs:
@@ -482,9 +606,10 @@ def skeleton(proto, fed, outputs, *, for_ort=True) -> bytes:
     return m.SerializeToString()
 
 
-def model_size(proto) -> int:
-    """Serialised size in bytes, without serialising the model whole (``ByteSize`` does)."""
-    plan = _stream_plan(proto)
+def model_size(proto, weights=None) -> int:
+    """Serialised size in bytes (stubs with their data), without serialising the model whole
+    (``ByteSize`` does)."""
+    plan = _stream_plan(proto, weights)
     return plan[0] if plan is not None else proto.ByteSize()
 
 
@@ -494,7 +619,8 @@ def check_model(proto) -> None:
     ``onnx.checker.ValidationError`` like the checker."""
     outs = {o.name for o in proto.graph.output}
     fed = {t.name for t in proto.graph.initializer
-           if t.name not in outs and int(np.prod(t.dims)) > FEED_LIMIT and t.data_location != onnx.TensorProto.EXTERNAL}
+           if t.name not in outs and (weights_mod.is_stub(t) or int(np.prod(t.dims)) > FEED_LIMIT
+                                      and t.data_location != onnx.TensorProto.EXTERNAL)}
     onnx.checker.check_model(skeleton(proto, fed, [], for_ort=False))
 
 

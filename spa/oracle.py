@@ -16,10 +16,10 @@ from onnx import helper, numpy_helper
 
 def cut_model(an, units) -> onnx.ModelProto:
     """Copy of ``an.model`` with the contributions of ``units`` masked out at their consumers."""
+    from .weights import full_model
     cm = an.channels
     mask = cm.removed_atoms(units)
-    proto = onnx.ModelProto()
-    proto.CopyFrom(an.model)
+    proto = full_model(an.model, an.probe.consts)
     nodes = {n.name: n for n in proto.graph.node}
     new_nodes = {}
     done = set()

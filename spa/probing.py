@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from . import shapes
+from . import shapes, weights
 from .errors import SpaError
 from .io import (FEED_LIMIT, ONNX_TO_NUMPY, constants_to_initializers, drop_initializer_inputs, graph_inputs,
-                 graph_refs, initializer_arrays, load_model, remove_dead, serialize, skeleton)
+                 graph_refs, initializer_arrays, load_lazily, remove_dead, serialize, skeleton)
 
 #: the probe exposes at most this many bytes of tensors per onnxruntime session (more: several sessions)
 PROBE_BUDGET = 256 << 20
@@ -101,6 +100,12 @@ def session(proto_or_bytes, providers=None, optimize=False, *, oneshot=False):
     if oneshot:
         so.add_session_config_entry("session.disable_prepacking", "1")
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # each run's activations are freed when it ends (the arena would keep the largest run's
+        # for the session's life: +0.5 GB after a batch-3 run of a 300M decoder)
+        so.enable_cpu_mem_arena = False
+    if isinstance(proto_or_bytes, onnx.ModelProto) and weights.has_stubs(proto_or_bytes):
+        raise SpaError("internal: this model keeps its big weights apart (spa.weights); run it with "
+                       "probing.output_runner(model, weights) or fill it first (Analysis.full_model())")
     data = proto_or_bytes if isinstance(proto_or_bytes, (bytes, str)) else serialize(proto_or_bytes)
     return ort.InferenceSession(data, so, providers=providers or ["CPUExecutionProvider"])
 
@@ -111,7 +116,7 @@ def _fed_initializers(proto, consts) -> dict:
     fed = {}
     for t in proto.graph.initializer:
         a = consts.get(t.name)
-        if a is None or a.size <= FEED_LIMIT or t.name in outs or ONNX_TO_NUMPY.get(t.data_type) != a.dtype \
+        if a is None or (a.size <= FEED_LIMIT and not weights.is_stub(t)) or t.name in outs or ONNX_TO_NUMPY.get(t.data_type) != a.dtype \
                 or tuple(t.dims) != a.shape or not a.flags.c_contiguous:
             continue
         fed[t.name] = a
@@ -127,7 +132,7 @@ class _Runner:
         self.fed = _fed_initializers(proto, consts)
         self.ran = False
         try:
-            self.sess = session(skeleton(proto, self.fed, outputs), oneshot=True)
+            self.sess = session(skeleton(proto, self.fed, outputs, weights=consts), oneshot=True)
         except Exception:
             if not self.fed:
                 raise
@@ -137,7 +142,7 @@ class _Runner:
     def _embed(self):
         """An operator that insists on constant weights: embed them all (the plain, costly way)."""
         self.fed = {}
-        self.sess = session(skeleton(self.proto, {}, self.exposed), oneshot=True)
+        self.sess = session(skeleton(self.proto, {}, self.exposed, weights=self.consts), oneshot=True)
 
     def run(self, feed, names=None) -> dict:
         import onnxruntime as ort
@@ -156,7 +161,7 @@ class _Runner:
                 # embedding did not help: the sizes were refused, not the fed weights; feed them
                 # again (embedded weights cost a copy of the model for the rest of the probe)
                 self.fed = _fed_initializers(self.proto, self.consts)
-                self.sess = session(skeleton(self.proto, self.fed, self.exposed), oneshot=True)
+                self.sess = session(skeleton(self.proto, self.fed, self.exposed, weights=self.consts), oneshot=True)
                 raise
         self.ran = True
         return dict(zip(names, out))
@@ -190,10 +195,11 @@ def _exposed(proto) -> list:
     return names
 
 
-def output_runner(proto, consts=None):
-    """A probe-style session over ``proto`` exposing only its graph outputs: ``run(feed) -> dict``."""
+def output_runner(proto, consts=None, outputs=None):
+    """A probe-style session over ``proto`` (big weights fed from ``consts``) exposing its graph
+    outputs, or the tensors ``outputs``: ``run(feed[, names]) -> {name: value}``."""
     consts = initializer_arrays(proto) if consts is None else consts
-    return _Runner(proto, consts, [o.name for o in proto.graph.output])
+    return _Runner(proto, consts, [o.name for o in proto.graph.output] if outputs is None else outputs)
 
 
 def run_all(proto, feed, consts=None):
@@ -341,7 +347,10 @@ def probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
     shaped = [n for n in proto.graph.node if n.op_type in ("Reshape", "Expand") and n.domain in ("", "ai.onnx")]
     watch = cands | {n.input[0] for n in shaped} | {n.output[0] for n in shaped} | {o.name for o in proto.graph.output}
     watched = [n for n in exposed if n in watch]
-    if len(chunks) > 1 and watched and dynamic:
+    if watched and dynamic and (len(chunks) > 1 or len(watched) < len(runner.exposed)):
+        # a session's graph outputs all get buffers of their own, fetched or not: the runs at other
+        # (larger) sizes expose only what they watch (+0.5 GB at batch 3 for a 300M decoder otherwise)
+        del runner
         runner = _checked(lambda: _Runner(proto, consts, watched), feed)
     if not dynamic or not watched:
         # no runs at other sizes: the inputs' flags are their declared dynamic dims, others unknown
@@ -453,9 +462,7 @@ def fold_constants(proto, pr: Probe) -> int:
     for name in folded:
         if name in folded_set:
             value = np.asarray(pr.values[name])
-            proto.graph.initializer.append(numpy_helper.from_array(value, name))
-            if pr.consts is not None:
-                pr.consts[name] = value
+            weights.put(proto, pr.consts, name, value)
             pr.dynamic[name] = (False,) * value.ndim
     del proto.graph.node[:]
     proto.graph.node.extend(keep)
@@ -479,13 +486,15 @@ def _forget_dead(pr: Probe, proto) -> None:
 
 
 
-def prepare(model, input_shapes=None):
+def prepare(model, input_shapes=None, arrays=None):
     """load -> normalise -> probe -> fold: the model every later stage sees, and its probe (the
-    fold updates it: folded tensors keep their values and shapes, so the model is run once)."""
-    proto = load_model(model)
+    fold updates it: folded tensors keep their values and shapes, so the model is run once).
+    ``arrays``: the weights of a ModelProto's stubs (``spa.weights``)."""
+    proto, arrays = load_lazily(model, arrays)
     drop_initializer_inputs(proto)
     constants_to_initializers(proto)
     del proto.graph.value_info[:]
-    pr = probe(proto, input_shapes)
+    pr = probe(proto, input_shapes, consts=initializer_arrays(proto, arrays))
     fold_constants(proto, pr)
+    weights.release_pages(pr.consts.values())  # the runs read every weight; the next stage pays for what it reads
     return proto, pr

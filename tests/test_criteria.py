@@ -124,7 +124,7 @@ def test_running_statistics_match_numpy():
     stats = calib.collect(an, feeds)
     from spa.probing import run_all
     axis = next(ax for ax in stats.axes if stats.axes[ax].sum.shape == (5,))
-    acts = np.concatenate([np.moveaxis(run_all(an.model, f)[axis[0]], axis[1], -1).reshape(-1, 5) for f in feeds])
+    acts = np.concatenate([np.moveaxis(run_all(an.model, f, an.weights)[axis[0]], axis[1], -1).reshape(-1, 5) for f in feeds])
     st = stats.axes[axis]
     np.testing.assert_allclose(st.mean_abs, np.abs(acts).mean(0), rtol=1e-6)
     np.testing.assert_allclose(st.var, acts.var(0), rtol=1e-5, atol=1e-9)

@@ -206,7 +206,7 @@ def sample_inputs(name: str, batch: int, seq: int, past: int = 0, seed: int = 0,
 
 
 @contextlib.contextmanager
-def _single_sequence_masks():
+def single_sequence_masks():
     """Make transformers treat every row as one sequence (see "Workarounds" in the docstring)."""
     try:
         from transformers import masking_utils
@@ -224,14 +224,14 @@ def _single_sequence_masks():
         masking_utils.find_packed_sequence_indices = orig
 
 
-def _tensor_names(module) -> set[str]:
+def tensor_names(module) -> set[str]:
     """Qualified names of every parameter and buffer of ``module`` (tied ones under each name)."""
     return ({n for n, _ in module.named_parameters(remove_duplicate=False)}
             | {n for n, _ in module.named_buffers(remove_duplicate=False)})
 
 
 @contextlib.contextmanager
-def _keep_parameters_apart(names):
+def keep_parameters_apart(names):
     """Keep the dynamo exporter from tying parameters and buffers of equal contents (see "Workarounds");
     its other constants (shapes, axes) are still deduplicated, so shape computations still share nodes."""
     try:
@@ -289,8 +289,8 @@ def export(name: str, out: pathlib.Path | None = None, init: str = "transformers
     if base != name:
         module = module.half()
     with checked_export(out) as tmp:
-        with warnings.catch_warnings(), _single_sequence_masks(), \
-                _keep_parameters_apart(_tensor_names(module)):
+        with warnings.catch_warnings(), single_sequence_masks(), \
+                keep_parameters_apart(tensor_names(module)):
             warnings.simplefilter("ignore")  # legacy-exporter DeprecationWarning, TracerWarnings, dim renames
             _export_to(base, module, tmp)
         m = onnx.load(tmp, load_external_data=False)

@@ -57,7 +57,9 @@ class SliceAccumulator:
 
 
 def weight_slices(cm, fn):
-    """Feed ``fn(name, value, d)`` -> per-position values for every channel axis of every weight."""
+    """Feed ``fn(name, value, d)`` -> per-position values for every channel axis of every weight.
+    Weights read from a file's memory map give their pages back after use (``spa.weights``)."""
+    from ..weights import RELEASE_ABOVE, release_pages
     acc = SliceAccumulator(cm)
     for name, value in cm.consts.items():
         if name in cm.stats or not np.issubdtype(value.dtype, np.floating) or value.ndim == 0:
@@ -67,7 +69,29 @@ def weight_slices(cm, fn):
             if got is None or got[1] <= 1:
                 continue
             acc.add((name, d), fn(name, value, d))
+        if value.nbytes > RELEASE_ABOVE:
+            release_pages([value])
     return acc
+
+
+#: bytes of float64 per slab of ``axis_sums``
+SLAB_BYTES = 4 << 20
+
+
+def axis_sums(value: np.ndarray, d: int, fn) -> np.ndarray:
+    """``fn(x).sum`` over every axis but ``d``, in float64, a slab at a time (a 32000 x 3200 fp16
+    embedding as float64 squares is 1.6 GB at once)."""
+    if value.ndim == 1:
+        return fn(value.astype(np.float64))
+    other = tuple(i for i in range(value.ndim) if i != d)
+    slab_axis = other[0]
+    step = max(1, int(value.shape[slab_axis] * SLAB_BYTES // max(value.nbytes * 8 // value.itemsize, 1)))
+    out = np.zeros(value.shape[d], np.float64)
+    for start in range(0, value.shape[slab_axis], step):
+        part = np.take(value, np.arange(start, min(start + step, value.shape[slab_axis])), axis=slab_axis)
+        part_sum = fn(part.astype(np.float64)).sum(axis=other)
+        out += part_sum
+    return out
 
 
 def magnitude_scores(cm, criterion: str = "l2", reduction: str = "sum") -> np.ndarray:
@@ -76,10 +100,7 @@ def magnitude_scores(cm, criterion: str = "l2", reduction: str = "sum") -> np.nd
         raise ValueError(f"unknown magnitude criterion {criterion!r}")
 
     def per_slice(name, value, d):
-        v = value.astype(np.float64)
-        mag = np.abs(v) if criterion == "l1" else np.square(v)
-        other = tuple(i for i in range(value.ndim) if i != d)
-        return mag.sum(axis=other) if other else mag
+        return axis_sums(value, d, np.abs if criterion == "l1" else np.square)
 
     scores = weight_slices(cm, per_slice).reduce(reduction)
     return np.sqrt(scores) if criterion == "l2" else scores

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..weights import put as put_weight
 from ..errors import SpaError
 from .hessians import bn_moments, hessian_from_bn, split_bias, with_bias
 from .obs import obs_group, obs_scores
@@ -258,13 +259,13 @@ def data_hessians(an, wanted, feeds, *, rows=ROWS_PER_BATCH, seed=0, source="syn
     if not wanted:
         return hs
     tensors = sorted({c.axis[0] for c in wanted.values()})
-    sess, fetch = exposing_session(an.model, tensors)
+    runner, fetch = exposing_session(an, tensors)
     rng = np.random.default_rng(seed)
     S, s, n = {}, {}, {}
     for i, feed in enumerate(feeds):
         progress(f"obspa: Hessians from {source} batch {i + 1}/{len(feeds)} ({len(wanted)} consumer inputs)")
         try:
-            values = dict(zip(fetch, sess.run(fetch, feed)))
+            values = runner.run(feed, fetch)
         except Exception as exc:
             raise SpaError(f"obspa: onnxruntime cannot run the {source} batch ({probing.ort_reason(exc)})") from None
         values.update({k: v for k, v in feed.items() if k in tensors})
@@ -562,11 +563,12 @@ class Compensation:
         if not new:
             return an.model, an.channels
         model = onnx.ModelProto()
-        model.CopyFrom(an.model)
+        model.CopyFrom(an.model)   # big weights are stubs (spa.weights): a small copy
+        consts = dict(an.channels.consts)
         for init in model.graph.initializer:
             if init.name in new:
-                init.CopyFrom(onnx.numpy_helper.from_array(new[init.name], init.name))
-        return model, dataclasses.replace(an.channels, consts={**an.channels.consts, **new})
+                put_weight(model, consts, init.name, new[init.name], tensor=init)
+        return model, dataclasses.replace(an.channels, consts=consts)
 
     def report(self) -> dict:
         return {"hessian": self.hessian, "source": self.hs.desc, "damp": DAMP, "not_modelled": self.skipped}

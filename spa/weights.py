@@ -1,0 +1,265 @@
+"""Weights kept out of the model proto: a big model costs its size once, on disk.
+
+A model spa loads from a file is a proto whose big initializers are *stubs* (dims and data type, no
+data; ``data_location`` EXTERNAL with the location :data:`STUB`) and a dict ``weights`` of name ->
+numpy array.  The arrays are read-only views of a memory map of the file (the tensor's bytes inside
+the .onnx file, found by walking the protobuf wire format, or in its external data file): nothing is
+read until a stage touches it, and the pages a stage read can be handed back (:func:`release_pages`)
+so that the next stage does not pay for them again.  Stages that make new weights (surgery,
+OBSPA's compensation) put new arrays in a new dict and keep stubs in the proto; the writer streams
+each array to the file (``spa.io.save_model``), and :func:`full_model` fills a complete proto for
+callers who want one.
+
+Why not parse the file into a proto: protobuf copies every byte it parses into its own arena (which
+is not freed until the whole message is), numpy then copies them again, and the writer serialises
+them a third time; a 1.2 GB model cost 3-4 GB.
+"""
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+import onnx
+
+from .errors import SpaError
+
+#: the external_data location of a stub: its data is an array in the model's weights
+STUB = "spa:weights"
+#: initializers with more elements than this become stubs (smaller ones stay in the proto: shapes,
+#: axes and scalars that the rules read)
+STUB_ABOVE = 1024
+
+_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number          # 9
+_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number                   # 7
+_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number       # 5
+_LEN = 2  # wire type of length-delimited fields
+
+
+def numpy_dtype(data_type: int):
+    """The numpy dtype of an ONNX tensor data type, or None (strings, bfloat16 without ml_dtypes, 4-bit)."""
+    if data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        dt = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type))
+    except Exception:
+        return None
+    if dt.kind not in "biuf" or data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return None
+    return dt
+
+
+def is_stub(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL and any(
+        e.key == "location" and e.value == STUB for e in t.external_data)
+
+
+def make_stub(t: onnx.TensorProto, shape=None) -> onnx.TensorProto:
+    """Turn ``t`` into a stub in place (its data goes; ``shape``: new dims)."""
+    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                  "string_data"):
+        t.ClearField(field)
+    if shape is not None:
+        del t.dims[:]
+        t.dims.extend(int(d) for d in shape)
+    del t.external_data[:]
+    t.external_data.add(key="location", value=STUB)
+    t.data_location = onnx.TensorProto.EXTERNAL
+    return t
+
+
+def stub_like(t: onnx.TensorProto, shape) -> onnx.TensorProto:
+    """A new stub with ``t``'s name and data type and the given dims."""
+    s = onnx.TensorProto(name=t.name, data_type=t.data_type)
+    return make_stub(s, shape)
+
+
+def header(t: onnx.TensorProto) -> onnx.TensorProto:
+    """A stub's fields for writing it with its data: no external data, default location."""
+    h = onnx.TensorProto()
+    h.CopyFrom(t)
+    del h.external_data[:]
+    h.ClearField("data_location")
+    return h
+
+
+def filled(t: onnx.TensorProto, weights) -> onnx.TensorProto:
+    """``t`` with its data: a stub filled from ``weights``, anything else as it is."""
+    if not is_stub(t):
+        return t
+    out = header(t)
+    out.raw_data = np.ascontiguousarray(array_of(t, weights)).tobytes()
+    return out
+
+
+def array_of(t: onnx.TensorProto, weights) -> np.ndarray:
+    """A stub's array, checked against its dims and data type."""
+    a = weights.get(t.name) if weights is not None else None
+    if a is None:
+        raise SpaError(f"internal: tensor '{t.name}' is held outside the model and its weights were not given")
+    dt = numpy_dtype(t.data_type)
+    if tuple(a.shape) != tuple(t.dims) or (dt is not None and a.dtype != dt):
+        raise SpaError(f"internal: tensor '{t.name}' is {list(t.dims)} in the model but its array is "
+                       f"{list(a.shape)} {a.dtype}")
+    return a
+
+
+def has_stubs(proto) -> bool:
+    return any(is_stub(t) for t in proto.graph.initializer)
+
+
+def full_model(proto, weights) -> onnx.ModelProto:
+    """A complete copy of ``proto``: every stub filled from ``weights`` (costs the model's size)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    for t in out.graph.initializer:
+        if is_stub(t):
+            t.CopyFrom(filled(t, weights))
+    return out
+
+
+#: bytes: stages give back the memory-mapped pages of each weight bigger than this once they are
+#: done with it (smaller ones are not worth a system call)
+RELEASE_ABOVE = 1 << 20
+
+
+def release_pages(arrays) -> None:
+    """Hand back the pages of the memory maps behind ``arrays`` (each array's own range) that this
+    process has read; they stay in the page cache and come back on the next read.  A stage that
+    read all the weights does not leave them counted against the next one.  Arrays that are not
+    views of a memory map are left alone."""
+    for a in arrays:
+        base = a
+        while isinstance(base, np.ndarray) and base.base is not None:
+            base = base.base
+        if isinstance(base, memoryview):
+            base = base.obj
+        if not isinstance(base, mmap.mmap) or not isinstance(a, np.ndarray) or a.nbytes == 0:
+            continue
+        try:
+            start = a.ctypes.data - np.frombuffer(base, np.uint8, 1).ctypes.data
+            lo = start - start % mmap.PAGESIZE
+            hi = min(len(base), start + a.nbytes)
+            base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (AttributeError, OSError, ValueError):
+            pass
+
+
+# ----------------------------------------------------------------------------------------------
+# reading a model file without copying its weights
+
+
+def _varint(buf, i: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+        if shift > 63:
+            raise ValueError("malformed varint")
+
+
+def _fields(buf, start: int, end: int):
+    """(number, wire type, field start, value start, field end) of each field in ``buf[start:end]``."""
+    i = start
+    while i < end:
+        fs = i
+        key, i = _varint(buf, i)
+        number, wire = key >> 3, key & 7
+        vs = i
+        if wire == 0:
+            _, i = _varint(buf, i)
+        elif wire == 1:
+            i += 8
+        elif wire == _LEN:
+            n, vs = _varint(buf, i)
+            i = vs + n
+        elif wire == 5:
+            i += 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if i > end:
+            raise ValueError("field runs past its message")
+        yield number, wire, fs, vs, i
+
+
+def parse_with_stubs(mm) -> tuple[onnx.ModelProto, dict]:
+    """Parse a model file held in ``mm`` (a memory map) into a proto whose big raw-data
+    initializers are stubs, and ``{name: read-only array view of mm}`` for them.  Only the bytes of
+    everything else are copied."""
+    model_rest, graph, inits = bytearray(), None, []
+    for number, wire, fs, vs, fe in _fields(mm, 0, len(mm)):
+        if number == _GRAPH and wire == _LEN and graph is None:
+            graph = (vs, fe)
+        else:
+            model_rest += mm[fs:fe]
+    proto = onnx.ModelProto()
+    proto.ParseFromString(bytes(model_rest))
+    if graph is None:
+        return proto, {}
+    graph_rest = bytearray()
+    for number, wire, fs, vs, fe in _fields(mm, *graph):
+        if number == _INITIALIZER and wire == _LEN:
+            inits.append((vs, fe))
+        else:
+            graph_rest += mm[fs:fe]
+    proto.graph.ParseFromString(bytes(graph_rest))
+    weights = {}
+    for vs, fe in inits:
+        raw, rest = None, bytearray()
+        for number, wire, f_s, v_s, f_e in _fields(mm, vs, fe):
+            if number == _RAW_DATA and wire == _LEN and raw is None:
+                raw = (v_s, f_e)
+            else:
+                rest += mm[f_s:f_e]
+        t = proto.graph.initializer.add()
+        t.ParseFromString(bytes(rest))
+        dt = numpy_dtype(t.data_type)
+        count = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+        if raw is not None and dt is not None and count > STUB_ABOVE and raw[1] - raw[0] == count * dt.itemsize:
+            weights[t.name] = np.frombuffer(mm, dt, count, raw[0]).reshape(tuple(t.dims))
+            make_stub(t)
+        elif raw is not None:
+            t.raw_data = mm[raw[0]:raw[1]]
+    return proto, weights
+
+
+def stub_external(t: onnx.TensorProto, mm, offset: int, length: int) -> np.ndarray | None:
+    """A tensor stored as external data in ``mm`` at ``offset``: a stub and its array view (big
+    tensors), or its data copied into the proto (small ones; returns None)."""
+    dt = numpy_dtype(t.data_type)
+    count = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+    if dt is None:
+        raise SpaError(f"tensor '{t.name}': external data of type {t.data_type} is not supported")
+    if length < 0:
+        length = count * dt.itemsize
+    if length != count * dt.itemsize:
+        raise SpaError(f"tensor '{t.name}': its external data has {length} bytes, its dims need "
+                       f"{count * dt.itemsize}; the model file is damaged")
+    if count > STUB_ABOVE:
+        make_stub(t)
+        return np.frombuffer(mm, dt, count, offset).reshape(tuple(t.dims))
+    del t.external_data[:]
+    t.ClearField("data_location")
+    t.raw_data = mm[offset:offset + length]
+    return None
+
+
+def put(proto, weights, name: str, value: np.ndarray, tensor: onnx.TensorProto | None = None) -> None:
+    """Set initializer ``name`` of ``proto`` to ``value`` (appended, or replacing ``tensor``): a stub
+    with the array in ``weights`` when it is big, the data in the proto when it is small."""
+    value = np.asarray(value)
+    if weights is not None and value.size > STUB_ABOVE and numpy_dtype(
+            onnx.helper.np_dtype_to_tensor_dtype(value.dtype)) is not None:
+        new = make_stub(onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(value.dtype)),
+                        value.shape)
+    else:
+        new = onnx.numpy_helper.from_array(value, name)
+    if weights is not None:
+        weights[name] = value
+    if tensor is None:
+        proto.graph.initializer.append(new)
+    else:
+        tensor.CopyFrom(new)
