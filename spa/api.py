@@ -10,13 +10,14 @@ import numpy as np
 import onnx
 
 from . import io, probing, surgery
+from . import weights as weight_store
 from .counting import count_macs, count_params, mac_axes, node_macs
 from .errors import SpaError
 from .graph.channels import ChannelModel, build
 from .plan import plan as make_plan
 from .scoring import CRITERIA
 from .scoring.obspa import HESSIANS
-from .validate import validate
+from .validate import interface_changes, validate
 
 
 def _quiet(msg):
@@ -32,10 +33,20 @@ class Analysis:
     params: int
     macs: int
     seconds: float = 0.0
+    prune_io: str | None = None    # graph inputs/outputs whose static dims may shrink (a regex)
 
     @property
     def groups(self):
         return self.channels.groups
+
+    @property
+    def weights(self) -> dict:
+        """Every initializer as an array (the stubs' data: ``spa.weights``)."""
+        return self.probe.consts
+
+    def full_model(self) -> onnx.ModelProto:
+        """A complete copy of the prepared model, weights filled in (costs the model's size)."""
+        return weight_store.full_model(self.model, self.weights)
 
     @property
     def graph(self):
@@ -55,20 +66,34 @@ class Analysis:
         }
 
 
-def analyze(model, *, input_shapes=None, progress=_quiet) -> Analysis:
+def analyze(model, *, input_shapes=None, progress=_quiet, weights=None, prune_io: str | None = None) -> Analysis:
     """Load, normalise and probe ``model`` (a path, a zoo model's name such as ``"yolov8n"``, or a
-    ModelProto) and find its channel groups."""
+    ModelProto) and find its channel groups.  A model read from a file keeps its big weights out of
+    ``Analysis.model`` (``spa.weights`` stubs; the arrays are ``Analysis.weights``, read-only views
+    of the file); ``weights``: the arrays of a ModelProto's stubs.  ``prune_io``: a regular
+    expression; graph inputs and outputs whose names match may lose channels along their static
+    dims (a KV cache's heads and head dims; see ``PruneOptions.prune_io``)."""
+    if prune_io is not None:
+        _check_regex(prune_io, "--prune-io")
     t0 = time.perf_counter()
     if isinstance(model, (str, os.PathLike)):  # a path or a zoo model's name, with its default shapes
         from . import zoo
         model, input_shapes = zoo.resolve(model, input_shapes, progress=progress)
     progress("loading and probing the model in onnxruntime")
-    proto, pr = probing.prepare(model, input_shapes)
+    proto, pr = probing.prepare(model, input_shapes, weights)
     progress(f"building the channel model ({len(proto.graph.node)} nodes)")
-    cm = build(proto, pr)
+    cm = build(proto, pr, prune_io)
     _attribute_costs(cm, proto, pr)
     return Analysis(proto, pr, cm, count_params(proto), count_macs(proto, pr.shapes),
-                    time.perf_counter() - t0)
+                    time.perf_counter() - t0, prune_io)
+
+
+def _check_regex(pattern: str, what: str) -> None:
+    import re
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise SpaError(f"{what} {pattern!r}: not a regular expression ({exc})") from None
 
 
 def _attribute_costs(cm: ChannelModel, proto, pr) -> None:
@@ -97,10 +122,27 @@ def _attribute_costs(cm: ChannelModel, proto, pr) -> None:
         g.macs = int(round(unit_macs[g.units].sum()))
 
 
-@dataclass
 class PruneResult:
-    model: onnx.ModelProto
-    report: dict = field(default_factory=dict)
+    """The pruned model and its report.  The model's big weights are kept apart (``weights``,
+    stubs in the proto: ``spa.weights``); ``save`` streams them to a file, ``model`` fills a
+    complete ModelProto on first use (the model's size in memory once more)."""
+
+    def __init__(self, proto: onnx.ModelProto, report: dict, weights: dict | None = None):
+        self.proto, self.report, self.weights = proto, report, weights or {}
+        self._full = None
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        if self._full is None:
+            self._full = weight_store.full_model(self.proto, self.weights)
+        return self._full
+
+    def save(self, path, *, inputs=()):
+        """Write the pruned model through spa's safe writer (``spa.io.save_model``)."""
+        return io.save_model(self.proto, path, inputs=inputs, weights=self.weights)
+
+    def __repr__(self):
+        return f"PruneResult({len(self.proto.graph.node)} nodes, report keys {sorted(self.report)})"
 
 
 @dataclass
@@ -114,7 +156,10 @@ class PruneOptions:
     re-scoring the pruned model each step.  Calibrated criteria (act_mean, wanda, flap) need
     ``calib`` ('random', or a .npz/.npy path).  ``criterion='obspa'`` chooses channels by Optimal
     Brain Surgeon cost and compensates the kept weights, with Hessians from ``hessian`` ('auto',
-    'synthetic', 'bn', 'identity'; ``calib`` data when given).
+    'synthetic', 'bn', 'identity'; ``calib`` data when given).  ``prune_io`` (a regular expression,
+    off by default) lets the graph inputs and outputs it matches lose channels along their static
+    dims: a KV-cache export's ``past_key_values|present`` then loses KV heads and head dims, so the
+    cache itself shrinks; the report's ``interface`` lists every change for the generation loop.
     """
     ratio: float = 0.3
     criterion: str = "l2"
@@ -134,6 +179,7 @@ class PruneOptions:
     hessian: str = "auto"
     input_shapes: dict | None = None
     blas_threads: int = 1          # numpy BLAS threads while pruning (0: BLAS's own default)
+    prune_io: str | None = None    # regex: graph inputs/outputs that may lose channels (off: None)
 
     def checked(self):
         """The criterion's Scorer and the parsed target; one-line errors for bad values."""
@@ -161,6 +207,8 @@ class PruneOptions:
         if self.overrides is not None and not isinstance(self.overrides, dict):
             from .plan import load_overrides
             load_overrides(self.overrides)  # a file: readable, small, JSON (its keys need the analysis)
+        if self.prune_io is not None:
+            _check_regex(self.prune_io, "--prune-io")
         if self.hessian not in HESSIANS:
             raise SpaError(f"unknown Hessian source {self.hessian!r}; choose one of {', '.join(HESSIANS)}")
         return scorer, target
@@ -207,13 +255,17 @@ def blas_threads(n: int):
 
 def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResult:
     t0 = time.perf_counter()
-    first = analysis or analyze(model, input_shapes=opts.input_shapes, progress=progress)
-    history, current, after = [], first.model, first.probe
+    if analysis is not None and analysis.prune_io != opts.prune_io:
+        raise SpaError(f"the analysis was made with prune_io={analysis.prune_io!r}, the options ask for "
+                       f"{opts.prune_io!r}: analyse with the same prune_io")
+    first = analysis or analyze(model, input_shapes=opts.input_shapes, progress=progress, prune_io=opts.prune_io)
+    history, current, current_weights, after = [], first.model, first.weights, first.probe
     for k in range(1, opts.steps + 1):
         tag = f"step {k}/{opts.steps}: " if opts.steps > 1 else ""
         if k > 1:
             progress(f"{tag}re-analysing the pruned model")
-        step = Step(first if k == 1 else analyze(current, input_shapes=opts.input_shapes, progress=progress))
+        step = Step(first if k == 1 else analyze(current, input_shapes=opts.input_shapes, progress=progress,
+                                                  weights=current_weights, prune_io=opts.prune_io))
         _score(step, scorer, opts, k, tag, opts.global_rank or target is not None, progress)
         _plan(step, first, opts, target, k)
         source, channels = step.compensation.apply(step.removal, progress) if step.compensation \
@@ -221,16 +273,18 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
         units = np.concatenate(list(step.removal.values())) if step.removal else np.zeros(0, np.int64)
         progress(f"{tag}removing {len(units)} channels from {len(step.removal)} groups")
         if len(units):
-            current = surgery.apply(source, channels, step.analysis.probe, units)
+            current, current_weights = surgery.cut(source, channels, step.analysis.probe, units)
+            weight_store.release_pages(channels.consts.values())
             progress("validating the pruned model in onnxruntime")
-            after = validate(current, first, opts.input_shapes)
+            after = validate(current, first, opts.input_shapes, weights=current_weights)
         history.append(step)
     report = _report(first, history, current, after, opts, target)
     report["seconds"] = round(time.perf_counter() - t0, 3)
+    result = PruneResult(current, report, current_weights)
     if output is not None:
-        io.save_model(current, output, inputs=[model] if isinstance(model, (str, os.PathLike)) else [])
+        result.save(output, inputs=[model] if isinstance(model, (str, os.PathLike)) else [])
         report["output"] = str(output)
-    return PruneResult(current, report)
+    return result
 
 
 def _score(step: Step, scorer, opts: PruneOptions, k: int, tag: str, ranked: bool, progress) -> None:
@@ -285,6 +339,9 @@ def _report(first: Analysis, history: list, pruned, after, opts: PruneOptions, t
         "after": {"params": count_params(pruned), "macs": count_macs(pruned, after.shapes)},
         "groups": [],
     }
+    if opts.prune_io:
+        report["prune_io"] = opts.prune_io
+        report["interface"] = interface_changes(first.model, pruned)
     if target:
         report["target"] = f"{target[0]}={target[1]:g}"
         reached = first.macs / max(report["after"]["macs"], 1) if target[0] == "macs" \

@@ -16,8 +16,19 @@ _STARTED = time.perf_counter()
 
 
 def _progress(msg):
-    """A progress line on stderr, with the seconds since the command started."""
-    click.echo(f"spa: [{time.perf_counter() - _STARTED:6.1f}s] {msg}", err=True)
+    """A progress line on stderr, with the seconds since the command started and the process's peak
+    memory so far (what a big model costs, stage by stage)."""
+    click.echo(f"spa: [{time.perf_counter() - _STARTED:6.1f}s {_peak_gb():5.2f} GB] {msg}", err=True)
+
+
+def _peak_gb() -> float:
+    """Peak resident memory of this process so far, in GB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    try:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):
+        return 0.0
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
 
 
 def _human(n: float) -> str:
@@ -149,6 +160,9 @@ def _criteria():
 @click.option("--steps", type=int, default=1, show_default=True, help="prune iteratively, re-scoring after each step")
 @click.option("--round-to", type=int, default=1, show_default=True, help="keep channel counts multiples of N")
 @click.option("--exclude", default=None, help="regex over node names: groups touching them are kept whole")
+@click.option("--prune-io", default=None, metavar="REGEX",
+              help="graph inputs/outputs whose names match may lose channels along their static dims (e.g. "
+                   "'past_key_values|present': KV heads and head dims, a smaller cache); the report lists each change")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="write the JSON report here")
 @click.option("--json", "as_json", is_flag=True, help="print the JSON report on stdout instead of the summary")
 @click.option("--input-shapes", multiple=True, help=SHAPES_HELP)
@@ -169,8 +183,8 @@ def _criteria():
 @click.option("--bench-iters", type=click.IntRange(min=1), default=20, show_default=True,
               help="timed runs per model for --bench")
 def prune(model, output, ratio, target, criterion, reduction, normalisation, calib, calib_batches, calib_batch_size,
-          hessian, blas_threads, seed, global_rank, max_ratio, overrides, steps, round_to, exclude, report, as_json,
-          input_shapes, force,
+          hessian, blas_threads, seed, global_rank, max_ratio, overrides, steps, round_to, exclude, prune_io, report,
+          as_json, input_shapes, force,
           do_check, atol, rtol, do_bench, bench_provider, bench_warmup, bench_iters):
     """Remove channels from MODEL and write the smaller model to OUTPUT.
 
@@ -179,7 +193,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
     """
     from .api import PruneOptions, analyze
     from .api import prune as do_prune
-    from .io import check_target, save_model, write_text
+    from .io import check_target, write_text
     src, shapes = _resolve_model(model, input_shapes)
     do_check = do_check or atol is not None or rtol is not None
     if Path(src).resolve() == Path(output).resolve():
@@ -196,17 +210,21 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
         if Path(report).resolve() == Path(output).resolve():
             raise SpaError(f"--report {report}: is the output model's path; choose another file for the report")
         check_target(report, protect + [output], what="--report")
+    if prune_io and (do_check or do_bench):
+        raise SpaError("--check and --bench feed both models the same inputs, but with --prune-io the pruned model's "
+                       "inputs may be smaller (the report's 'interface' lists them); check it with your own loop")
     if do_bench:
         _bench_provider_usable(bench_provider)  # fail before pruning, not after
     options = PruneOptions(ratio=ratio, criterion=criterion, reduction=reduction, normalisation=normalisation,
                            global_rank=global_rank, round_to=round_to, exclude=exclude, max_ratio=max_ratio,
                            target=target, overrides=overrides, steps=steps, calib=calib, calib_batches=calib_batches,
                            calib_batch_size=calib_batch_size, seed=seed, hessian=hessian, input_shapes=shapes,
-                           blas_threads=blas_threads)
+                           blas_threads=blas_threads, prune_io=prune_io)
     options.checked()  # every option before the load and probe
-    an = analyze(src, input_shapes=shapes, progress=_progress)
+    an = analyze(src, input_shapes=shapes, progress=_progress, prune_io=prune_io)
     result = do_prune(src, options=options, progress=_progress, analysis=an)
-    save_model(result.model, output, inputs=[p for p in protect if not (force and p == src)])
+    _progress(f"writing {output}")
+    result.save(output, inputs=[p for p in protect if not (force and p == src)])
     rep = result.report
     rep["output"] = output
     # the pruned model is validated (and its shape constants folded) at the sizes the analysis ran with:
@@ -240,6 +258,8 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
     click.echo(f"params {_human(b['params'])} -> {_human(a['params'])} ({b['params'] / max(a['params'], 1):.2f}x)   "
                f"MACs {_human(b['macs'])} -> {_human(a['macs'])} ({b['macs'] / max(a['macs'], 1):.2f}x)   "
                f"{pruned_groups} groups pruned, {rep['seconds']:.1f}s")
+    for c in rep.get("interface", []):
+        click.echo(f"interface: {c['kind']} {c['tensor']} axis {c['axis']}: {c['before']} -> {c['after']}")
     click.echo(f"wrote {output}")
     if do_check:
         click.echo(_format_check(rep["check"]))

@@ -9,14 +9,23 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from . import weights
 from .errors import SpaError
 
 INT64_MAX = np.iinfo(np.int64).max
 
 
 def apply(proto: onnx.ModelProto, cm, probe, removed_units) -> onnx.ModelProto:
-    """Return a new model without the atoms of ``removed_units`` (proto is not changed)."""
+    """A complete new model without the atoms of ``removed_units`` (proto is not changed)."""
+    return weights.full_model(*cut(proto, cm, probe, removed_units))
+
+
+def cut(proto: onnx.ModelProto, cm, probe, removed_units) -> tuple[onnx.ModelProto, dict]:
+    """``(model, weights)`` without the atoms of ``removed_units`` (proto is not changed): big
+    weights stay out of the proto (``spa.weights`` stubs; ``weights`` holds their arrays, the
+    untouched ones shared with ``cm.consts``)."""
     mask = cm.removed_atoms(removed_units)
     graph = gs.import_onnx(proto)
     tensors = graph.tensors()
@@ -34,7 +43,8 @@ def apply(proto: onnx.ModelProto, cm, probe, removed_units) -> onnx.ModelProto:
             continue
         if len(k) == 0:
             raise SpaError(f"internal: the plan would empty {axis[0]}[{axis[1]}]; please report this model")
-    # 1. slice constants
+    # 1. slice constants (big ones into new arrays behind stubs, never into the proto)
+    out_weights = {}
     for name, value in cm.consts.items():
         t = tensors.get(name)
         if not isinstance(t, gs.Constant):
@@ -44,8 +54,20 @@ def apply(proto: onnx.ModelProto, cm, probe, removed_units) -> onnx.ModelProto:
             k = kept((name, d))
             if k is not None:
                 arr = np.take(value if arr is None else arr, k, axis=d)
-        if arr is not None:
-            t.values = np.ascontiguousarray(arr)
+        stub = isinstance(t._values, LazyValues) and weights.is_stub(t._values.tensor)
+        if arr is None:
+            if stub:
+                out_weights[name] = value
+            continue
+        arr = np.ascontiguousarray(arr)
+        if value.nbytes > weights.RELEASE_ABOVE:  # the original's pages: read once, not kept
+            weights.release_pages([value])
+        if stub or arr.size > weights.STUB_ABOVE:
+            t._values = LazyValues(weights.stub_like(onnx.TensorProto(
+                name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)), arr.shape))
+            out_weights[name] = arr
+        else:
+            t.values = arr
     # 2. rewrite parameters
     nodes = {n.name: n for n in graph.nodes}
     new = _New(graph)
@@ -55,11 +77,17 @@ def apply(proto: onnx.ModelProto, cm, probe, removed_units) -> onnx.ModelProto:
             _REWRITE[kind](node, info, kept, new_size, probe, new)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=False)
-    # inputs and outputs never change; intermediate shapes are stale: drop them
+    # inputs and outputs keep their names, types and dims, except the channel dims the channel
+    # model let shrink (``prune_io``); intermediate shapes are stale: drop them
     del out.graph.value_info[:]
     for field in ("input", "output"):
         del getattr(out.graph, field)[:]
         getattr(out.graph, field).extend(getattr(proto.graph, field))
+        for vi in getattr(out.graph, field):
+            for d, dim in enumerate(vi.type.tensor_type.shape.dim):
+                k = kept((vi.name, d))
+                if k is not None:
+                    dim.dim_value = len(k)
     out.ir_version = proto.ir_version
     del out.opset_import[:]
     out.opset_import.extend(proto.opset_import)
@@ -67,7 +95,8 @@ def apply(proto: onnx.ModelProto, cm, probe, removed_units) -> onnx.ModelProto:
     out.producer_version = proto.producer_version
     del out.metadata_props[:]
     out.metadata_props.extend(proto.metadata_props)
-    return out
+    live = {t.name for t in out.graph.initializer}
+    return out, {k: v for k, v in out_weights.items() if k in live}
 
 
 class _New:

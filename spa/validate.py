@@ -6,6 +6,8 @@ original's output shapes, and a batch's first row equal to that row run alone.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 
@@ -13,41 +15,79 @@ from . import io, probing
 from .errors import SpaError
 
 
-def validate(pruned: onnx.ModelProto, an, input_shapes=None, *, every_size: bool = True) -> probing.Probe:
+def validate(pruned: onnx.ModelProto, an, input_shapes=None, *, every_size: bool = True,
+             weights=None) -> probing.Probe:
     """onnx.checker, then onnxruntime runs at every size the analysis ran the original at (the
     probe sizes and, for dynamic inputs, every symbol moved up and down): the pruned model must run
     and give the original's output shapes at each, and where the inputs have a batch, a batch's
     first row must equal that row run alone.  A failure is a one-line SpaError naming the sizes.
-    ``every_size=False`` checks the probe sizes only (the oracle, which compares at several)."""
-    if io.model_size(pruned) < 2_000_000_000:
+    ``every_size=False`` checks the probe sizes only (the oracle, which compares at several).
+    ``weights``: the arrays of ``pruned``'s stubs (``spa.weights``)."""
+    if io.model_size(pruned, weights) < 2_000_000_000:
         try:
             io.check_model(pruned)
         except onnx.checker.ValidationError as exc:
             if _checker_ok(an.model):  # only complain about what pruning broke
                 raise SpaError(f"internal: pruned model fails onnx.checker ({str(exc).splitlines()[0]})") from None
+    changes = interface_changes(an.model, pruned)
     if input_shapes is None:  # the sizes the analysis ran with
         input_shapes = {k: list(np.shape(v)) for k, v in an.probe.inputs.items()}
+    input_shapes = _resized(input_shapes, changes)
     try:
-        pr = probing.probe(pruned, input_shapes, dynamic=False)
+        pr = probing.probe(pruned, input_shapes, consts=io.initializer_arrays(pruned, weights), dynamic=False)
     except SpaError as exc:
         raise SpaError(f"internal: pruned model does not run in onnxruntime: {exc}") from None
+    want = _resized({o.name: an.probe.shapes.get(o.name) for o in an.model.graph.output}, changes)
     for out in an.model.graph.output:
-        if pr.shapes.get(out.name) != an.probe.shapes.get(out.name):
+        if pr.shapes.get(out.name) != want[out.name]:
             raise SpaError(f"internal: output '{out.name}' changed shape "
                            f"{an.probe.shapes.get(out.name)} -> {pr.shapes.get(out.name)}")
     if every_size:
-        _validate_other_sizes(pruned, an, pr)
+        _validate_other_sizes(pruned, an, pr, changes)
     return pr
 
 
-def _validate_other_sizes(pruned, an, pr: probing.Probe) -> None:
+def interface_changes(original, pruned) -> list:
+    """Every static dim of a graph input or output that differs between the two models (what
+    ``prune_io`` let shrink): ``{"tensor", "kind": "input"|"output", "axis", "before", "after"}``."""
+    out = []
+    for kind in ("input", "output"):
+        new = {vi.name: vi for vi in getattr(pruned.graph, kind)}
+        for vi in getattr(original.graph, kind):
+            if vi.name not in new:
+                continue
+            for d, (a, b) in enumerate(zip(vi.type.tensor_type.shape.dim, new[vi.name].type.tensor_type.shape.dim)):
+                if a.HasField("dim_value") and b.HasField("dim_value") and a.dim_value != b.dim_value:
+                    out.append({"tensor": vi.name, "kind": kind, "axis": d, "before": int(a.dim_value),
+                                "after": int(b.dim_value)})
+    return out
+
+
+def _resized(shapes: dict, changes: list) -> dict:
+    """``shapes`` ({name: shape}) with the interface changes applied."""
+    out = {k: None if v is None else tuple(v) for k, v in shapes.items()}
+    for c in changes:
+        v = out.get(c["tensor"])
+        if v is not None and c["axis"] < len(v):
+            out[c["tensor"]] = v[:c["axis"]] + (c["after"],) + v[c["axis"] + 1:]
+    return out
+
+
+def _validate_other_sizes(pruned, an, pr: probing.Probe, changes=()) -> None:
     plan, points, ref = an.probe.plan, an.probe.points[1:], an.probe.other_shapes
     if plan is None or not points:
         return
+    if changes:  # the pruned inputs' static dims
+        dims = dict(plan.dims)
+        for c in changes:
+            if c["kind"] == "input" and isinstance(dims.get((c["tensor"], c["axis"])), int):
+                dims[(c["tensor"], c["axis"])] = c["after"]
+        plan = dataclasses.replace(plan, dims=dims)
     runner = probing.output_runner(pruned, pr.consts)
     outputs = [o.name for o in pruned.graph.output]
     rows_checked = False
     for point, ref_shapes in zip(points, ref):
+        ref_shapes = _resized(ref_shapes, changes)
         where = plan.describe(point)
         feed = probing.input_feed(pruned, plan=plan, values=point, seed=1)
         try:

@@ -255,6 +255,63 @@ def test_kv_cache_decoder_prunes_and_runs_a_decode_step_and_a_batch():
     assert len(sizes) == 2 and not any(s.get("skipped") or s.get("error") for s in sizes), sizes
 
 
+def _decode_loop(model, steps, rng_seed=0, batch=2, prompt=5):
+    """Logits of a prefill (no past) and ``steps`` one-token decode steps, each fed the present of
+    the step before; the past's head and head-dim sizes are the model's declared ones."""
+    sess = probing.session(model)
+    declared = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    past_names = [n for n in declared if n.startswith("past_key_values")]
+    rng = np.random.default_rng(rng_seed)
+    past = {n: np.zeros((batch, declared[n][1], 0, declared[n][3]), np.float32) for n in past_names}
+    length, out = 0, []
+    for step in range(steps + 1):
+        seq = prompt if step == 0 else 1
+        feed = {"input_ids": rng.integers(0, 256, (batch, seq)).astype(np.int64),
+                "attention_mask": np.ones((batch, length + seq), np.int64), **past}
+        got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+        out.append(got["logits"])
+        past = {n: got[n.replace("past_key_values.", "present.")] for n in past_names}
+        length += seq
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_prune_io_shrinks_the_kv_cache_and_a_decode_loop_equals_the_cut_original():
+    """--prune-io 'past_key_values|present': KV heads and head dims become prunable groups; the pruned
+    model, fed caches of the sizes the report gives, runs a prefill and 8 decode steps whose logits
+    equal those of the original with the same channels cut (the exactness oracle), step by step."""
+    from spa import surgery
+    from spa.oracle import cut_model
+    path = export("llama_gqa_kv")
+    blocked = prunable(spa.analyze(path))
+    an = spa.analyze(path, prune_io="past_key_values|present")
+    assert prunable(an) >= blocked + 5     # KV heads and head dims of both layers
+    assert not any("present." in g.reason or "past_key" in g.reason for g in an.groups)
+    rng = np.random.default_rng(3)
+    exact = [g for g in an.groups if g.prunable and not g.approximate]
+    units = np.sort(np.concatenate([rng.choice(g.units, size=max(1, g.channels // 2), replace=False) for g in exact]))
+    pruned = surgery.apply(an.model, an.channels, an.probe, units)
+    validate(pruned, an)
+    cut = cut_model(an, units)
+    a, b = _decode_loop(pruned, 8), _decode_loop(cut, 8)
+    for step, (x, y) in enumerate(zip(a, b)):
+        assert x.shape == y.shape
+        assert np.abs(x - y).max() <= 1e-5 * max(np.abs(y).max(), 1.0), step
+    # through the API: the report lists every interface change, which sizes the caches of the loop
+    res = spa.prune(path, 0.5, prune_io="past_key_values|present")
+    changes = {(c["tensor"], c["axis"]): (c["before"], c["after"]) for c in res.report["interface"]}
+    assert changes[("past_key_values.0.key", 1)] == (2, 1) and changes[("present.1.value", 3)][1] < 16
+    declared = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in res.model.graph.input}
+    for (name, axis), (_, after) in changes.items():
+        if name in declared:
+            assert declared[name][axis] == after
+    logits = _decode_loop(res.model, 8)
+    assert all(x.shape == (2, 5 if i == 0 else 1, 256) and np.isfinite(x).all() for i, x in enumerate(logits))
+    # default: the interface never changes
+    assert "interface" not in spa.prune(path, 0.5, analysis=spa.analyze(path)).report
+
+
 @pytest.mark.slow
 @pytest.mark.torch
 def test_vit_with_a_dynamic_batch_prunes_like_the_fixed_one():

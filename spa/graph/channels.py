@@ -13,6 +13,8 @@ is fixed (a graph input/output, an operator without a rule, a dim an operator ca
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -319,8 +321,10 @@ class ChannelModel:
         return np.flatnonzero(~part)
 
 
-def build(proto, probe) -> ChannelModel:
-    """Run every rule, resolve atoms into units and units into groups."""
+def build(proto, probe, prune_io=None) -> ChannelModel:
+    """Run every rule, resolve atoms into units and units into groups.  Graph inputs and outputs
+    keep every dim, except the static dims of those whose name matches the regular expression
+    ``prune_io`` (a KV cache's heads and head dims: the caller then feeds a smaller cache)."""
     b = Builder(proto, probe)
     for node in proto.graph.node:
         rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
@@ -336,13 +340,28 @@ def build(proto, probe) -> ChannelModel:
             continue
         rule(RuleContext(b, node))
     b.fix_shape_reads()
-    for vi in proto.graph.input:
+    for vi, code, what in [(vi, R_INPUT, "graph input") for vi in proto.graph.input] + \
+            [(vi, R_OUTPUT, "graph output") for vi in proto.graph.output]:
+        free = _io_dims_free(vi, probe, prune_io)
         for d in range(len(b.shapes.get(vi.name, ()))):
-            b.fix((vi.name, d), R_INPUT, f"graph input '{vi.name}'")
-    for vi in proto.graph.output:
-        for d in range(len(b.shapes.get(vi.name, ()))):
-            b.fix((vi.name, d), R_OUTPUT, f"graph output '{vi.name}'")
+            if free is None or d not in free:
+                b.fix((vi.name, d), code, f"{what} '{vi.name}'" + (" (a dim that follows the inputs' sizes)"
+                                                                    if prune_io and free is not None else ""))
     return _resolve(b, proto)
+
+
+def _io_dims_free(vi, probe, prune_io):
+    """The dims of graph input/output ``vi`` that may shrink: with ``prune_io`` matching its name,
+    those declared static that the probe saw never move (None: the name does not match)."""
+    if not prune_io or not re.search(prune_io, vi.name):
+        return None
+    declared = vi.type.tensor_type.shape.dim
+    moving = probe.dynamic.get(vi.name)
+    if moving is None:
+        return set()
+    if not declared:  # no declared shape: what the probe saw
+        return {d for d, m in enumerate(moving) if not m}
+    return {d for d, dim in enumerate(declared) if dim.HasField("dim_value") and d < len(moving) and not moving[d]}
 
 
 def _unique(x):
