@@ -14,10 +14,12 @@ from . import weights as weight_store
 from .counting import count_macs, count_params, mac_axes, node_macs
 from .errors import SpaError
 from .graph.channels import ChannelModel, build
+from .layers import layer_report
 from .plan import plan as make_plan
 from .scoring import CRITERIA
 from .scoring.obspa import HESSIANS
 from .validate import interface_changes, validate
+from .weights import is_float
 
 
 def _quiet(msg):
@@ -100,7 +102,7 @@ def _attribute_costs(cm: ChannelModel, proto, pr) -> None:
     """Params and MACs each group owns (what removing all of it would save, first order)."""
     per_atom_params = np.zeros(cm.n_atoms)
     for name, value in cm.consts.items():
-        if not np.issubdtype(value.dtype, np.floating):
+        if not is_float(value.dtype):
             continue
         for d in range(value.ndim):
             got = cm.axis_index.get((name, d))
@@ -339,6 +341,9 @@ def _report(first: Analysis, history: list, pruned, after, opts: PruneOptions, t
         "after": {"params": count_params(pruned), "macs": count_macs(pruned, after.shapes)},
         "groups": [],
     }
+    layers = layer_report(first.model, first.probe.shapes, pruned, after.shapes)
+    if layers:
+        report["layers"] = layers
     if opts.prune_io:
         report["prune_io"] = opts.prune_io
         report["interface"] = interface_changes(first.model, pruned)

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from . import probing
+from .weights import is_float
 from .errors import SpaError
 from .shapes import integer_ranges
 
@@ -85,7 +86,7 @@ def batches(an, spec, *, n_batches: int = 8, batch_size: int | None = None, seed
         for _ in range(n_batches):
             feed = {}
             for name, v in ref.items():
-                if np.issubdtype(v.dtype, np.floating):
+                if is_float(v.dtype):
                     feed[name] = rng.standard_normal(v.shape).astype(v.dtype)
                 elif v.dtype == np.bool_:
                     feed[name] = rng.integers(0, 2, v.shape).astype(np.bool_)
@@ -179,7 +180,7 @@ def collect(an, feeds, *, axes=None, progress=_quiet, source: str = "") -> ActSt
         values.update({k: v for k, v in feed.items() if k in tensors})
         for axis in axes:
             v = values.get(axis[0])
-            if v is None or not np.issubdtype(v.dtype, np.floating) or axis[1] >= v.ndim:
+            if v is None or not is_float(v.dtype) or axis[1] >= v.ndim:
                 continue
             x = np.moveaxis(v, axis[1], -1).reshape(-1, v.shape[axis[1]]).astype(np.float64)
             got = stats.axes.get(axis)

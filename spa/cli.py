@@ -258,6 +258,9 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
     click.echo(f"params {_human(b['params'])} -> {_human(a['params'])} ({b['params'] / max(a['params'], 1):.2f}x)   "
                f"MACs {_human(b['macs'])} -> {_human(a['macs'])} ({b['macs'] / max(a['macs'], 1):.2f}x)   "
                f"{pruned_groups} groups pruned, {rep['seconds']:.1f}s")
+    from .layers import describe_all
+    for line in describe_all(rep.get("layers", [])):
+        click.echo(line)
     for c in rep.get("interface", []):
         click.echo(f"interface: {c['kind']} {c['tensor']} axis {c['axis']}: {c['before']} -> {c['after']}")
     click.echo(f"wrote {output}")

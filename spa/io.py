@@ -38,6 +38,7 @@ ONNX_TO_NUMPY = {
     onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
     onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8,
     onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.BOOL: np.bool_,
+    **({onnx.TensorProto.BFLOAT16: weights_mod.BFLOAT16} if weights_mod.BFLOAT16 is not None else {}),
 }
 
 
@@ -263,7 +264,7 @@ def _write_external(proto, weights, folder, name, data_name) -> None:
                 f.write(b"\0" * offset)
             start = f.tell()
             if stub:
-                f.write(np.ascontiguousarray(weights_mod.array_of(t, weights)).data)
+                f.write(_raw_bytes(weights_mod.array_of(t, weights)))
             else:
                 f.write(t.raw_data)
             h = weights_mod.header(t) if stub else _without_data(t)
@@ -273,6 +274,15 @@ def _write_external(proto, weights, folder, name, data_name) -> None:
             m.graph.initializer.append(h)
     with open(os.path.join(folder, name), "wb") as f:
         f.write(m.SerializeToString())
+
+
+def _raw_bytes(a: np.ndarray):
+    """The array's bytes, little-endian as ONNX stores them, without a copy when it is contiguous
+    (viewed as bytes: a buffer of ml_dtypes' bfloat16 cannot be written as it is)."""
+    a = np.ascontiguousarray(a)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return a.reshape(-1).view(np.uint8).data
 
 
 def _without_data(t):
@@ -463,7 +473,7 @@ def _write_stream(proto, plan, path, weights=None) -> None:
                     head, nbytes = stub
                     f.write(head)
                     f.write(_RAW_TAG + _varint(nbytes))
-                    f.write(np.ascontiguousarray(weights_mod.array_of(t, weights)).data)
+                    f.write(_raw_bytes(weights_mod.array_of(t, weights)))
                     continue
                 data = t.SerializeToString()
                 if len(data) != n:

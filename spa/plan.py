@@ -7,6 +7,7 @@ import re
 import numpy as np
 
 from .errors import SpaError
+from .weights import is_float
 
 #: an --overrides file is a small JSON object; anything bigger is a mistake (or /dev/zero)
 OVERRIDES_LIMIT = 1 << 20
@@ -208,7 +209,7 @@ class CostModel:
             if m:
                 self._add("macs", m, mac_axes(node, shapes))
         for name, value in cm.consts.items():
-            if np.issubdtype(value.dtype, np.floating) and value.ndim:
+            if is_float(value.dtype) and value.ndim:
                 self._add("params", value.size, [(name, d) for d in range(value.ndim)])
 
     def _add(self, kind, cost, axes):

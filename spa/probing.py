@@ -14,15 +14,20 @@ in place, no serialisation, no prepacking.
 """
 from __future__ import annotations
 
+import math
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from . import shapes, weights
+from .weights import is_float
 from .errors import SpaError
 from .io import (FEED_LIMIT, ONNX_TO_NUMPY, constants_to_initializers, drop_initializer_inputs, graph_inputs,
-                 graph_refs, initializer_arrays, load_lazily, remove_dead, serialize, skeleton)
+                 graph_refs, initializer_arrays, load_lazily, remove_dead, serialize, skeleton,
+                 tensor_array)
 
 #: the probe exposes at most this many bytes of tensors per onnxruntime session (more: several sessions)
 PROBE_BUDGET = 256 << 20
@@ -72,7 +77,7 @@ def input_feed(proto, input_shapes=None, seed=0, *, plan=None, values=None):
         if np.prod(dims, dtype=np.float64) * np.dtype(dtype).itemsize > INPUT_LIMIT:
             raise SpaError(f"input '{inp.name}' of shape {dims} would take more than {INPUT_LIMIT >> 30} GiB; "
                            "give smaller sizes with --input-shapes")
-        if np.issubdtype(dtype, np.floating):
+        if is_float(dtype):
             feed[inp.name] = rng.standard_normal(dims).astype(dtype)
         elif dtype == np.bool_:
             feed[inp.name] = rng.integers(0, 2, dims).astype(np.bool_)
@@ -100,9 +105,10 @@ def session(proto_or_bytes, providers=None, optimize=False, *, oneshot=False):
     if oneshot:
         so.add_session_config_entry("session.disable_prepacking", "1")
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # each run's activations are freed when it ends (the arena would keep the largest run's
-        # for the session's life: +0.5 GB after a batch-3 run of a 300M decoder)
-        so.enable_cpu_mem_arena = False
+        # nodes in priority order: the float copies onnxruntime makes of fp16 weights for kernels it
+        # has only in float (MatMul on x86) are made just before use, not all at the start of the
+        # run (a 3B fp16 decoder: 11.2 GB -> see docs/llm.md)
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if isinstance(proto_or_bytes, onnx.ModelProto) and weights.has_stubs(proto_or_bytes):
         raise SpaError("internal: this model keeps its big weights apart (spa.weights); run it with "
                        "probing.output_runner(model, weights) or fill it first (Analysis.full_model())")
@@ -123,11 +129,70 @@ def _fed_initializers(proto, consts) -> dict:
     return fed
 
 
+_BF16, _FP16 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16
+
+
+def has_bf16(proto) -> bool:
+    """Whether any tensor type of the main graph is bfloat16 (initializers, inputs, outputs, Casts)."""
+    g = proto.graph
+    return any(t.data_type == _BF16 for t in g.initializer) or \
+        any(v.type.tensor_type.elem_type == _BF16 for v in list(g.input) + list(g.output)) or \
+        any(a.name == "to" and a.i == _BF16 for n in g.node if n.op_type == "Cast" for a in n.attribute)
+
+
+def fp16_twin(proto) -> onnx.ModelProto:
+    """``proto`` with every bfloat16 type made float16: onnxruntime's CPU provider has almost no
+    bfloat16 kernel, and the probe needs only shapes and shape-derived values (integers), which the
+    twin computes the same.  Its stubs' arrays are the originals converted (``_fp16_of``)."""
+    twin = onnx.ModelProto()
+    twin.CopyFrom(proto)
+    g = twin.graph
+    for t in g.initializer:
+        if t.data_type == _BF16:
+            if weights.is_stub(t):
+                t.data_type = _FP16
+            else:
+                t.CopyFrom(numpy_helper.from_array(tensor_array(t).astype(np.float16), t.name))
+    for v in list(g.input) + list(g.output) + list(g.value_info):
+        if v.type.tensor_type.elem_type == _BF16:
+            v.type.tensor_type.elem_type = _FP16
+    for n in g.node:
+        for a in n.attribute:
+            if a.name == "to" and a.i == _BF16:
+                a.i = _FP16
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == _BF16:
+                a.t.CopyFrom(numpy_helper.from_array(tensor_array(a.t).astype(np.float16), a.t.name))
+    return twin
+
+
+#: id(bfloat16 array) -> (weak reference to it, its float16 copy), for the fp16 twin's feeds; emptied
+#: at the end of every probe (the copies cost the model's size once more while they live)
+_TWINS: dict = {}
+
+
+def _fp16_of(a):
+    hit = _TWINS.get(id(a))
+    if hit is not None and hit[0]() is a:
+        return hit[1]
+    b = a.astype(np.float16)
+    weights.release_pages([a])
+    _TWINS[id(a)] = (weakref.ref(a), b)
+    return b
+
+
+def _twin_arrays(consts) -> dict:
+    return {k: _fp16_of(v) if v.dtype == weights.BFLOAT16 else v for k, v in consts.items()}
+
+
 class _Runner:
     """One onnxruntime session over ``proto`` exposing ``outputs`` (probe sessions: no
-    optimisation, no prepacking, big initializers fed from ``consts`` without copies)."""
+    optimisation, no prepacking, big initializers fed from ``consts`` without copies).  A bfloat16
+    model runs as its float16 twin (``fp16_twin``): feeds are converted, outputs come back float16."""
 
     def __init__(self, proto, consts, outputs):
+        self.twin = has_bf16(proto)
+        if self.twin:
+            proto, consts = fp16_twin(proto), _twin_arrays(consts)
         self.proto, self.exposed, self.consts = proto, outputs, consts
         self.fed = _fed_initializers(proto, consts)
         self.ran = False
@@ -147,6 +212,8 @@ class _Runner:
     def run(self, feed, names=None) -> dict:
         import onnxruntime as ort
         names = self.outputs if names is None else names
+        if self.twin:
+            feed = {k: v.astype(np.float16) if v.dtype == weights.BFLOAT16 else v for k, v in feed.items()}
         quiet = ort.RunOptions()
         quiet.log_severity_level = 4  # a size the model refuses is an answer here, not an error to print
         try:
@@ -283,6 +350,20 @@ def estimated_bytes(proto, feed) -> dict:
 
 
 def probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
+    """Run once for the shape of every tensor (see ``_probe``); a bfloat16 model's float16 copies
+    of its weights are dropped when it returns."""
+    try:
+        return _probe(proto, input_shapes, consts=consts, dynamic=dynamic)
+    finally:
+        release_twins()
+
+
+def release_twins() -> None:
+    """Drop the float16 copies made to run bfloat16 models (``fp16_twin``)."""
+    _TWINS.clear()
+
+
+def _probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
     """Run once for the shape of every tensor (and the values of constant- and shape-derived ones).
 
     Dynamic input dims are symbols (``shapes.size_plan``): the first run is at the plan's base
@@ -294,7 +375,7 @@ def probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
     consts = initializer_arrays(proto) if consts is None else consts
     plan = shapes.size_plan(graph_inputs(proto), input_shapes)
     exposed = _exposed(proto)
-    cands, any_size = fold_candidates(proto)
+    cands = fold_candidates(proto)
     feed = input_feed(proto, plan=plan)
     # every node output exposed at once keeps every activation alive in onnxruntime: where that
     # would pass PROBE_BUDGET, the sizes are found with the outputs only, then the tensors are
@@ -324,7 +405,7 @@ def probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
         for name, v in got.items():
             pr.shapes[name] = tuple(np.shape(v))
             pr.dtypes[name] = getattr(v, "dtype", None)
-            if name in cands and (name in any_size or np.size(v) <= FOLD_LIMIT):
+            if name in cands and np.size(v) <= FOLD_LIMIT:
                 pr.values[name] = np.array(v)  # a copy: the session's buffers go back to its arena
 
     keep(first)
@@ -408,24 +489,35 @@ def _has_subgraph(node) -> bool:
         any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
 
-def fold_candidates(proto):
+def _is_weight(t) -> bool:
+    """A float tensor of more than one element, or any tensor of more than ``FEED_LIMIT`` (shapes,
+    axes and scalars are not weights)."""
+    n = math.prod(t.dims)
+    return n > FEED_LIMIT or (n > 1 and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                                         onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE))
+
+
+def fold_candidates(proto) -> set:
     """Node outputs computed only from initializers and tensor shapes (``Shape``/``Size``), found
-    from the graph alone: ``(candidates, any_size)``, where ``any_size`` are those whose node reads
-    initializers only (folded whatever their size; the others only up to ``FOLD_LIMIT`` elements)."""
-    const = {t.name for t in proto.graph.initializer}
-    derived, any_size = set(), set()
+    from the graph alone; the probe keeps (and the fold folds) those of at most ``FOLD_LIMIT``
+    elements.  Weights converted (Cast of fp16 weights, DequantizeLinear, Transpose: anything
+    computed from a weight, see ``_is_weight``) are not candidates: folding them would store the
+    weights again, in another type, and lose the file's own (fp16, int8)."""
+    weights = {t.name for t in proto.graph.initializer if _is_weight(t)}
+    const = {t.name for t in proto.graph.initializer} - weights
+    derived, weighty = set(), set(weights)
     for node in proto.graph.node:
+        outs = [o for o in node.output if o]
+        if node.op_type not in SHAPE_SOURCES and any(i in weighty for i in node.input):
+            weighty.update(outs)
+            continue
         if _has_subgraph(node) or node.op_type in RANDOM_OPS:
             continue
         if node.op_type not in SHAPE_SOURCES and \
                 not all((not i) or i in const or i in derived for i in node.input):
             continue
-        outs = [o for o in node.output if o]
         derived.update(outs)
-        if node.op_type == "Constant" or (node.op_type not in SHAPE_SOURCES and
-                                          all((not i) or i in const for i in node.input)):
-            any_size.update(outs)
-    return derived, any_size
+    return derived
 
 
 def fold_constants(proto, pr: Probe) -> int:
@@ -439,7 +531,7 @@ def fold_constants(proto, pr: Probe) -> int:
     Returns how many node outputs were folded.
     """
     const = {t.name for t in proto.graph.initializer}
-    derived, _ = fold_candidates(proto)   # folded where the value never moves
+    derived = fold_candidates(proto)   # folded where the value never moves
     folded = []
     runs = pr.other_runs
     for node in proto.graph.node:
@@ -450,8 +542,7 @@ def fold_constants(proto, pr: Probe) -> int:
             if not runs or any(out not in r or np.shape(r[out]) != np.shape(v) or not np.array_equal(r[out], v)
                                for r in runs):
                 continue
-            if node.op_type not in ("Constant",) and np.size(v) > FOLD_LIMIT and \
-                    not all((not i) or i in const for i in node.input):
+            if np.size(v) > FOLD_LIMIT:  # see fold_candidates
                 continue
             folded.append(out)
     if not folded:

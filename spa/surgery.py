@@ -11,6 +11,10 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+# onnx-graphsurgeon warns on stderr about types it has no numpy name for (bfloat16) and about the
+# optional 'colored' package: neither concerns spa's users
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+
 from . import weights
 from .errors import SpaError
 

@@ -43,7 +43,10 @@ def validate(pruned: onnx.ModelProto, an, input_shapes=None, *, every_size: bool
             raise SpaError(f"internal: output '{out.name}' changed shape "
                            f"{an.probe.shapes.get(out.name)} -> {pr.shapes.get(out.name)}")
     if every_size:
-        _validate_other_sizes(pruned, an, pr, changes)
+        try:
+            _validate_other_sizes(pruned, an, pr, changes)
+        finally:
+            probing.release_twins()
     return pr
 
 

@@ -23,6 +23,12 @@ import onnx
 
 from .errors import SpaError
 
+try:
+    import ml_dtypes
+    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - onnx depends on ml_dtypes
+    BFLOAT16 = None
+
 #: the external_data location of a stub: its data is an array in the model's weights
 STUB = "spa:weights"
 #: initializers with more elements than this become stubs (smaller ones stay in the proto: shapes,
@@ -36,7 +42,10 @@ _LEN = 2  # wire type of length-delimited fields
 
 
 def numpy_dtype(data_type: int):
-    """The numpy dtype of an ONNX tensor data type, or None (strings, bfloat16 without ml_dtypes, 4-bit)."""
+    """The numpy dtype of an ONNX tensor data type (bfloat16: ml_dtypes', which onnx depends on),
+    or None (strings, 4-bit and 8-bit floats)."""
+    if data_type == onnx.TensorProto.BFLOAT16:
+        return BFLOAT16
     if data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
         return None
     try:
@@ -46,6 +55,11 @@ def numpy_dtype(data_type: int):
     if dt.kind not in "biuf" or data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
         return None
     return dt
+
+
+def is_float(dtype) -> bool:
+    """A floating-point dtype, bfloat16 included (numpy does not count ml_dtypes' as floating)."""
+    return dtype is not None and (np.issubdtype(dtype, np.floating) or np.dtype(dtype) == BFLOAT16)
 
 
 def is_stub(t: onnx.TensorProto) -> bool:

@@ -364,6 +364,94 @@ def test_fp16_decoder_prunes_in_fp16_and_agrees_with_the_cut_original():
     assert logits.shape == (3, 19, 256) and logits.dtype == np.float16
 
 
+@pytest.mark.slow
+@pytest.mark.torch
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2_ts", "bert"])
+def test_the_report_gives_each_layers_new_decoder_config(name):
+    """report['layers']: per layer, the heads, KV heads, head dim and MLP width before and after,
+    consistent with the pruned projections' widths (dynamo name scopes and TorchScript node names)."""
+    res = spa.prune(export(name), 0.5)
+    layers = res.report["layers"]
+    assert [e["layer"] for e in layers] == [0, 1]
+    for e in layers:
+        heads, dim, kv, inter = (e[k] for k in ("num_attention_heads", "head_dim", "num_key_value_heads",
+                                                "intermediate_size"))
+        assert heads[0] == 4 and dim[0] == 16 and inter == [128, 64]
+        assert kv[0] == (2 if name == "llama_gqa" else 4)
+        assert heads[1] * dim[1] < 64
+        proj = e["projections"]
+        q = next(v for k, v in proj.items() if k.endswith(("q_proj", "query", "c_attn")))
+        q_out = q["out"][1] if name != "gpt2_ts" else None
+        if q_out is not None:
+            assert q_out == heads[1] * dim[1]
+        if name == "llama_gqa":
+            assert proj["self_attn.k_proj"]["out"][1] == kv[1] * dim[1]
+
+
+def _fp16_storage(model):
+    """``model`` with every float weight stored in fp16 and Cast to float where it is read (what
+    fp16 converters that keep float compute write)."""
+    from onnx import numpy_helper
+    inits, casts = [], []
+    for t in model.graph.initializer:
+        a = numpy_helper.to_array(t)
+        if a.dtype == np.float32 and a.size > 1:
+            inits.append(numpy_helper.from_array(a.astype(np.float16), t.name + "_fp16"))
+            casts.append(helper.make_node("Cast", [t.name + "_fp16"], [t.name], to=TensorProto.FLOAT,
+                                          name="cast_" + t.name))
+        else:
+            inits.append(t)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+    nodes = casts + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_fp16_weights_cast_to_float_stay_fp16_and_prune_like_float(tmp_path):
+    """Weights stored in fp16 and Cast to float at run time: the Casts are not folded into float
+    copies (which would double the file and lose its dtype), the same groups as the float model are
+    prunable, the oracle holds, and the pruned file keeps fp16 weights behind the same Casts."""
+    path = export("llama_gqa")
+    fp16 = tmp_path / "llama_cast16.onnx"
+    onnx.save(_fp16_storage(onnx.load(path)), str(fp16))
+    an = spa.analyze(str(fp16))
+    assert prunable(an) == prunable(spa.analyze(path))
+    assert check_joint(an, seed=1)["error"] < EXACT
+    res = spa.prune(str(fp16), 0.3, analysis=an)
+    kinds = {t.data_type for t in res.model.graph.initializer if np.prod(t.dims) > 1 and t.data_type != TensorProto.INT64}
+    assert kinds == {TensorProto.FLOAT16}
+    assert sum(n.op_type == "Cast" for n in res.model.graph.node) >= 20
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_bf16_decoder_prunes_through_an_fp16_twin_and_keeps_bf16_weights():
+    """bfloat16 (onnxruntime's CPU provider runs almost none of it): spa probes and validates an
+    fp16 twin, finds the same groups as fp32, and writes bf16 weights; the pruned model equals the
+    cut original (both run as fp16 twins, to fp16 precision)."""
+    from spa import surgery
+    from spa.oracle import compare_outputs, cut_model, feeds_at_every_size
+    path = export("llama_gqa_bf16")
+    an = spa.analyze(path)
+    assert prunable(an) == prunable(spa.analyze(export("llama_gqa")))
+    rng = np.random.default_rng(2)
+    exact = [g for g in an.groups if g.prunable and not g.approximate]
+    units = np.sort(np.concatenate([rng.choice(g.units, size=max(1, g.channels // 3), replace=False) for g in exact]))
+    pruned = surgery.apply(an.model, an.channels, an.probe, units)
+    validate(pruned, an)
+    err = compare_outputs(probing.fp16_twin(cut_model(an, units)), probing.fp16_twin(pruned), feeds_at_every_size(an))
+    assert err < 2e-2, err
+    res = spa.prune(path, 0.5, analysis=an)
+    before = {t.name: t.data_type for t in onnx.load(path).graph.initializer}
+    after = {t.name: t.data_type for t in res.model.graph.initializer}
+    assert sum(v == TensorProto.BFLOAT16 for v in after.values()) >= 20
+    assert all(after[k] == v for k, v in before.items() if k in after)
+
+
 def test_a_size_modulo_32_is_not_frozen():
     """Padding to a multiple of 32 ((32 - H % 32) % 32, Swin/YOLO style) is the same at sizes that
     are all multiples of 32: the probe's odd point moves it, so it stays live."""

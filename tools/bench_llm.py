@@ -170,7 +170,7 @@ def bench(name: str, ratio: float, work: pathlib.Path) -> dict:
     row["prune"] = {k: r[k] for k in ("rc", "seconds", "peak")}
     row["stages"] = stages(r["stderr"])
     if r["rc"]:
-        row["error"] = r["stderr"].strip().splitlines()[-1:] 
+        row["error"] = r["stderr"].strip().splitlines()[-1:]
         return row
     report = json.loads((out / "report.json").read_text())
     row["macs"] = [report["macs"]["before"], report["macs"]["after"]]
@@ -211,12 +211,54 @@ def main(argv=None) -> int:
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))
     if args.out:
-        args.out.write_text(markdown(rows))
+        args.out.write_text(markdown(rows, args.ratio))
     return 0
 
 
-def markdown(rows) -> str:
-    raise NotImplementedError
+def _gb(n) -> str:
+    return f"{n / 1e9:.2f}"
+
+
+def markdown(rows, ratio: float) -> str:
+    """docs/llm.md: the main table, then the stages of each prune."""
+    out = ["# LLM scale", "",
+           f"Measured by `python tools/bench_llm.py run --out docs/llm.md` ({_machine()}); every number is one fresh",
+           "process; peak = the process's peak resident memory (`ru_maxrss`, memory-mapped weights included).",
+           f"`spa prune MODEL -o OUT --ratio {ratio:g}` with the defaults (l2); the models are Llama decoders with random",
+           "weights exported by `torch.onnx.export(dynamo=True)` with dynamic batch and sequence (see the tool's docstring).",
+           "",
+           "| model | on disk (GB) | onnx load+save: s / peak GB | spa prune: s / peak GB | peak / disk | params | MACs (seq 16) | pruned on disk (GB) | pruned runs at [2,9], [1,23] |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ls, pr = r["load_save"], r["prune"]
+        ls_text = f"{ls['seconds']:.0f} / {_gb(ls['peak'])}" if ls["rc"] == 0 else f"failed (rc {ls['rc']}) / {_gb(ls['peak'])}"
+        if pr["rc"]:
+            out.append(f"| {r['model']} | {_gb(r['disk'])} | {ls_text} | failed: {' '.join(r.get('error', []))[:80]} | | | | | |")
+            continue
+        ran = "yes" if r.get("run", {}).get("rc") == 0 else "NO"
+        out.append(f"| {r['model']} | {_gb(r['disk'])} | {ls_text} | {pr['seconds']:.0f} / {_gb(pr['peak'])} | "
+                   f"{pr['peak'] / r['disk']:.2f}x | {r['params'][0] / 1e9:.2f}G -> {r['params'][1] / 1e9:.2f}G | "
+                   f"{r['macs'][0] / 1e9:.1f}G -> {r['macs'][1] / 1e9:.1f}G | {_gb(r['pruned_disk'])} | {ran} |")
+    out += ["", "## Stages", "",
+            "Seconds since the command started and peak memory so far, at the start of each stage (from the CLI's",
+            "progress lines); the last row is the end of the process.", ""]
+    for r in rows:
+        if not r.get("stages"):
+            continue
+        out += [f"**{r['model']}** ({_gb(r['disk'])} GB on disk)", "", "| stage | s | peak GB |", "|---|---|---|"]
+        for sec, peak, msg in r["stages"]:
+            out.append(f"| {msg[:70]} | {sec:.1f} | {peak:.2f} |")
+        out += [f"| (exit) | {r['prune']['seconds']:.1f} | {_gb(r['prune']['peak'])} |", ""]
+    return "\n".join(out) + "\n"
+
+
+def _machine() -> str:
+    import platform
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem = 0
+    return f"{os.cpu_count()} cores, {mem:.0f} GiB, {platform.machine()}, Python {platform.python_version()}"
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ class Builder:
         self.rewrites = {}
         self.stats = set()
         self.other_runs_shapes = getattr(probe, "other_shapes", None) or []
-        self.derived = fold_candidates(proto)[0]
+        self.derived = fold_candidates(proto)
         self.reads = shape_reads(proto, self.shapes, self.consts, self.values, self.derived)
 
     # axes and atoms

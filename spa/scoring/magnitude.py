@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..weights import is_float
+
 REDUCTIONS = ("sum", "mean", "max")
 NORMALISATIONS = ("mean", "max", "none")
 
@@ -62,7 +64,7 @@ def weight_slices(cm, fn):
     from ..weights import RELEASE_ABOVE, release_pages
     acc = SliceAccumulator(cm)
     for name, value in cm.consts.items():
-        if name in cm.stats or not np.issubdtype(value.dtype, np.floating) or value.ndim == 0:
+        if name in cm.stats or not is_float(value.dtype) or value.ndim == 0:
             continue
         for d in range(value.ndim):
             got = cm.axis_index.get((name, d))
