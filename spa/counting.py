@@ -20,9 +20,21 @@ def count_params(proto: onnx.ModelProto) -> int:
     return total
 
 
+#: rule key (``spa.ops.rules.rule_key``) -> (macs(node, shapes), mac_axes(node, shapes)) for the
+#: operator families outside this module (quantized, recurrent, fused: ``spa.ops.*`` register theirs)
+MACS: dict = {}
+
+
 def node_macs(node, shapes) -> int:
-    """MACs of one Conv, ConvTranspose, Gemm or MatMul node (others are negligible: 0)."""
+    """MACs of one node: Conv, ConvTranspose, Gemm, MatMul here, the registered families in
+    ``MACS`` (others are negligible: 0)."""
     op = node.op_type
+    extra = MACS.get(op if node.domain in ("", "ai.onnx") else f"{node.domain}:{op}")
+    if extra is not None:
+        try:
+            return int(extra[0](node, shapes))
+        except (KeyError, IndexError, TypeError, ValueError):
+            return 0
     try:
         if op == "Conv":
             w, y = shapes[node.input[1]], shapes[node.output[0]]
@@ -49,6 +61,9 @@ def count_macs(proto: onnx.ModelProto, shapes: dict) -> int:
 
 def mac_axes(node, shapes):
     """The input-channel and output-channel axes whose sizes MACs scale with."""
+    extra = MACS.get(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}")
+    if extra is not None:
+        return extra[1](node, shapes)
     if node.op_type in ("Conv", "ConvTranspose"):
         return [(node.input[1], 0), (node.input[1], 1)]
     y = node.output[0]

@@ -308,5 +308,34 @@ def rw_sizes(node, info, kept, new_size, probe, new):
     node.inputs[3] = new.const(node, "sizes", [new_size(y, d) for d in range(len(probe.shapes[y]))])
 
 
-_REWRITE = {"group": rw_group, "reshape": rw_reshape, "split": rw_split, "slice": rw_slice,
+def rw_attr(node, info, kept, new_size, probe, new):
+    """An integer attribute that counts the positions of an axis (a virtual one too): LSTM's
+    ``hidden_size``, Attention's ``num_heads``; ``per``: positions per counted unit."""
+    axis = info["axis"]
+    k = kept(axis)
+    if k is not None:
+        node.attrs[info["attr"]] = int(len(k)) // int(info.get("per", 1))
+
+
+def rw_attr_list(node, info, kept, new_size, probe, new):
+    """An integer-list attribute whose entries count the positions of axes (``qkv_hidden_sizes``)."""
+    values = list(node.attrs.get(info["attr"], []))
+    for i, axis in enumerate(info["axes"]):
+        k = kept(axis)
+        if k is not None and i < len(values):
+            values[i] = int(len(k))
+    if values:
+        node.attrs[info["attr"]] = values
+
+
+_REWRITE = {"attr": rw_attr, "attr_list": rw_attr_list, "group": rw_group, "reshape": rw_reshape, "split": rw_split, "slice": rw_slice,
             "gather": rw_gather, "sizes": rw_sizes, "expand": rw_expand}
+
+def _family_rewrites() -> dict:
+    """Rewrites of the operator families with a module of their own (``spa.ops.*.REWRITES``)."""
+    from .ops import fused, quant, rnn
+    return {**quant.REWRITES, **rnn.REWRITES, **fused.REWRITES}
+
+
+_REWRITE.update(_family_rewrites())
+

@@ -22,7 +22,7 @@ import onnx
 
 from ..io import graph_refs, tensor_array
 from ..probing import fold_candidates
-from ..ops.rules import RULES
+from ..ops.rules import rule_for
 from ..shapes import all_reads, shape_reads
 
 # reasons a unit cannot shrink, most informative first; R_SPATIAL marks positions that are not
@@ -327,7 +327,7 @@ def build(proto, probe, prune_io=None) -> ChannelModel:
     ``prune_io`` (a KV cache's heads and head dims: the caller then feeds a smaller cache)."""
     b = Builder(proto, probe)
     for node in proto.graph.node:
-        rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        rule = rule_for(node)
         has_sub = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
         if rule is None or has_sub:
             b.fix_node(node, R_UNSUPPORTED, f"no rule for operator {node.op_type or '?'} ('{node.name}')")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..counting import MACS
 from .common import attr, broadcast, identity_dims, norm
 from .layout import rule_expand, rule_reshape, rule_shape, rule_squeeze
 
@@ -438,6 +439,26 @@ RULES.update({
     "Reshape": rule_reshape, "Flatten": rule_squeeze, "Squeeze": rule_squeeze, "Unsqueeze": rule_squeeze,
     "Expand": rule_expand, "Shape": rule_shape, "Size": rule_shape,
 })
+
+
+
+def rule_key(node) -> str:
+    """The key of a node's rule in ``RULES``: the op type for the default ONNX domain,
+    ``domain:op`` for the others (``com.microsoft:Attention``)."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
+
+
+def rule_for(node):
+    return RULES.get(rule_key(node))
+
+
+# the families with a module of their own: each has RULES (rule key -> rule) and MACS (rule key ->
+# (macs, mac_axes), counted by spa.counting)
+from . import fused, quant, rnn  # noqa: E402
+
+for _family in (quant, rnn, fused):
+    RULES.update(_family.RULES)
+    MACS.update(_family.MACS)
 
 #: operators whose rule exists; everything else blocks the axes it touches.
 SUPPORTED = sorted(RULES)

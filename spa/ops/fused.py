@@ -1,0 +1,4 @@
+"""placeholder"""
+RULES: dict = {}
+MACS: dict = {}
+REWRITES: dict = {}
