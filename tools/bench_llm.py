@@ -3,7 +3,7 @@
 and peak memory per stage against the time and memory onnx needs to load and save the same file.
 
     python tools/bench_llm.py export llama_50m llama_300m          # export only (cached)
-    python tools/bench_llm.py run --out docs/llm.md                # every model: export, prune, validate
+    python tools/bench_llm.py run --out docs/llm_bench.md           # every model: export, prune, validate
     python tools/bench_llm.py run llama_300m --ratio 0.3
 
 Models (``transformers.LlamaConfig``, GQA, RoPE, SwiGLU, RMSNorm, untied lm_head, vocab 32000, eager
@@ -173,13 +173,19 @@ def bench(name: str, ratio: float, work: pathlib.Path) -> dict:
         row["error"] = r["stderr"].strip().splitlines()[-1:]
         return row
     report = json.loads((out / "report.json").read_text())
-    row["macs"] = [report["macs"]["before"], report["macs"]["after"]]
-    row["params"] = [report["params"]["before"], report["params"]["after"]]
+    row["macs"] = [report["before"]["macs"], report["after"]["macs"]]
+    row["params"] = [report["before"]["params"], report["after"]["params"]]
+    row["layers"] = describe_layers(report)
     row["pruned_disk"] = disk_size(out / "model.onnx")
     r = measure([sys.executable, "-c", _RUN, str(out / "model.onnx")])
     row["run"] = {"rc": r["rc"], "seconds": r["seconds"], "peak": r["peak"], "out": r["stdout"].splitlines()[:2]}
     shutil.rmtree(out, ignore_errors=True)
     return row
+
+
+def describe_layers(report) -> list:
+    from spa.layers import describe_all
+    return describe_all(report.get("layers", []))
 
 
 def main(argv=None) -> int:
@@ -192,7 +198,7 @@ def main(argv=None) -> int:
     r.add_argument("--ratio", type=float, default=0.3)
     r.add_argument("--work", type=pathlib.Path, default=cache_dir() / "llm" / "work")
     r.add_argument("--json", type=pathlib.Path, help="write the rows as JSON")
-    r.add_argument("--out", type=pathlib.Path, help="write the markdown table here (docs/llm.md)")
+    r.add_argument("--out", type=pathlib.Path, help="write the markdown table here (docs/llm_bench.md)")
     args = ap.parse_args(argv)
     unknown = [n for n in args.names if n not in MODELS]
     if unknown:
@@ -220,9 +226,9 @@ def _gb(n) -> str:
 
 
 def markdown(rows, ratio: float) -> str:
-    """docs/llm.md: the main table, then the stages of each prune."""
-    out = ["# LLM scale", "",
-           f"Measured by `python tools/bench_llm.py run --out docs/llm.md` ({_machine()}); every number is one fresh",
+    """docs/llm_bench.md: the main table, then the stages of each prune."""
+    out = ["# LLM scale: measurements", "",
+           f"Measured by `python tools/bench_llm.py run --out docs/llm_bench.md` ({_machine()}); every number is one fresh",
            "process; peak = the process's peak resident memory (`ru_maxrss`, memory-mapped weights included).",
            f"`spa prune MODEL -o OUT --ratio {ratio:g}` with the defaults (l2); the models are Llama decoders with random",
            "weights exported by `torch.onnx.export(dynamo=True)` with dynamic batch and sequence (see the tool's docstring).",
@@ -249,6 +255,7 @@ def markdown(rows, ratio: float) -> str:
         for sec, peak, msg in r["stages"]:
             out.append(f"| {msg[:70]} | {sec:.1f} | {peak:.2f} |")
         out += [f"| (exit) | {r['prune']['seconds']:.1f} | {_gb(r['prune']['peak'])} |", ""]
+        out += [f"New sizes: `{line}`" for line in r.get("layers", [])] + [""]
     return "\n".join(out) + "\n"
 
 
