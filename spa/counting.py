@@ -5,12 +5,25 @@ import numpy as np
 import onnx
 
 
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+#: integer types of quantized weights (int64/int32 initializers are shapes, indices, biases' sums)
+_QUANTIZED = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+
+
 def count_params(proto: onnx.ModelProto) -> int:
-    """Elements of floating-point initializers (Constant nodes are moved there at load)."""
+    """Elements of floating-point initializers (Constant nodes are moved there at load), and of
+    quantized weights: integer initializers of two or more dims (zero points are 1-D), MatMulNBits'
+    packed blocks as their K x N weights."""
+    packed = {}
+    for n in proto.graph.node:
+        if n.op_type == "MatMulNBits" and len(n.input) > 1:
+            a = {x.name: x.i for x in n.attribute}
+            packed[n.input[1]] = int(a.get("K", 0)) * int(a.get("N", 0))
     total = 0
     for t in proto.graph.initializer:
-        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                           onnx.TensorProto.BFLOAT16):
+        if t.name in packed:
+            total += packed[t.name]
+        elif t.data_type in _FLOATS or (t.data_type in _QUANTIZED and len(t.dims) >= 2):
             total += int(np.prod(t.dims)) if len(t.dims) else 1
     for n in proto.graph.node:
         if n.op_type == "Constant":

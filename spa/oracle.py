@@ -24,7 +24,7 @@ def cut_model(an, units) -> onnx.ModelProto:
     new_nodes = {}
     done = set()
     for (tensor, dim), kind, node_name, idx in cm.sinks:
-        if kind not in ("contract", "sum") or (node_name, idx, dim) in done:
+        if kind not in ("contract", "sum", "qcontract") or (node_name, idx, dim) in done:
             continue
         got = cm.axis_index.get((tensor, dim))
         if got is None:
@@ -37,12 +37,18 @@ def cut_model(an, units) -> onnx.ModelProto:
         rank = len(an.probe.shapes[tensor])
         shape = [1] * rank
         shape[dim] = got[1]
-        dtype = an.probe.dtypes.get(tensor) or an.probe.values[tensor].dtype
-        m = numpy_helper.from_array((~part).astype(dtype).reshape(shape), f"{node_name}__cut{idx}_{dim}_m")
-        proto.graph.initializer.append(m)
         src = node.input[idx]
         out = f"{node_name}__cut{idx}_{dim}"
-        new_nodes.setdefault(node_name, []).append(helper.make_node("Mul", [src, m.name], [out], name=out))
+        if kind == "qcontract":  # a quantized input: the cut channel holds its zero point (real 0)
+            m = numpy_helper.from_array((~part).reshape(shape), f"{node_name}__cut{idx}_{dim}_m")
+            zp = cm.zero_points.get((node_name, idx)) or _zero_like(proto, out, an.probe.dtypes.get(tensor))
+            cut = helper.make_node("Where", [m.name, src, zp], [out], name=out)
+        else:
+            dtype = an.probe.dtypes.get(tensor) or an.probe.values[tensor].dtype
+            m = numpy_helper.from_array((~part).astype(dtype).reshape(shape), f"{node_name}__cut{idx}_{dim}_m")
+            cut = helper.make_node("Mul", [src, m.name], [out], name=out)
+        proto.graph.initializer.append(m)
+        new_nodes.setdefault(node_name, []).append(cut)
         node.input[idx] = out
     ordered = []
     for n in proto.graph.node:
@@ -51,6 +57,12 @@ def cut_model(an, units) -> onnx.ModelProto:
     del proto.graph.node[:]
     proto.graph.node.extend(ordered)
     return proto
+
+
+def _zero_like(proto, base, dtype):
+    name = f"{base}_zero"
+    proto.graph.initializer.append(numpy_helper.from_array(np.zeros((), dtype or np.uint8), name))
+    return name
 
 
 #: scale floor of the relative error: outputs whose values are all below it (a saturated sigmoid)

@@ -481,6 +481,9 @@ def _probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
 
 
 SHAPE_SOURCES = {"Shape", "Size"}
+#: their outputs are never folded: a quantized model keeps its integer tensors (a per-tensor
+#: DequantizeLinear of an int32 bias would otherwise become a float bias)
+QUANTIZERS = {"QuantizeLinear", "DequantizeLinear"}
 RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 
@@ -508,7 +511,7 @@ def fold_candidates(proto) -> set:
     derived, weighty = set(), set(weights)
     for node in proto.graph.node:
         outs = [o for o in node.output if o]
-        if node.op_type not in SHAPE_SOURCES and any(i in weighty for i in node.input):
+        if node.op_type in QUANTIZERS or (node.op_type not in SHAPE_SOURCES and any(i in weighty for i in node.input)):
             weighty.update(outs)
             continue
         if _has_subgraph(node) or node.op_type in RANDOM_OPS:

@@ -103,29 +103,50 @@ def _validate_other_sizes(pruned, an, pr: probing.Probe, changes=()) -> None:
                 raise SpaError(f"pruned model: output '{name}' is {list(np.shape(got[name]))} at {where}, "
                                f"the original's is {list(ref_shapes[name])}; spa would not write it")
         if not rows_checked:
-            rows_checked = _check_batch_rows(runner, plan, point, feed, got, where)
+            rows_checked = _check_batch_rows(runner, plan, point, feed, got, where,
+                                             original=None if changes else (lambda: _original_runner(an)))
 
 
-def _check_batch_rows(runner, plan, point, feed, got, where) -> bool:
-    """Row 0 of a batch run equals row 0 run alone (a size frozen at the probe's batch shows here).
-    False when the inputs and outputs have no common batch dim to check."""
+def _check_batch_rows(runner, plan, point, feed, got, where, original=None) -> bool:
+    """Row 0 of a batch run equals row 0 run alone (a size frozen at the probe's batch shows here),
+    unless ``original()``'s rows depend on the batch as well (a dynamically quantized model takes its
+    scale from the whole batch).  False when the inputs and outputs have no common batch dim to check."""
     batch = [s for s in plan.symbols if s in plan.batch and point[s] > 1]
     if not batch or any(plan.dims[(name, 0)] != ("sym", batch[0]) for name in feed):
         return False
     n = point[batch[0]]
     if any(np.ndim(v) == 0 or np.shape(v)[0] != n for v in got.values()):
         return False
+    bad = _row_mismatch(runner, feed, got)
+    if bad is None:
+        return True
+    if original is not None and _row_mismatch(original(), feed, None) is not None:
+        return True  # the original's rows depend on the batch too (dynamic quantization's range): not pruning's doing
+    name, a, b = bad
+    if a.shape != b.shape:
+        raise SpaError(f"pruned model: output '{name}' row 0 has shape {list(b.shape)} alone and "
+                       f"{list(a.shape)} in a batch at {where}; spa would not write it")
+    raise SpaError(f"pruned model: output '{name}' row 0 differs between a batch of {n} and a batch of 1 "
+                   f"({where}); a size is frozen somewhere; spa would not write it: please report this model")
+
+
+def _row_mismatch(runner, feed, got):
+    """(output, batch row 0, row 0 alone) of the first output whose row 0 changes when run alone, or None."""
+    got = runner.run(feed) if got is None else got
     alone = runner.run({k: v[:1] for k, v in feed.items()})
     for name, v in got.items():
         a, b = np.asarray(v[:1], np.float64), np.asarray(alone[name], np.float64)
         if a.shape != b.shape:
-            raise SpaError(f"pruned model: output '{name}' row 0 has shape {list(b.shape)} alone and "
-                           f"{list(a.shape)} in a batch at {where}; spa would not write it")
+            return name, a, b
         scale = max(np.abs(b).max(initial=0.0), 1e-3)
         if np.abs(a - b).max(initial=0.0) > 1e-3 * scale:
-            raise SpaError(f"pruned model: output '{name}' row 0 differs between a batch of {n} and a batch of 1 "
-                           f"({where}); a size is frozen somewhere; spa would not write it: please report this model")
-    return True
+            return name, a, b
+    return None
+
+
+def _original_runner(an):
+    """A runner of the analysed original (the batch-row check asks it only when the pruned model fails)."""
+    return probing.output_runner(an.model, an.probe.consts)
 
 
 def _checker_ok(proto) -> bool:

@@ -124,12 +124,25 @@ class RuleContext:
     def sink(self, axis, kind, input_index):
         self.b.sinks.append((axis, kind, self.node.name, input_index))
 
+    def qsink(self, axis, input_index, zero_point_index=None):
+        """A contraction over a quantized input: cutting a channel there means setting it to its
+        zero point (the real value 0), not to the integer 0."""
+        zp = self.node.input[zero_point_index] if zero_point_index is not None and \
+            len(self.node.input) > zero_point_index else ""
+        self.b.sinks.append((axis, "qcontract", self.node.name, input_index))
+        self.b.zero_points[(self.node.name, input_index)] = zp
+
     def rewrite(self, kind, **info):
         self.b.rewrites.setdefault(self.node.name, []).append((kind, info))
 
     def stat(self, input_index):
         if len(self.node.input) > input_index:
             self.b.stats.add(self.node.input[input_index])
+
+    def dequantized(self, weight, scale, zero_point, axis):
+        """``weight`` (quantized integers) means ``(weight - zero_point) * scale`` along ``axis``
+        (None: per tensor): scorers read that, not the integers."""
+        self.b.dequant[weight] = (scale, zero_point or "", axis)
 
 
 class Builder:
@@ -151,6 +164,8 @@ class Builder:
         self.sinks = []
         self.rewrites = {}
         self.stats = set()
+        self.dequant = {}
+        self.zero_points = {}
         self.other_runs_shapes = getattr(probe, "other_shapes", None) or []
         self.derived = fold_candidates(proto)
         self.reads = shape_reads(proto, self.shapes, self.consts, self.values, self.derived)
@@ -301,6 +316,8 @@ class ChannelModel:
     sinks: list
     stats: set
     consts: dict
+    dequant: dict = field(default_factory=dict)  # quantized weight -> (scale, zero point or '', axis)
+    zero_points: dict = field(default_factory=dict)  # (node, input index) of a qcontract sink -> zero point
 
     def removed_atoms(self, units) -> np.ndarray:
         """Boolean mask over atoms removed when ``units`` go."""
@@ -531,4 +548,5 @@ def _resolve(b: Builder, proto) -> ChannelModel:
         g.id = i
     return ChannelModel(axis_index=b.axis_index, n_atoms=n, pair_atom=pair_atom, pair_unit=pair_unit,
                         n_units=n_units, groups=groups, rewrites=b.rewrites, sinks=b.sinks,
-                        stats=b.stats, consts=b.consts)
+                        stats=b.stats, consts=b.consts, dequant=b.dequant,
+                        zero_points=b.zero_points)

@@ -64,13 +64,20 @@ def rule_dropout(ctx):
 
 
 def rule_conv(ctx):
-    """X[1] = G x Ci with W[1] = Ci;  W[0] = Y[1] = B[0] = G x Co.  Spatial dims are fixed."""
     node = ctx.node
-    x, w = node.input[0], node.input[1]
-    y = node.output[0]
     b = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    conv_ties(ctx, node.input[0], node.input[1], node.output[0], b, 0)
+
+
+def conv_ties(ctx, x, w, y, b, x_index):
+    """X[1] = G x Ci with W[1] = Ci;  W[0] = Y[1] = B[0] = G x Co.  Spatial dims are fixed.  The
+    weight may be computed (a DequantizeLinear or Cast of the stored one): its axes are tied all
+    the same, and surgery slices what it is computed from.  Shared by Conv, ConvTranspose and the
+    quantized convolutions (``x_index``: where X is among the node's inputs, for the contraction
+    sink; None: the caller declares its own)."""
+    node = ctx.node
     rank = ctx.rank(x)
-    if rank is None or not ctx.is_const(w):
+    if rank is None or ctx.rank(w) != rank:
         return ctx.fix_all()
     g = int(attr(node, "group", 1))
     transpose = node.op_type == "ConvTranspose"
@@ -96,33 +103,55 @@ def rule_conv(ctx):
         ctx.rewrite("group", virtual=G)
     if b:
         ctx.tie((b, 0), (y, 1))
-    ctx.sink((x, 1), "contract", 0)
+    if x_index is not None:
+        ctx.sink((x, 1), "contract", x_index)
 
 
 def rule_gemm(ctx):
     node = ctx.node
     a, b = node.input[0], node.input[1]
-    y = node.output[0]
+    c = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    ak, bk = gemm_ties(ctx, a, b, node.output[0], c)
+    ctx.sink(ak, "contract", 0)
+    if not ctx.is_const(b):
+        ctx.sink(bk, "contract", 1)
+
+
+def gemm_ties(ctx, a, b, y, c):
+    """Y = A' B' (+ C) with the node's transA/transB; returns the contracted axes of A and B.
+    Shared with the quantized Gemm."""
+    node = ctx.node
     ta, tb = int(attr(node, "transA", 0)), int(attr(node, "transB", 0))
     am, ak = (1, 0) if ta else (0, 1)
     bk, bn = (1, 0) if tb else (0, 1)
     ctx.tie((a, ak), (b, bk))
     ctx.tie((a, am), (y, 0))
     ctx.tie((b, bn), (y, 1))
-    if len(node.input) > 2 and node.input[2]:
-        broadcast(ctx, [node.input[2]], y)
-    ctx.sink((a, ak), "contract", 0)
-    if not ctx.is_const(b):
-        ctx.sink((b, bk), "contract", 1)
+    if c:
+        broadcast(ctx, [c], y)
+    return (a, ak), (b, bk)
 
 
 def rule_matmul(ctx):
     node = ctx.node
     a, b = node.input[0], node.input[1]
-    y = node.output[0]
+    got = matmul_ties(ctx, a, b, node.output[0])
+    if got is None:
+        return
+    ak, bk = got
+    if ctx.is_const(b) or not ctx.is_const(a):
+        ctx.sink(ak, "contract", 0)
+    else:
+        ctx.sink(bk, "contract", 1)
+
+
+def matmul_ties(ctx, a, b, y):
+    """numpy matmul's axes (batch dims broadcast); returns the contracted axes of A and B, or None
+    when the node was blocked.  Shared with the quantized and integer matrix products."""
     ra, rb, ry = ctx.rank(a), ctx.rank(b), ctx.rank(y)
     if ra is None or rb is None or ra < 2 or rb < 2:
-        return ctx.fix_all()
+        ctx.fix_all()
+        return None
     ctx.tie((a, ra - 1), (b, rb - 2))
     ctx.tie((a, ra - 2), (y, ry - 2))
     ctx.tie((b, rb - 1), (y, ry - 1))
@@ -133,10 +162,8 @@ def rule_matmul(ctx):
                 ctx.tie((name, d), (y, yd))
             elif ctx.size((name, d)) != 1:
                 ctx.fix_all()
-    if ctx.is_const(b) or not ctx.is_const(a):
-        ctx.sink((a, ra - 1), "contract", 0)
-    else:
-        ctx.sink((b, rb - 2), "contract", 1)
+                return None
+    return (a, ra - 1), (b, rb - 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,14 +321,17 @@ def rule_transpose(ctx):
 
 
 def rule_concat(ctx):
-    node = ctx.node
-    y = node.output[0]
+    concat_ties(ctx, list(ctx.node.input), ctx.node.output[0])
+
+
+def concat_ties(ctx, inputs, y):
+    """Each input's positions on the node's axis are a segment of the output's (shared with QLinearConcat)."""
     r = ctx.rank(y)
     if r is None:
         return ctx.fix_all()
-    axis = norm(int(attr(node, "axis")), r)
+    axis = norm(int(attr(ctx.node, "axis")), r)
     offset = 0
-    for x in node.input:
+    for x in inputs:
         if ctx.rank(x) is None:
             return ctx.fix_all()
         n = ctx.size((x, axis))

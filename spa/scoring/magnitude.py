@@ -64,6 +64,8 @@ def weight_slices(cm, fn):
     from ..weights import RELEASE_ABOVE, release_pages
     acc = SliceAccumulator(cm)
     for name, value in cm.consts.items():
+        if name in cm.dequant:   # a quantized weight: its real values
+            value = dequantized(cm, name, value)
         if name in cm.stats or not is_float(value.dtype) or value.ndim == 0:
             continue
         for d in range(value.ndim):
@@ -74,6 +76,19 @@ def weight_slices(cm, fn):
         if value.nbytes > RELEASE_ABOVE:
             release_pages([value])
     return acc
+
+
+def dequantized(cm, name, value) -> np.ndarray:
+    """``(value - zero_point) * scale`` of a quantized weight (``ChannelModel.dequant``), float32."""
+    scale, zp, axis = cm.dequant[name]
+    s = np.asarray(cm.consts[scale], np.float32)
+    z = np.asarray(cm.consts[zp], np.float32) if zp and zp in cm.consts else np.float32(0)
+    if axis is not None and s.ndim == 1:
+        shape = [1] * value.ndim
+        shape[axis] = -1
+        s = s.reshape(shape)
+        z = z.reshape(shape) if np.ndim(z) == 1 else z
+    return (value.astype(np.float32) - z) * s
 
 
 #: bytes of float64 per slab of ``axis_sums``
