@@ -91,3 +91,21 @@ def test_layernorm_group_is_approximate_but_valid():
     assert len(approx) == 1 and approx[0].channels == 16
     res = check_joint(an, approximate=True)
     assert np.isfinite(res["error"])
+
+
+@pytest.mark.parametrize("mode", ["DCR", "CRD"])
+def test_pixel_shuffle_keeps_the_shallow_channels_prunable(mode):
+    """DepthToSpace / SpaceToDepth: the deep channel axis is block offsets x channels (in the mode's
+    order); removing a shallow channel removes its b*b deep ones, exactly."""
+    from graphs import G
+    g = G(seed=3)
+    y = g.conv("x", 8, 32, act=None)
+    y = g.op("DepthToSpace", [y], blocksize=2, mode=mode)
+    y = g.conv(y, 8, 6, act="Relu")
+    y = g.op("SpaceToDepth", [y], blocksize=2)
+    y = g.conv(y, 24, 4, act=None)
+    an = spa.analyze(g.model([("x", [1, 8, 6, 6])], [y]))
+    shallow = sorted(gr.channels for gr in an.groups if gr.prunable)
+    assert shallow == [6, 8]
+    assert max(r["error"] for r in check_groups(an)) < 1e-5
+    assert check_joint(an)["error"] < 1e-5

@@ -221,3 +221,29 @@ def rule_shape(ctx):
     """Shape/Size read sizes only: the channel model fixes the dims whose sizes are read by
     something surgery does not rebuild (``Builder.fix_shape_reads``)."""
     ctx.fix_tensor(ctx.node.output[0])
+
+
+def rule_depth_space(ctx):
+    """DepthToSpace / SpaceToDepth (pixel shuffle): the deep side's channel axis is the product of
+    the block offsets and the shallow side's channels, in the order ``mode`` gives (DCR: offsets
+    first, ``(b1*b + b2)*C + c``; CRD: ``c*b*b + b1*b + b2``; SpaceToDepth writes DCR's order).
+    The offsets are positions (fixed), so the shallow channels stay prunable: removing channel c
+    removes its b*b deep channels."""
+    node = ctx.node
+    x, y = node.input[0], node.output[0]
+    if ctx.rank(x) != 4 or ctx.rank(y) != 4:
+        return ctx.fix_all()
+    b = int(next((a.i for a in node.attribute if a.name == "blocksize"), 0))
+    if b < 1:
+        return ctx.fix_all()
+    to_space = node.op_type == "DepthToSpace"
+    deep, shallow = (x, y) if to_space else (y, x)
+    mode = next((a.s for a in node.attribute if a.name == "mode"), b"DCR")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    rows, cols = ctx.virtual("block_rows", b), ctx.virtual("block_cols", b)
+    ctx.spatial(rows), ctx.spatial(cols)
+    order = [(shallow, 1), rows, cols] if (to_space and mode == "CRD") else [rows, cols, (shallow, 1)]
+    ctx.product((deep, 1), order)
+    ctx.tie((x, 0), (y, 0))
+    for d in (2, 3):
+        ctx.spatial((x, d)), ctx.spatial((y, d))

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..counting import MACS
 from .common import attr, broadcast, identity_dims, norm
-from .layout import rule_expand, rule_reshape, rule_shape, rule_squeeze
+from .layout import rule_depth_space, rule_expand, rule_reshape, rule_shape, rule_squeeze
 
 # ---------------------------------------------------------------------------------------------
 # elementwise
@@ -468,6 +468,7 @@ RULES.update({
     "Slice": rule_slice, "Gather": rule_gather,
     "Reshape": rule_reshape, "Flatten": rule_squeeze, "Squeeze": rule_squeeze, "Unsqueeze": rule_squeeze,
     "Expand": rule_expand, "Shape": rule_shape, "Size": rule_shape,
+    "DepthToSpace": rule_depth_space, "SpaceToDepth": rule_depth_space,
 })
 
 
