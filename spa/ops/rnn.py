@@ -1,4 +1,5 @@
-"""Recurrent operators (LSTM, GRU, RNN of the default domain): the hidden size of a node is one group.
+"""Recurrent operators (LSTM, GRU, RNN of the default domain, and onnxruntime's DynamicQuantizeLSTM):
+the hidden size of a node is one group.
 
 The three share one form.  With G gates (LSTM 4: iofc, GRU 3: zrh, RNN 1), D directions
 (``bidirectional``: 2) and H hidden units:
@@ -184,6 +185,66 @@ def rw_state(node, info, kept, new_size, probe, new):
     node.inputs[info["input"]] = out
 
 
-RULES: dict = {op: rule_recurrent for op in GATES}
-MACS: dict = {op: (macs_recurrent, mac_axes_recurrent) for op in GATES}
+def rule_dynamic_quantize_lstm(ctx):
+    """com.microsoft DynamicQuantizeLSTM (``quantize_dynamic``'s LSTM): int8 ``W [D, I, 4*H]`` and
+    ``R [D, H, 4*H]`` (transposed with respect to LSTM's), per-direction or per-row scales and zero
+    points, layout 0.  The hidden units are one group as for LSTM; X and the hidden state are
+    quantized inside the op with ranges taken at run time, so cutting their channels is approximate
+    (the ranges can change): both contractions are ``approx`` sinks."""
+    node = ctx.node
+    x, w, r = node.input[0], node.input[1], node.input[2]
+    b, p = _name(node.input, 3), _name(node.input, 7)
+    states = {i: _name(node.input, i) for i in (5, 6) if _name(node.input, i)}
+    y, outs = _name(node.output, 0), [o for o in (_name(node.output, 1), _name(node.output, 2)) if o]
+    ranks = [(x, 3), (w, 3), (r, 3)] + [(s, 3) for s in list(states.values()) + outs] + ([(y, 4)] if y else [])
+    if not node.name or int(attr(node, "layout", 0)) != 0 or any(ctx.rank(n) != k for n, k in ranks) \
+            or not (ctx.is_const(w) and ctx.is_const(r)):
+        return ctx.fix_all()
+    d, h = ctx.size((w, 0)), ctx.size((r, 1))
+    if ctx.size((w, 2)) != 4 * h or ctx.size((r, 2)) != 4 * h or ctx.size((w, 1)) != ctx.size((x, 2)):
+        return ctx.fix_all()
+    seq_batch_dir(ctx, x, (0, 1), [(y, (0, 2, 1))] if y else [],
+                  [(s, (1, 0)) for s in list(states.values()) + outs], [n for n in (w, r, b, p) if n])
+    hidden = ctx.virtual("hidden", h)
+    gates = _positions(ctx, "gates", 4)
+    ctx.tie((w, 2), (r, 2))
+    ctx.product((w, 2), [gates, hidden])
+    if b:
+        ctx.product((b, 1), [_positions(ctx, "bias_halves", 2), gates, hidden])
+    if p:
+        ctx.product((p, 1), [_positions(ctx, "peephole_gates", 3), hidden])
+    for axis in [(r, 1)] + [(o, 2) for o in outs] + ([(y, 3)] if y else []):
+        ctx.tie(axis, hidden)
+    for i, st in states.items():
+        if ctx.is_const(st):
+            ctx.tie((st, 2), hidden)
+        else:
+            ctx.fix((st, 2))
+            ctx.rewrite("rnn_state", input=i, axis=hidden)
+    for i, target in ((8, w), (9, w), (10, r), (11, r)):   # scales and zero points
+        q = _name(node.input, i)
+        if not q:
+            continue
+        ctx.stat(i)
+        ctx.tie((q, 0), (target, 0))
+        if ctx.rank(q) == 2:
+            ctx.tie((q, 1), (target, 2))
+    ctx.tie((x, 2), (w, 1))
+    ctx.sink((x, 2), "approx", 0)
+    ctx.sink((r, 1), "approx", 2)
+    ctx.rewrite("attr", attr="hidden_size", axis=hidden)
+
+
+def macs_dynamic_quantize_lstm(node, shapes) -> int:
+    x, w, r = shapes[node.input[0]], shapes[node.input[1]], shapes[node.input[2]]
+    return int(w[0]) * int(x[0]) * int(x[1]) * int(w[2]) * (int(w[1]) + int(r[1]))
+
+
+def mac_axes_dynamic_quantize_lstm(node, shapes):
+    return [(node.input[0], 2), (node.input[2], 1)]
+
+
+RULES: dict = {**{op: rule_recurrent for op in GATES}, "com.microsoft:DynamicQuantizeLSTM": rule_dynamic_quantize_lstm}
+MACS: dict = {**{op: (macs_recurrent, mac_axes_recurrent) for op in GATES},
+              "com.microsoft:DynamicQuantizeLSTM": (macs_dynamic_quantize_lstm, mac_axes_dynamic_quantize_lstm)}
 REWRITES: dict = {"rnn_state": rw_state}

@@ -442,6 +442,94 @@ def rule_gather(ctx):
     ctx.rewrite("gather", axis=axis)
 
 
+def rule_gather_nd(ctx):
+    """GatherND(data, indices[..., q]) with ``batch_dims`` b: the output is indices.shape[:-1] +
+    data.shape[b+q:].  Batch dims are tied through; the indexed dims of data are positions read by
+    run-time indices (fixed: a mixture of experts' expert axis); the dims after them flow to the
+    output (an expert's weights: their channels stay prunable); the indices' leading dims are the
+    output's (tokens)."""
+    node = ctx.node
+    data, idx, y = node.input[0], node.input[1], node.output[0]
+    r, ir, ry = ctx.rank(data), ctx.rank(idx), ctx.rank(y)
+    q = ctx.size((idx, ir - 1)) if ir else None
+    b = int(attr(node, "batch_dims", 0))
+    if r is None or ir is None or ry is None or q is None or ry != ir - 1 + r - b - q:
+        return ctx.fix_all()
+    for d in range(b):
+        ctx.tie((data, d), (y, d)), ctx.tie((idx, d), (y, d))
+    for d in range(b, b + q):
+        ctx.fix((data, d))
+    for d in range(b, ir - 1):
+        ctx.tie((idx, d), (y, d))
+    ctx.fix((idx, ir - 1))
+    for d in range(b + q, r):
+        ctx.tie((data, d), (y, ir - 1 + d - b - q))
+
+
+def rule_scatter_nd(ctx):
+    """ScatterND(data, indices[..., q], updates): the output is data with the indexed slices
+    replaced; updates' trailing dims are data's dims after the q indexed ones (tied), the indexed
+    dims are positions (fixed)."""
+    node = ctx.node
+    data, idx, upd, y = node.input[0], node.input[1], node.input[2], node.output[0]
+    r, ir, ru = ctx.rank(data), ctx.rank(idx), ctx.rank(upd)
+    q = ctx.size((idx, ir - 1)) if ir else None
+    if r is None or ir is None or ru is None or q is None or ru != ir - 1 + r - q:
+        return ctx.fix_all()
+    identity_dims(ctx, data, y)
+    for d in range(q):
+        ctx.fix((data, d))
+    for d in range(ir - 1):
+        ctx.tie((idx, d), (upd, d))
+    ctx.fix((idx, ir - 1))
+    for d in range(q, r):
+        ctx.tie((data, d), (upd, ir - 1 + d - q))
+
+
+def rule_gather_elements(ctx):
+    """GatherElements / ScatterElements along ``axis``: every other dim indexes data directly
+    (tied where the sizes agree); the axis is positions chosen at run time (fixed)."""
+    node = ctx.node
+    data, idx = node.input[0], node.input[1]
+    y = node.output[0]
+    r = ctx.rank(data)
+    if r is None or ctx.rank(idx) != r or ctx.rank(y) is None:
+        return ctx.fix_all()
+    axis = norm(int(attr(node, "axis", 0)), r)
+    others = [idx, y] + ([node.input[2]] if node.op_type == "ScatterElements" else [])
+    for d in range(r):
+        if d == axis:
+            ctx.fix((data, d))
+            for t in others:
+                ctx.fix((t, d))
+            continue
+        for t in others:
+            if ctx.size((t, d)) == ctx.size((data, d)):
+                ctx.tie((t, d), (data, d))
+            else:
+                ctx.fix((t, d)), ctx.fix((data, d))
+    if node.op_type == "ScatterElements":
+        identity_dims(ctx, data, y)
+
+
+def rule_topk(ctx):
+    """TopK(X, K) along ``axis``: values and indices keep X's other dims; the axis is ranked (fixed)."""
+    node = ctx.node
+    x = node.input[0]
+    r = ctx.rank(x)
+    if r is None:
+        return ctx.fix_all()
+    axis = norm(int(attr(node, "axis", -1)), r)
+    for y in node.output:
+        if not y:
+            continue
+        for d in range(r):
+            if d == axis:
+                ctx.fix((x, d)), ctx.fix((y, d))
+            else:
+                ctx.tie((x, d), (y, d))
+
+
 def rule_passthrough_fixed(ctx):
     ctx.fix_all()
 
@@ -465,7 +553,8 @@ RULES.update({
     "Softmax": rule_softmax, "LogSoftmax": rule_softmax,
     "Resize": rule_resize, "Upsample": rule_resize, "Pad": rule_pad,
     "Transpose": rule_transpose, "Concat": rule_concat, "Split": rule_split,
-    "Slice": rule_slice, "Gather": rule_gather,
+    "Slice": rule_slice, "Gather": rule_gather, "GatherND": rule_gather_nd, "ScatterND": rule_scatter_nd,
+    "GatherElements": rule_gather_elements, "ScatterElements": rule_gather_elements, "TopK": rule_topk,
     "Reshape": rule_reshape, "Flatten": rule_squeeze, "Squeeze": rule_squeeze, "Unsqueeze": rule_squeeze,
     "Expand": rule_expand, "Shape": rule_shape, "Size": rule_shape,
     "DepthToSpace": rule_depth_space, "SpaceToDepth": rule_depth_space,
