@@ -182,6 +182,8 @@ class PruneOptions:
     input_shapes: dict | None = None
     blas_threads: int = 1          # numpy BLAS threads while pruning (0: BLAS's own default)
     prune_io: str | None = None    # regex: graph inputs/outputs that may lose channels (off: None)
+    grads: object = None           # gradient criteria: per-initializer gradients (.npz/.safetensors path or dict)
+    map_path: object = None        # where to write the map back to the framework (spa.mapping), or None
 
     def checked(self):
         """The criterion's Scorer and the parsed target; one-line errors for bad values."""
@@ -189,6 +191,9 @@ class PruneOptions:
         scorer = CRITERIA.get(self.criterion)
         if scorer is None:
             raise SpaError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if scorer.needs_grads and self.grads is None:
+            raise SpaError(f"criterion {self.criterion!r} needs gradients: pass --grads FILE.npz|.safetensors "
+                           "(tools/grads_from_torch.py shows how to make one)")
         if scorer.needs_calib and self.calib is None:
             raise SpaError(f"criterion {self.criterion!r} needs calibration data: pass --calib FILE.npz or --calib random")
         if self.steps < 1:
@@ -262,6 +267,7 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
                        f"{opts.prune_io!r}: analyse with the same prune_io")
     first = analysis or analyze(model, input_shapes=opts.input_shapes, progress=progress, prune_io=opts.prune_io)
     history, current, current_weights, after = [], first.model, first.weights, first.probe
+    kept_map, compensated = None, set()
     for k in range(1, opts.steps + 1):
         tag = f"step {k}/{opts.steps}: " if opts.steps > 1 else ""
         if k > 1:
@@ -276,6 +282,11 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
         progress(f"{tag}removing {len(units)} channels from {len(step.removal)} groups")
         if len(units):
             current, current_weights = surgery.cut(source, channels, step.analysis.probe, units)
+            if opts.map_path is not None:
+                from . import mapping
+                step_kept = mapping.step_map(step.analysis, units)
+                kept_map = step_kept if kept_map is None else mapping.compose(kept_map, step_kept)
+                compensated |= {n for n, v in channels.consts.items() if v is not step.analysis.channels.consts.get(n)}
             weight_store.release_pages(channels.consts.values())
             progress("validating the pruned model in onnxruntime")
             after = validate(current, first, opts.input_shapes, weights=current_weights)
@@ -283,6 +294,13 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
     report = _report(first, history, current, after, opts, target)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     result = PruneResult(current, report, current_weights)
+    if opts.map_path is not None:
+        import json
+        from . import mapping
+        doc = mapping.document(kept_map or {}, first, current, current_weights, compensated)
+        io.write_text(opts.map_path, json.dumps(doc, indent=1),
+                      inputs=[model] if isinstance(model, (str, os.PathLike)) else [], what="--map")
+        report["map"] = str(opts.map_path)
     if output is not None:
         result.save(output, inputs=[model] if isinstance(model, (str, os.PathLike)) else [])
         report["output"] = str(output)
@@ -301,7 +319,8 @@ def _score(step: Step, scorer, opts: PruneOptions, k: int, tag: str, ranked: boo
     progress(f"{tag}scoring {sum(g.channels for g in an.groups if g.prunable)} channels in "
              f"{sum(g.prunable for g in an.groups)} prunable groups ({opts.criterion}, {opts.reduction})")
     step.scores = score(an, opts.criterion, stats=step.stats, reduction=opts.reduction,
-                        normalisation=opts.normalisation, seed=opts.seed + k - 1)
+                        normalisation=opts.normalisation, seed=opts.seed + k - 1,
+                        grads=opts.grads if scorer.needs_grads else None)
     if scorer.compensation is not None:
         step.compensation = scorer.compensation(an, step.scores, opts, ranked, progress)
 

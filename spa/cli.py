@@ -163,6 +163,12 @@ def _criteria():
 @click.option("--prune-io", default=None, metavar="REGEX",
               help="graph inputs/outputs whose names match may lose channels along their static dims (e.g. "
                    "'past_key_values|present': KV heads and head dims, a smaller cache); the report lists each change")
+@click.option("--grads", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+              help="taylor, snip and fisher: per-initializer gradients (.npz or .safetensors keyed by ONNX "
+                   "initializer name; tools/grads_from_torch.py)")
+@click.option("--map", "map_path", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+              help="write the map back to the framework (kept indices of every sliced initializer) for "
+                   "`spa apply-map`")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="write the JSON report here")
 @click.option("--json", "as_json", is_flag=True, help="print the JSON report on stdout instead of the summary")
 @click.option("--input-shapes", multiple=True, help=SHAPES_HELP)
@@ -183,8 +189,8 @@ def _criteria():
 @click.option("--bench-iters", type=click.IntRange(min=1), default=20, show_default=True,
               help="timed runs per model for --bench")
 def prune(model, output, ratio, target, criterion, reduction, normalisation, calib, calib_batches, calib_batch_size,
-          hessian, blas_threads, seed, global_rank, max_ratio, overrides, steps, round_to, exclude, prune_io, report,
-          as_json, input_shapes, force,
+          hessian, blas_threads, seed, global_rank, max_ratio, overrides, steps, round_to, exclude, prune_io, grads,
+          map_path, report, as_json, input_shapes, force,
           do_check, atol, rtol, do_bench, bench_provider, bench_warmup, bench_iters):
     """Remove channels from MODEL and write the smaller model to OUTPUT.
 
@@ -204,12 +210,16 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                            "write the pruned model elsewhere")
     # every file of the run that spa reads is protected from every file it writes (checked now, before
     # the work, and again at each write)
-    protect = _run_inputs(src, [output, report], calib, overrides)
+    protect = _run_inputs(src, [output, report, map_path], calib, overrides, grads)
     check_target(output, [p for p in protect if not (force and p == src)])
     if report:
         if Path(report).resolve() == Path(output).resolve():
             raise SpaError(f"--report {report}: is the output model's path; choose another file for the report")
         check_target(report, protect + [output], what="--report")
+    if map_path:
+        if Path(map_path).resolve() in (Path(output).resolve(), Path(report).resolve() if report else None):
+            raise SpaError(f"--map {map_path}: is the output model's or the report's path; choose another file")
+        check_target(map_path, protect + [output], what="--map")
     if prune_io and (do_check or do_bench):
         raise SpaError("--check and --bench feed both models the same inputs, but with --prune-io the pruned model's "
                        "inputs may be smaller (the report's 'interface' lists them); check it with your own loop")
@@ -219,7 +229,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                            global_rank=global_rank, round_to=round_to, exclude=exclude, max_ratio=max_ratio,
                            target=target, overrides=overrides, steps=steps, calib=calib, calib_batches=calib_batches,
                            calib_batch_size=calib_batch_size, seed=seed, hessian=hessian, input_shapes=shapes,
-                           blas_threads=blas_threads, prune_io=prune_io)
+                           blas_threads=blas_threads, prune_io=prune_io, grads=grads, map_path=map_path)
     options.checked()  # every option before the load and probe
     an = analyze(src, input_shapes=shapes, progress=_progress, prune_io=prune_io)
     result = do_prune(src, options=options, progress=_progress, analysis=an)
@@ -392,6 +402,29 @@ def _register_optional():
         cli.add_command(bench_command)
     except ImportError:
         pass
+
+
+@cli.command("apply-map")
+@click.argument("map_file", metavar="MAP", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="where to write the sliced checkpoint (same format as CHECKPOINT)")
+@click.option("--names", default=None, type=click.Path(dir_okay=False),
+              help="JSON {ONNX initializer name: checkpoint name} where the names differ")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def apply_map(map_file, checkpoint, output, names, as_json):
+    """Slice a framework CHECKPOINT (.safetensors, .npz, or a PyTorch state_dict .pt/.pth) with the MAP
+    that `spa prune --map` wrote, so that the model rebuilt with the new widths loads it (for
+    fine-tuning in the framework)."""
+    from . import mapping
+    summary = mapping.apply_map(map_file, checkpoint, output, names=names,
+                                inputs=[p for p in (map_file, checkpoint, names) if p], progress=_progress)
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+        return
+    for line in summary.get("lines", []):
+        click.echo(line)
+    click.echo(f"wrote {output}")
 
 
 _register_optional()

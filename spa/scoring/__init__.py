@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from .activation import act_mean_scores, flap_scores, wanda_scores
+from .gradient import fisher_scores, snip_scores, taylor_scores
 from .obspa import Compensation as obspa_compensation
 from .magnitude import NORMALISATIONS, REDUCTIONS, magnitude_scores, normalise  # noqa: F401
 from .structure import (bn_scale_scores, fpgm_scores, l1_scores, l2_scores, lamp_scores,  # noqa: F401
@@ -28,6 +29,7 @@ class Scorer:
     normalisation: str = "mean"     # the default; lamp is already layer-adaptive
     doc: str = ""
     compensation: Callable | None = None   # see the module docstring
+    needs_grads: bool = False              # reads --grads (per-initializer gradients): fn(..., grads=)
 
 
 CRITERIA = {s.name: s for s in (
@@ -44,6 +46,12 @@ CRITERIA = {s.name: s for s in (
     # replaces them with OBS removal costs and compensates the kept weights (spa.scoring.obspa)
     Scorer("obspa", l2_scores, compensation=obspa_compensation,
            doc="Optimal Brain Surgeon removal cost + weight compensation (no data needed)"),
+    Scorer("taylor", taylor_scores, needs_grads=True,
+           doc="|sum of w x dL/dw| over the channel's weights (first-order Taylor, LLM-Pruner); needs --grads"),
+    Scorer("snip", snip_scores, needs_grads=True,
+           doc="sum |w x dL/dw| over the channel's weights (SNIP, at initialisation); needs --grads"),
+    Scorer("fisher", fisher_scores, needs_grads=True,
+           doc="sum of squared gradients (empirical Fisher) over the channel's weights; needs --grads"),
 )}
 
 
@@ -58,7 +66,7 @@ class Scores:
 
 
 def score(an, criterion: str = "l2", *, stats=None, reduction: str = "sum", normalisation: str | None = None,
-          seed: int = 0) -> Scores:
+          seed: int = 0, grads=None) -> Scores:
     """Raw and normalised per-unit scores of ``criterion`` on analysis ``an``."""
     from ..errors import SpaError
     scorer = CRITERIA.get(criterion)
@@ -69,7 +77,7 @@ def score(an, criterion: str = "l2", *, stats=None, reduction: str = "sum", norm
     how = normalisation or scorer.normalisation
     if how not in NORMALISATIONS:
         raise SpaError(f"unknown normalisation {how!r}; choose one of {', '.join(NORMALISATIONS)}")
-    got = scorer.fn(an, stats, reduction, seed=seed)
+    got = scorer.fn(an, stats, reduction, seed=seed, **({"grads": grads} if scorer.needs_grads else {}))
     raw, notes = got if isinstance(got, tuple) else (got, {})
     raw = np.nan_to_num(np.asarray(raw, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     return Scores(raw, normalise(raw, an.groups, how), criterion, reduction, how, dict(notes))
