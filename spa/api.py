@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import io, probing, surgery
+from . import fidelity, io, probing, surgery
 from . import weights as weight_store
 from .counting import count_macs, count_params, mac_axes, node_macs
 from .errors import SpaError
@@ -292,6 +292,11 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
             after = validate(current, first, opts.input_shapes, weights=current_weights)
         history.append(step)
     report = _report(first, history, current, after, opts, target)
+    if report.get("interface"):
+        report["fidelity"] = {"skipped": "the inputs changed (--prune-io): compare with your own loop"}
+    else:
+        progress("measuring the pruned model's fidelity to the original")
+        report["fidelity"] = fidelity.guard(first, current, current_weights)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     result = PruneResult(current, report, current_weights)
     if opts.map_path is not None:

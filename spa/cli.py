@@ -31,6 +31,19 @@ def _peak_gb() -> float:
     return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
 
 
+def _fidelity_warning(rep) -> None:
+    """One line on stderr when the pruned model strays far from the original on the probe's inputs."""
+    from .fidelity import WARN_BELOW
+    fid = rep.get("fidelity", {})
+    low = fid.get("min")
+    if low is None or low >= WARN_BELOW:
+        return
+    worst = min(fid["cosine"], key=fid["cosine"].get)
+    click.echo(f"spa: warning: the pruned model's output '{worst}' has cosine {low:.3f} to the original's on "
+               f"random inputs (below {WARN_BELOW}); it may be useless without fine-tuning: try a smaller --ratio, "
+               "--target fidelity=0.99, or --criterion obspa", err=True)
+
+
 def _human(n: float) -> str:
     for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= div:
@@ -274,6 +287,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
     for c in rep.get("interface", []):
         click.echo(f"interface: {c['kind']} {c['tensor']} axis {c['axis']}: {c['before']} -> {c['after']}")
     click.echo(f"wrote {output}")
+    _fidelity_warning(rep)
     if do_check:
         click.echo(_format_check(rep["check"]))
     if do_bench:

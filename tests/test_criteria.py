@@ -47,11 +47,13 @@ def activation_zero_model(zero=1):
 
 
 def test_registry_names_and_signature():
-    assert set(CRITERIA) == {"l1", "l2", "random", "bn_scale", "fpgm", "lamp", "act_mean", "wanda", "flap", "obspa"}
+    assert set(CRITERIA) == {"l1", "l2", "random", "bn_scale", "fpgm", "lamp", "act_mean", "wanda", "flap", "obspa",
+                             "taylor", "snip", "fisher"}
     an = spa.analyze(residual_chain())
+    grads = {k: np.ones(v.shape, np.float32) for k, v in an.weights.items() if v.dtype == np.float32}
     for name, scorer in CRITERIA.items():
         stats = calib.gather(an, "random", n_batches=2) if scorer.needs_calib else None
-        got = scorer.fn(an, stats, "sum")
+        got = scorer.fn(an, stats, "sum", **({"grads": grads} if scorer.needs_grads else {}))
         raw = got[0] if isinstance(got, tuple) else got
         assert raw.shape == (an.channels.n_units,), name
 
