@@ -1,0 +1,92 @@
+"""Models as they reach deployment (tools/export_deploy.py): mixture of experts, channel x spatial
+reshapes, recurrent OCR, dynamically quantized LSTMs; and every operator of every such model has a
+rule (``spa inspect --all`` names none without one)."""
+import collections
+
+import numpy as np
+import onnx
+import pytest
+
+import spa
+from spa.oracle import check_groups, check_joint
+
+EXACT = 1e-5
+_paths = {}
+
+
+def export(name):
+    if name not in _paths:
+        pytest.importorskip("torch")
+        from export_deploy import export as export_model
+        _paths[name] = str(export_model(name))
+    return _paths[name]
+
+
+def ops(path):
+    return collections.Counter(n.op_type for n in onnx.load(path, load_external_data=False).graph.node)
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_mixture_of_experts_prunes_expert_widths_heads_and_head_dims_exactly():
+    """Mixtral (dynamo): the experts' stacked weights are gathered per token (GatherND) after a TopK
+    router; the expert axis is positions chosen at run time, the experts' intermediate width (all
+    experts at once: one stacked tensor) and the attention groups are prunable and exact."""
+    path = export("mixtral_moe")
+    assert ops(path)["GatherND"] >= 4 and ops(path)["TopK"] >= 2
+    an = spa.analyze(path)
+    experts = [g for g in an.groups if g.prunable and g.channels == 96]
+    assert len(experts) == 2, [(g.channels, g.reason) for g in an.groups]
+    exact = [g for g in an.groups if g.prunable and not g.approximate]
+    assert len(exact) >= 8
+    assert max(r["error"] for r in check_groups(an, groups=exact)) < EXACT
+    res = spa.prune(path, 0.3, analysis=an)
+    assert res.report["after"]["macs"] < 0.6 * res.report["before"]["macs"]
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+@pytest.mark.parametrize("name", ["mobilevit_block", "pixel_shuffle", "crnn_lstm"])
+def test_channel_by_spatial_reshapes_and_recurrent_ocr_prune_exactly(name):
+    path = export(name)
+    an = spa.analyze(path)
+    assert sum(g.prunable for g in an.groups) >= 2
+    assert check_joint(an, seed=1)["error"] < EXACT
+    res = spa.prune(path, 0.3, analysis=an)
+    assert res.report["after"]["macs"] < res.report["before"]["macs"]
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_dynamically_quantized_lstm_prunes_its_hidden_size_approximately():
+    """DynamicQuantizeLSTM quantizes X and h with run-time ranges: the hidden groups are prunable but
+    approximate; the pruned model runs and counts its LSTM MACs."""
+    path = export("lstm_qdyn")
+    assert ops(path)["DynamicQuantizeLSTM"] == 2
+    an = spa.analyze(path)
+    hidden = [g for g in an.groups if g.prunable and g.channels == 40]
+    assert len(hidden) == 2 and all(g.approximate for g in hidden)
+    res = spa.prune(path, 0.3, analysis=an)
+    assert res.report["after"]["macs"] < 0.6 * res.report["before"]["macs"]
+    hs = [a.i for n in res.model.graph.node if n.op_type == "DynamicQuantizeLSTM" for a in n.attribute
+          if a.name == "hidden_size"]
+    assert hs == [28, 28]
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_every_operator_of_the_deployment_models_has_a_rule():
+    """`spa inspect --all` on every model of tools/export_deploy.py names no operator without a rule."""
+    from export_deploy import NAMES
+    missing = {}
+    for name in NAMES:
+        try:
+            path = export(name)
+        except Exception as exc:  # an optional recipe this onnxruntime cannot build
+            pytest.skip(f"{name}: {exc}")
+        an = spa.analyze(path)
+        unknown = sorted({g.reason.split("no rule for operator ")[1].split(" ")[0]
+                          for g in an.groups if "no rule for operator" in g.reason})
+        if unknown:
+            missing[name] = unknown
+    assert not missing, missing
