@@ -184,6 +184,7 @@ class PruneOptions:
     prune_io: str | None = None    # regex: graph inputs/outputs that may lose channels (off: None)
     grads: object = None           # gradient criteria: per-initializer gradients (.npz/.safetensors path or dict)
     map_path: object = None        # where to write the map back to the framework (spa.mapping), or None
+    allocate: str = "global"       # a MACs target: one global score threshold, or "sensitivity" (measured drift)
 
     def checked(self):
         """The criterion's Scorer and the parsed target; one-line errors for bad values."""
@@ -199,6 +200,13 @@ class PruneOptions:
         if self.steps < 1:
             raise SpaError(f"--steps must be >= 1, got {self.steps}")
         target = parse_target(self.target)
+        if self.allocate not in ("global", "sensitivity"):
+            raise SpaError(f"--allocate must be global or sensitivity, got {self.allocate!r}")
+        if self.allocate == "sensitivity" and (target is None or target[0] != "macs"):
+            raise SpaError("--allocate sensitivity spreads a MACs target by measured drift: use it with --target macs=F "
+                           "(--target fidelity=C always allocates by sensitivity)")
+        if target is not None and target[0] == "fidelity" and self.steps != 1:
+            raise SpaError("--target fidelity=C measures one pruned model: use it with --steps 1")
         if target is None and not 0.0 <= self.ratio < 1.0:
             raise SpaError(f"--ratio must be in [0, 1), got {self.ratio}")
         if not 0.0 < self.max_ratio <= 1.0:
@@ -275,7 +283,7 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
         step = Step(first if k == 1 else analyze(current, input_shapes=opts.input_shapes, progress=progress,
                                                   weights=current_weights, prune_io=opts.prune_io))
         _score(step, scorer, opts, k, tag, opts.global_rank or target is not None, progress)
-        _plan(step, first, opts, target, k)
+        _plan(step, first, opts, target, k, progress)
         source, channels = step.compensation.apply(step.removal, progress) if step.compensation \
             else (step.analysis.model, step.analysis.channels)
         units = np.concatenate(list(step.removal.values())) if step.removal else np.zeros(0, np.int64)
@@ -296,14 +304,14 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
         report["fidelity"] = {"skipped": "the inputs changed (--prune-io): compare with your own loop"}
     else:
         progress("measuring the pruned model's fidelity to the original")
-        report["fidelity"] = fidelity.guard(first, current, current_weights)
+        report["fidelity"] = fidelity.guard(first, current, current_weights, opts)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     result = PruneResult(current, report, current_weights)
     if opts.map_path is not None:
         import json
         from . import mapping
         doc = mapping.document(kept_map or {}, first, current, current_weights, compensated)
-        io.write_text(opts.map_path, json.dumps(doc, indent=1),
+        io.write_text(opts.map_path, json.dumps(doc, separators=(",", ":")),
                       inputs=[model] if isinstance(model, (str, os.PathLike)) else [], what="--map")
         report["map"] = str(opts.map_path)
     if output is not None:
@@ -330,21 +338,36 @@ def _score(step: Step, scorer, opts: PruneOptions, k: int, tag: str, ranked: boo
         step.compensation = scorer.compensation(an, step.scores, opts, ranked, progress)
 
 
-def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int) -> None:
+def _cut(step: Step, removal: dict):
+    """The pruned model and its weights for ``removal`` (the criterion's compensation, then surgery):
+    what the fidelity search measures."""
+    source, channels = step.compensation.apply(removal) if step.compensation \
+        else (step.analysis.model, step.analysis.channels)
+    units = np.concatenate(list(removal.values())) if removal else np.zeros(0, np.int64)
+    return surgery.cut(source, channels, step.analysis.probe, units)
+
+
+def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progress=_quiet) -> None:
     """Which units go: a ratio per group (or global), or the threshold that reaches a target; with
     several steps each reaches its share."""
     from .plan import CostModel, plan_target, resolve_overrides
     an, n = step.analysis, opts.steps
     step.overrides = resolve_overrides(an.groups, opts.overrides)
     common = dict(round_to=opts.round_to, exclude=opts.exclude, max_ratio=opts.max_ratio)
-    if target is not None:
+    if target is not None and target[0] == "fidelity":
+        step.removal, step.plan = fidelity.search(an, step.scores.normalised, target[1], opts,
+                                                  lambda removal: _cut(step, removal), progress)
+    elif target is not None:
         kind, factor = target
         base0 = first.macs if kind == "macs" else first.params
         now = an.macs if kind == "macs" else an.params
         goal = base0 / factor ** (k / n)
         rel = max(now / goal, 1.0) if goal > 0 else 1.0
-        step.removal, step.plan = plan_target(an.groups, step.scores.normalised, CostModel(an), (kind, rel),
-                                              overrides=step.overrides, **common)
+        if opts.allocate == "sensitivity":
+            step.removal, step.plan = fidelity.allocate_macs(an, step.scores.normalised, int(goal), opts, progress)
+        else:
+            step.removal, step.plan = plan_target(an.groups, step.scores.normalised, CostModel(an), (kind, rel),
+                                                  overrides=step.overrides, **common)
     else:
         r = 1.0 - (1.0 - opts.ratio) ** (1.0 / n)
         stepped = {g: 1.0 - (1.0 - v) ** (1.0 / n) for g, v in step.overrides.items()}
@@ -373,7 +396,8 @@ def _report(first: Analysis, history: list, pruned, after, opts: PruneOptions, t
         report["interface"] = interface_changes(first.model, pruned)
     if target:
         report["target"] = f"{target[0]}={target[1]:g}"
-        reached = first.macs / max(report["after"]["macs"], 1) if target[0] == "macs" \
+        reached = last.plan.get("measured", 1.0) if target[0] == "fidelity" else \
+            first.macs / max(report["after"]["macs"], 1) if target[0] == "macs" \
             else first.params / max(report["after"]["params"], 1)
         report["target_reached"] = round(reached, 4)
         report["target_reachable"] = all(s.plan.get("reachable", True) for s in history)
