@@ -4,9 +4,12 @@ Three parts (``--models``, default all):
 
 ``digits``
     A small CNN is trained on CPU (about a minute) on scikit-learn's digits, upsampled to 16x16,
-    exported to ONNX, then pruned with ``spa.prune(target="macs=F")`` for each criterion and factor
-    and evaluated with onnxruntime on the held-out digits.  Calibrated criteria use 128 training
-    images (``--calib`` as a .npz).
+    exported to ONNX, then pruned with ``spa.prune(ratio=r)`` (the same fraction of every group:
+    equal MACs for every criterion) and ``spa.prune(target="macs=F")`` for each criterion and
+    evaluated with onnxruntime on the held-out digits.  Calibrated criteria use 128 training
+    images (``--calib`` as a .npz); gradient criteria (taylor, snip, fisher) use gradients of the
+    cross-entropy over ``--grad-batches`` batches of 64 training images, made in eval mode by
+    ``tools/grads_from_torch.py`` (fisher: the mean of per-batch squared gradients).
 ``ppocr_cls``
     The PP-OCR text-direction classifier shipped in rapidocr-onnxruntime (``spa.zoo``), evaluated
     on text lines rendered with PIL (random pseudo-words, the DejaVu fonts found on the machine and
@@ -52,8 +55,10 @@ sys.path.insert(0, str(ROOT))
 
 PARTS = ("digits", "ppocr_cls", "ppocr_det")
 # the criteria of issue 3; others registered in spa.scoring.CRITERIA can be named with --criteria
-DEFAULT_CRITERIA = ("l1", "l2", "random", "bn_scale", "fpgm", "lamp", "act_mean", "wanda", "flap")
+DEFAULT_CRITERIA = ("l1", "l2", "random", "bn_scale", "fpgm", "lamp", "act_mean", "wanda", "flap",
+                    "taylor", "snip", "fisher")   # the gradient criteria: digits only (PP-OCR has no PyTorch model)
 FACTORS = (1.25, 1.5, 2.0, 3.0)
+DIGITS_RATIOS = (0.1, 0.2, 0.3)
 PPOCR_SWEEPS = {"ppocr_cls": {"ratios": (0.025, 0.05, 0.1, 0.2), "factors": (1.05, 1.1, 1.25, 1.5)},
                 "ppocr_det": {"ratios": (0.05, 0.1, 0.2), "factors": (1.1, 1.25, 1.5)}}
 # (ratio=0.3 and macs=2 leave a blank detector map for every criterion: not worth 3 minutes a run)
@@ -124,6 +129,25 @@ def accuracy(model, x, y):
     return float((logits.argmax(1) == y).mean())
 
 
+def digit_gradients(net, path, xtr, ytr, n_batches, tmp, batch=64):
+    """Gradient files of the exported digits CNN (``tools/grads_from_torch.py``) from the first
+    ``n_batches`` batches of training images: mean gradients (taylor, snip) and mean per-batch
+    squared gradients (fisher).  Returns ``({criterion kind: path}, match summary)``."""
+    import torch
+    import torch.nn.functional as F
+    sys.path.insert(0, str(ROOT / "tools"))
+    from grads_from_torch import grads_for_onnx
+    batches = [(torch.tensor(xtr[i:i + batch]), torch.tensor(ytr[i:i + batch]))
+               for i in range(0, min(n_batches * batch, len(xtr)), batch)]
+
+    def loss(m, b):
+        return F.cross_entropy(m(b[0]), b[1])
+
+    _, summary = grads_for_onnx(net, path, batches, loss, out=tmp / "grads.npz")
+    grads_for_onnx(net, path, batches, loss, out=tmp / "grads_squared.npz", squared=True)
+    return {"plain": tmp / "grads.npz", "squared": tmp / "grads_squared.npz"}, summary
+
+
 def run_digits(args, criteria, tmp):
     import spa
     from spa.scoring import CRITERIA
@@ -133,38 +157,64 @@ def run_digits(args, criteria, tmp):
     export(net, path)
     calib = tmp / "calib.npz"
     np.savez(calib, x=xtr[:128])
+    grads = {}
+    if any(CRITERIA[c].needs_grads for c in criteria):
+        grads, summary = digit_gradients(net, path, xtr, ytr, args.grad_batches, tmp)
+        print(f"gradients from {args.grad_batches} batches of 64 training images: {summary}", flush=True)
     an = spa.analyze(str(path))
-    base = accuracy(an.model, xte, yte)
+    base = accuracy(an.full_model(), xte, yte)
     print(f"trained in {time.time() - t0:.0f}s: test accuracy {base:.4f}, {an.macs} MACs", flush=True)
-    factors = [float(f) for f in args.factors.split(",")]
+    points = [("ratio", float(v)) for v in args.digits_ratios.split(",") if v] + \
+             [("macs", float(v)) for v in args.factors.split(",") if v]
     rows = {}
     for crit in criteria:
         rows[crit] = []
-        for f in factors:
-            r = spa.prune(str(path), target=f"macs={f}", criterion=crit, analysis=an,
-                          calib=str(calib) if CRITERIA[crit].needs_calib else None, calib_batch_size=32)
+        scorer = CRITERIA[crit]
+        grad_file = grads.get("squared" if crit == "fisher" else "plain") if scorer.needs_grads else None
+        for mode, v in points:
+            kw = {"ratio": v} if mode == "ratio" else {"target": f"macs={v}"}
+            r = spa.prune(str(path), criterion=crit, analysis=an, calib_batch_size=32,
+                          calib=str(calib) if scorer.needs_calib else None,
+                          grads=str(grad_file) if grad_file else None, **kw)
             removed = 1 - r.report["after"]["macs"] / r.report["before"]["macs"]
             acc = accuracy(r.model, xte, yte)
-            rows[crit].append({"factor": f, "macs_removed": removed, "accuracy": acc})
-            print(f"{crit:>9} macs={f:<5g} removed {removed:6.1%}  accuracy {acc:.4f}", flush=True)
-    res = {"baseline_accuracy": base, "macs": an.macs, "params": an.params, "results": rows}
-    lines = ["| criterion | " + " | ".join(f"macs={f:g}" for f in factors) + " |",
-             "|---|" + "---|" * len(factors)]
+            rows[crit].append({"mode": mode, "value": v, **({"factor": v} if mode == "macs" else {}),
+                               "macs_removed": removed, "accuracy": acc,
+                               "fallbacks": len(r.report.get("fallbacks") or {})})
+            print(f"{crit:>9} {mode}={v:<5g} removed {removed:6.1%}  accuracy {acc:.4f}", flush=True)
+    res = {"baseline_accuracy": base, "macs": an.macs, "params": an.params, "grad_batches": args.grad_batches,
+           "results": rows}
+    head = []
+    for i, (mode, v) in enumerate(points):
+        if mode == "ratio":   # every criterion removes the same channels per group: the same MACs
+            removed = sorted(rs[i]["macs_removed"] for rs in rows.values())
+            head.append(f"ratio={v:g} ({removed[len(removed) // 2]:.0%})")
+        else:
+            head.append(f"macs={v:g}")
+    lines = ["| criterion | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for crit, rs in rows.items():
-        lines.append(f"| {crit} | " + " | ".join(f"{r['accuracy']:.3f} ({r['macs_removed']:.0%})" for r in rs) + " |")
+        lines.append(f"| {crit} | " + " | ".join(
+            f"{q['accuracy']:.3f}" if q["mode"] == "ratio" else f"{q['accuracy']:.3f} ({q['macs_removed']:.0%})"
+            for q in rs) + " |")
     table = "\n".join(lines)
 
     def plot(plt):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for crit, rs in rows.items():
-            ax.plot([0] + [r["macs_removed"] * 100 for r in rs], [base] + [r["accuracy"] for r in rs],
-                    marker="o", label=crit, linestyle="--" if crit == "random" else "-")
-        ax.set_xlabel("MACs removed (%)")
-        ax.set_ylabel("test accuracy (no fine-tuning)")
-        ax.set_title("digits CNN: accuracy vs MACs removed per criterion")
-        ax.grid(alpha=0.3)
-        ax.legend(ncol=3, fontsize=8)
-        fig.tight_layout()
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+        for ax, mode, label in ((axes[0], "ratio", "ratio=r (the same fraction of every group)"),
+                                (axes[1], "macs", "target macs=F (one global threshold)")):
+            for k, (crit, rs) in enumerate(rows.items()):
+                pts = [q for q in rs if q["mode"] == mode]
+                ax.plot([0] + [q["macs_removed"] * 100 for q in pts], [base] + [q["accuracy"] for q in pts],
+                        marker="os^vDPX*h<>"[k % 11], label=crit, alpha=0.85, markersize=5,
+                        linestyle="--" if crit == "random" else "-")
+            ax.set_title(label, fontsize=10)
+            ax.set_xlabel("MACs removed (%)")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("test accuracy (no fine-tuning)")
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 12), fontsize=8, frameon=False)
+        fig.suptitle("digits CNN: accuracy vs MACs removed per criterion", fontsize=11)
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
         return fig
 
     return res, table, "criteria_results.json", {"criteria.png": plot}
@@ -461,6 +511,10 @@ def run_ppocr(part, args, criteria, tmp):
     from spa import zoo
     from spa.scoring import CRITERIA
     t0 = time.time()
+    skipped = [c for c in criteria if CRITERIA[c].needs_grads]
+    if skipped:   # gradients need the training framework's model, which the zoo does not ship
+        print(f"{part}: skipping {', '.join(skipped)} (gradient criteria need the framework's model)", flush=True)
+        criteria = [c for c in criteria if c not in skipped]
     fonts = find_fonts()
     path = str(zoo.fetch(part))
     if part == "ppocr_cls":
@@ -484,7 +538,7 @@ def run_ppocr(part, args, criteria, tmp):
     calib = tmp / f"{part}_calib.npz"
     np.savez(calib, x=xc)
     an = spa.analyze(path, input_shapes={"x": shape})
-    dense, ref = evaluate(an.model)
+    dense, ref = evaluate(an.full_model())
     print(f"{part}: rendered and analysed in {time.time() - t0:.0f}s; dense {key} {dense[key]:.4f}, "
           f"{an.macs} MACs at {shape}, {len(x)} evaluation / {len(xc)} calibration samples", flush=True)
     ratios = [float(v) for v in (args.cls_ratios if part == "ppocr_cls" else args.det_ratios).split(",") if v]
@@ -597,6 +651,10 @@ def main(argv=None):
     g = ap.add_argument_group("digits")
     g.add_argument("--epochs", type=int, default=12)
     g.add_argument("--factors", default=",".join(map(str, FACTORS)), help="macs=F targets")
+    g.add_argument("--digits-ratios", default=",".join(map(str, DIGITS_RATIOS)),
+                   help="ratio=r points (every criterion removes the same MACs); empty: none")
+    g.add_argument("--grad-batches", type=int, default=8,
+                   help="batches of 64 training images the gradient criteria's gradients come from")
     g = ap.add_argument_group("ppocr (an empty list skips that sweep)")
     g.add_argument("--cls-ratios", default=",".join(map(str, PPOCR_SWEEPS["ppocr_cls"]["ratios"])))
     g.add_argument("--cls-factors", default=",".join(map(str, PPOCR_SWEEPS["ppocr_cls"]["factors"])))
