@@ -195,6 +195,9 @@ class PruneOptions:
         if scorer.needs_grads and self.grads is None:
             raise SpaError(f"criterion {self.criterion!r} needs gradients: pass --grads FILE.npz|.safetensors "
                            "(tools/grads_from_torch.py shows how to make one)")
+        if scorer.needs_grads and self.steps != 1:
+            raise SpaError(f"criterion {self.criterion!r} reads gradients of the original's weights: use it with "
+                           "--steps 1 (a second step would score the pruned weights)")
         if scorer.needs_calib and self.calib is None:
             raise SpaError(f"criterion {self.criterion!r} needs calibration data: pass --calib FILE.npz or --calib random")
         if self.steps < 1:
@@ -363,11 +366,12 @@ def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progr
         now = an.macs if kind == "macs" else an.params
         goal = base0 / factor ** (k / n)
         rel = max(now / goal, 1.0) if goal > 0 else 1.0
+        step.removal, step.plan = plan_target(an.groups, step.scores.normalised, CostModel(an), (kind, rel),
+                                              overrides=step.overrides, **common)
         if opts.allocate == "sensitivity":
-            step.removal, step.plan = fidelity.allocate_macs(an, step.scores.normalised, int(goal), opts, progress)
-        else:
-            step.removal, step.plan = plan_target(an.groups, step.scores.normalised, CostModel(an), (kind, rel),
-                                                  overrides=step.overrides, **common)
+            step.removal, sens = fidelity.allocate_macs(an, step.scores.normalised, int(goal), opts,
+                                                        lambda removal: _cut(step, removal), step.removal, progress)
+            step.plan = {**sens, "global_plan": step.plan}
     else:
         r = 1.0 - (1.0 - opts.ratio) ** (1.0 / n)
         stepped = {g: 1.0 - (1.0 - v) ** (1.0 / n) for g, v in step.overrides.items()}

@@ -176,6 +176,9 @@ def _criteria():
 @click.option("--prune-io", default=None, metavar="REGEX",
               help="graph inputs/outputs whose names match may lose channels along their static dims (e.g. "
                    "'past_key_values|present': KV heads and head dims, a smaller cache); the report lists each change")
+@click.option("--allocate", type=click.Choice(["global", "sensitivity"]), default="global", show_default=True,
+              help="with --target macs=F: one global score threshold, or per-group amounts chosen by the output "
+                   "drift each group causes, measured in onnxruntime (--target fidelity=C always does the latter)")
 @click.option("--grads", default=None, type=click.Path(dir_okay=False), metavar="FILE",
               help="taylor, snip and fisher: per-initializer gradients (.npz or .safetensors keyed by ONNX "
                    "initializer name; tools/grads_from_torch.py)")
@@ -202,8 +205,8 @@ def _criteria():
 @click.option("--bench-iters", type=click.IntRange(min=1), default=20, show_default=True,
               help="timed runs per model for --bench")
 def prune(model, output, ratio, target, criterion, reduction, normalisation, calib, calib_batches, calib_batch_size,
-          hessian, blas_threads, seed, global_rank, max_ratio, overrides, steps, round_to, exclude, prune_io, grads,
-          map_path, report, as_json, input_shapes, force,
+          hessian, blas_threads, seed, global_rank, max_ratio, overrides, steps, round_to, exclude, prune_io, allocate,
+          grads, map_path, report, as_json, input_shapes, force,
           do_check, atol, rtol, do_bench, bench_provider, bench_warmup, bench_iters):
     """Remove channels from MODEL and write the smaller model to OUTPUT.
 
@@ -242,7 +245,8 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                            global_rank=global_rank, round_to=round_to, exclude=exclude, max_ratio=max_ratio,
                            target=target, overrides=overrides, steps=steps, calib=calib, calib_batches=calib_batches,
                            calib_batch_size=calib_batch_size, seed=seed, hessian=hessian, input_shapes=shapes,
-                           blas_threads=blas_threads, prune_io=prune_io, grads=grads, map_path=map_path)
+                           blas_threads=blas_threads, prune_io=prune_io, grads=grads, map_path=map_path,
+                           allocate=allocate)
     options.checked()  # every option before the load and probe
     an = analyze(src, input_shapes=shapes, progress=_progress, prune_io=prune_io)
     result = do_prune(src, options=options, progress=_progress, analysis=an)

@@ -13,7 +13,7 @@ from .weights import is_float
 OVERRIDES_LIMIT = 1 << 20
 
 
-def _n_remove(n: int, want: int, round_to: int, max_ratio: float) -> int:
+def n_remove(n: int, want: int, round_to: int, max_ratio: float) -> int:
     """How many of ``n`` channels to remove: capped, rounded so that kept % round_to == 0, never all."""
     want = min(want, int(math.floor(n * max_ratio)), n - 1)
     want = max(want, 0)
@@ -60,7 +60,7 @@ def plan(groups, scores, ratio: float, *, global_rank: bool = False, round_to: i
     removal = {}
     for g in chosen:
         if g.id in overrides:
-            n = _n_remove(g.channels, int(math.floor(g.channels * overrides[g.id] + 1e-9)), round_to, 1.0)
+            n = n_remove(g.channels, int(math.floor(g.channels * overrides[g.id] + 1e-9)), round_to, 1.0)
             if n:
                 order = np.argsort(scores[g.units], kind="stable")
                 removal[g.id] = np.sort(g.units[order[:n]])
@@ -77,7 +77,7 @@ def plan(groups, scores, ratio: float, *, global_rank: bool = False, round_to: i
     else:
         wants = {g.id: int(math.floor(g.channels * ratio + 1e-9)) for g in chosen}
     for g in chosen:
-        n = _n_remove(g.channels, wants[g.id], round_to, max_ratio if global_rank else 1.0)
+        n = n_remove(g.channels, wants[g.id], round_to, max_ratio if global_rank else 1.0)
         if n:
             order = np.argsort(scores[g.units], kind="stable")
             removal[g.id] = np.sort(g.units[order[:n]])
@@ -89,7 +89,7 @@ def plan(groups, scores, ratio: float, *, global_rank: bool = False, round_to: i
 
 
 def parse_target(target):
-    """'macs=2' / 'params=1.5' (or a (kind, factor) pair) -> ('macs', 2.0)."""
+    """'macs=2' / 'params=1.5' / 'fidelity=0.99' (or a (kind, value) pair) -> ('macs', 2.0)."""
     if target is None:
         return None
     if isinstance(target, (tuple, list)):
@@ -99,12 +99,16 @@ def parse_target(target):
         if not sep:
             raise SpaError(f"--target: expected macs=F or params=F, got {target!r}")
     kind = kind.strip().lower()
-    if kind not in ("macs", "params"):
-        raise SpaError(f"--target: unknown quantity {kind!r}; use macs=F or params=F")
+    if kind not in ("macs", "params", "fidelity"):
+        raise SpaError(f"--target: unknown quantity {kind!r}; use macs=F, params=F or fidelity=C")
     try:
         factor = float(factor)
     except ValueError:
         raise SpaError(f"--target: the reduction factor must be a number, got {factor!r}") from None
+    if kind == "fidelity":
+        if not 0.0 < factor <= 1.0:
+            raise SpaError(f"--target fidelity=C: C is the outputs' cosine to the original's, in (0, 1], got {factor}")
+        return kind, factor
     if not 1.0 <= factor < float("inf"):
         raise SpaError(f"--target: the reduction factor must be a finite number >= 1 (2 halves the {kind}), got {factor}")
     return kind, factor
@@ -181,10 +185,10 @@ def _removal_at(chosen, ranked, threshold, round_to, max_ratio, fixed):
         units, s = ranked[g.id]
         if g.id in fixed:
             want = int(math.floor(g.channels * fixed[g.id] + 1e-9))
-            n = _n_remove(g.channels, want, round_to, 1.0)
+            n = n_remove(g.channels, want, round_to, 1.0)
         else:
             want = int(np.searchsorted(s, threshold, side="right"))
-            n = _n_remove(g.channels, want, round_to, max_ratio)
+            n = n_remove(g.channels, want, round_to, max_ratio)
         if n:
             removal[g.id] = np.sort(units[:n])
     return removal

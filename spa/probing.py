@@ -60,7 +60,6 @@ class Probe:
     other_shapes: list = field(default_factory=list)  # per run at other sizes: watched name -> shape
     plan: object = None                            # shapes.SizePlan: the dynamic dims as symbols
     points: list = field(default_factory=list)     # symbol sizes of the runs: the first, then the others
-    outputs: dict = field(default_factory=dict)    # graph output values at ``inputs`` (the fidelity guard)
 
 
 def input_feed(proto, input_shapes=None, seed=0, *, plan=None, values=None):
@@ -410,8 +409,6 @@ def _probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
                 pr.values[name] = np.array(v)  # a copy: the session's buffers go back to its arena
 
     keep(first)
-    graph_outputs = {o.name for o in proto.graph.output}
-    pr.outputs = {k: np.array(v) for k, v in first.items() if k in graph_outputs}
     del first
     if len(chunks) > 1:
         for chunk in chunks:
