@@ -2,9 +2,9 @@
 reports, and (``--target fidelity=C``) the allocation of channels across groups that keeps the
 outputs at a cosine C to the original's while removing as many MACs as it can.
 
-Fidelity of a model to the original on some inputs is the smallest, over the graph outputs, cosine
-similarity of the flattened outputs (float64; an integer output counts the fraction of equal
-elements).  The guard measures it on two batches of the --calib data, or of synthetic inputs (1/f
+Fidelity of a model to the original on a set of inputs is the smallest, over the graph outputs,
+cosine similarity of the output over the whole set (flattened, float64; an integer output counts
+the fraction of equal elements).  The guard measures it on two batches of the --calib data, or of synthetic inputs (1/f
 noise for images, realistic integer ranges) at the probe's sizes.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ from .io import initializer_arrays
 
 #: the CLI warns below this fidelity
 WARN_BELOW = 0.9
+#: --calib batches fidelity is measured on (at most)
+CALIB_BATCHES = 8
 
 
 def cosine(a, b) -> float:
@@ -42,17 +44,13 @@ def compare(reference: dict, got: dict) -> dict:
 def guard(first, pruned, weights, opts) -> dict:
     """The pruned model's fidelity on ``eval_feeds`` (two batches: the --calib data, or synthetic):
     the report's ``fidelity``."""
-    feeds = eval_feeds(first, opts, n=2)
+    feeds = eval_feeds(first, opts)
     original = probing.output_runner(first.model, first.probe.consts)
     runner = probing.output_runner(pruned, initializer_arrays(pruned, weights))
-    per = {}
-    for f in feeds:
-        got = compare(original.run(f), runner.run(f))
-        for k, v in got["cosine"].items():
-            per[k] = min(per.get(k, 1.0), v)
-    return {"cosine": per, "min": min(per.values()) if per else 1.0,
-            "inputs": "calibration data" if opts.calib not in (None, "random") else
-            f"{len(feeds)} synthetic batches at the probe's sizes (1/f noise for images)"}
+    out = compare(_stacked([original.run(f) for f in feeds]), _stacked([runner.run(f) for f in feeds]))
+    out["inputs"] = f"{len(feeds)} batches of calibration data" if opts.calib not in (None, "random") else \
+        f"{len(feeds)} synthetic batches at the probe's sizes (1/f noise for images)"
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,17 +122,26 @@ def _kept_multiple(k, round_to, n, max_ratio) -> int:
 
 
 def eval_feeds(an, opts, n: int = 2) -> list:
-    """The inputs fidelity is measured on: the --calib batches when given, else ``n`` synthetic
-    batches at the probe's sizes (obspa's: 1/f noise for images, realistic token ids; seed 101)."""
+    """The inputs fidelity is measured on: up to ``CALIB_BATCHES`` --calib batches when given, else
+    ``n`` synthetic batches at the probe's sizes (obspa's: 1/f noise for images, realistic token ids;
+    seed 101)."""
     if opts.calib is not None and opts.calib != "random":
         from .calib import batches
-        return batches(an, opts.calib, n_batches=max(n, 1), batch_size=opts.calib_batch_size)[1][:max(n, 1)]
+        return batches(an, opts.calib, n_batches=CALIB_BATCHES, batch_size=opts.calib_batch_size)[1][:CALIB_BATCHES]
     from .scoring.obspa import synthetic_feeds
     return synthetic_feeds(an, n, seed=101)[1]
 
 
 def fidelity_on(reference: list, outputs: list) -> float:
-    return min((compare(r, o)["min"] for r, o in zip(reference, outputs)), default=1.0)
+    """Fidelity over a set of batches: each output's cosine over all of them at once (the set as one
+    tensor: steadier than the worst batch), the smallest over the outputs."""
+    return compare(_stacked(reference), _stacked(outputs))["min"]
+
+
+def _stacked(runs: list) -> dict:
+    if not runs:
+        return {}
+    return {k: np.concatenate([np.ravel(r[k]) for r in runs]) for k in runs[0]}
 
 
 def sensitivity(an, scores, chosen, masked, feeds, reference, *, round_to=1, max_ratio=0.9, progress=None):

@@ -90,3 +90,40 @@ def test_every_operator_of_the_deployment_models_has_a_rule():
         if unknown:
             missing[name] = unknown
     assert not missing, missing
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_mobilevit_unfold_fold_keeps_its_transformer_widths_prunable(tmp_path, dynamo):
+    """transformers' MobileViT (random weights, 64x64): the unfold reshape [B, C, H, W] ->
+    [B*C*nH, pH, nW, pW] merges channels with a spatial factor; the channel factor stays prunable
+    (every group but the graph's input and output), exactly."""
+    torch = pytest.importorskip("torch")
+    tf = pytest.importorskip("transformers")
+    import warnings
+    torch.manual_seed(0)
+    cfg = tf.MobileViTConfig(image_size=64, hidden_sizes=[48, 64, 80], neck_hidden_sizes=[16, 16, 24, 32, 48, 64, 80],
+                             num_labels=10)
+    model = tf.MobileViTForImageClassification(cfg).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(pixel_values=x).logits
+
+    path = str(tmp_path / "mobilevit.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(Logits(model), (torch.randn(1, 3, 64, 64),), dynamo=True, verbose=False).save(path)
+        else:
+            torch.onnx.export(Logits(model), (torch.randn(1, 3, 64, 64),), path, dynamo=False, opset_version=17,
+                              input_names=["x"], output_names=["y"])
+    an = spa.analyze(path)
+    blocked = [g.reason for g in an.groups if not g.prunable]
+    assert len(blocked) == 2 and all("graph " in r for r in blocked), blocked
+    assert check_joint(an)["error"] < EXACT
