@@ -59,7 +59,8 @@ class SliceAccumulator:
 
 
 def weight_slices(cm, fn):
-    """Feed ``fn(name, value, d)`` -> per-position values for every channel axis of every weight.
+    """Feed ``fn(name, value, dims)`` -> ``{d: per-position values}`` for the channel axes ``dims``
+    of every weight (all of a weight's axes at once: one pass over it).
     Weights read from a file's memory map give their pages back after use (``spa.weights``)."""
     from ..weights import RELEASE_ABOVE, release_pages
     acc = SliceAccumulator(cm)
@@ -68,11 +69,11 @@ def weight_slices(cm, fn):
             value = dequantized(cm, name, value)
         if name in cm.stats or not is_float(value.dtype) or value.ndim == 0:
             continue
-        for d in range(value.ndim):
-            got = cm.axis_index.get((name, d))
-            if got is None or got[1] <= 1:
-                continue
-            acc.add((name, d), fn(name, value, d))
+        dims = [d for d in range(value.ndim) if (got := cm.axis_index.get((name, d))) is not None and got[1] > 1]
+        if not dims:
+            continue
+        for d, values in fn(name, value, dims).items():
+            acc.add((name, d), values)
         if value.nbytes > RELEASE_ABOVE:
             release_pages([value])
     return acc
@@ -98,16 +99,25 @@ SLAB_BYTES = 4 << 20
 def axis_sums(value: np.ndarray, d: int, fn) -> np.ndarray:
     """``fn(x).sum`` over every axis but ``d``, in float64, a slab at a time (a 32000 x 3200 fp16
     embedding as float64 squares is 1.6 GB at once)."""
+    return all_axis_sums(value, [d], fn)[d]
+
+
+def all_axis_sums(value: np.ndarray, dims, fn) -> dict:
+    """``{d: fn(x).sum over every axis but d}`` for each of ``dims``, reading ``value`` once: slabs
+    of rows (axis 0, views of a memory map, no copy) converted to float64 one at a time."""
     if value.ndim == 1:
-        return fn(value.astype(np.float64))
-    other = tuple(i for i in range(value.ndim) if i != d)
-    slab_axis = other[0]
-    step = max(1, int(value.shape[slab_axis] * SLAB_BYTES // max(value.nbytes * 8 // value.itemsize, 1)))
-    out = np.zeros(value.shape[d], np.float64)
-    for start in range(0, value.shape[slab_axis], step):
-        part = np.take(value, np.arange(start, min(start + step, value.shape[slab_axis])), axis=slab_axis)
-        part_sum = fn(part.astype(np.float64)).sum(axis=other)
-        out += part_sum
+        return {d: fn(value.astype(np.float64)) for d in dims}
+    rows = value.shape[0]
+    step = max(1, int(rows * SLAB_BYTES // max(value.size * 8, 1)))
+    out = {d: np.zeros(value.shape[d], np.float64) for d in dims}
+    for start in range(0, rows, step):
+        f = fn(value[start:start + step].astype(np.float64))
+        for d in dims:
+            other = tuple(i for i in range(value.ndim) if i != d)
+            if d == 0:
+                out[0][start:start + step] = f.sum(axis=other)
+            else:
+                out[d] += f.sum(axis=other)
     return out
 
 
@@ -116,8 +126,8 @@ def magnitude_scores(cm, criterion: str = "l2", reduction: str = "sum") -> np.nd
     if criterion not in ("l1", "l2"):
         raise ValueError(f"unknown magnitude criterion {criterion!r}")
 
-    def per_slice(name, value, d):
-        return axis_sums(value, d, np.abs if criterion == "l1" else np.square)
+    def per_slice(name, value, dims):
+        return all_axis_sums(value, dims, np.abs if criterion == "l1" else np.square)
 
     scores = weight_slices(cm, per_slice).reduce(reduction)
     return np.sqrt(scores) if criterion == "l2" else scores
