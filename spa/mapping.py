@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io
+from . import io, safetensors
 from .errors import SpaError
 
 FORMAT = "spa-map"
@@ -468,86 +468,19 @@ def _np_take(value, k, axis):
     return np.ascontiguousarray(np.take(value, k, axis=axis))
 
 
-# -- safetensors: u64 little-endian header length, a JSON header {name: {dtype, shape,
-# data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the raw little-endian data.  Read and
-# written here without the package (no runtime dependency); 16-bit floats and 8-bit floats move as
-# raw bits (slicing never looks at a value).
-
-_ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "F8_E4M3": "u1", "F8_E5M2": "u1",
-              "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2",
-              "U8": "u1", "BOOL": "?"}
-_MAX_HEADER = 100 << 20
-
-
-def read_safetensors_header(path) -> tuple[dict, dict, int]:
-    """``(entries, metadata, data start)``; entries: name -> (dtype tag, shape, begin, end)."""
-    p = Path(path)
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 2 <= n <= min(_MAX_HEADER, size - 8):
-            raise SpaError(f"CHECKPOINT {p}: not a safetensors file (bad header length)")
-        try:
-            header = json.loads(f.read(n))
-            assert isinstance(header, dict)
-        except Exception:
-            raise SpaError(f"CHECKPOINT {p}: not a safetensors file (bad JSON header)") from None
-    meta = header.pop("__metadata__", None) or {}
-    start, entries = 8 + n, {}
-    for name, e in sorted(header.items(), key=lambda kv: kv[1].get("data_offsets", [0])[0]
-                          if isinstance(kv[1], dict) else 0):
-        try:
-            tag, shape, (lo, hi) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
-        except Exception:
-            raise SpaError(f"CHECKPOINT {p}: bad safetensors entry for '{name}'") from None
-        if tag not in _ST_DTYPES:
-            raise SpaError(f"CHECKPOINT {p}: '{name}' has the dtype {tag}, which spa does not know")
-        nbytes = int(np.prod(shape)) * np.dtype(_ST_DTYPES[tag]).itemsize
-        if not (0 <= lo <= hi and start + hi <= size and hi - lo == nbytes):
-            raise SpaError(f"CHECKPOINT {p}: '{name}' has data offsets that do not fit its shape or the file")
-        entries[name] = (tag, shape, lo, hi)
-    return entries, meta, start
-
-
-def write_safetensors(path, tensors, metadata=None) -> None:
-    """``tensors``: [(name, dtype tag, shape, produce)], written in order; ``produce()`` gives the
-    array (any dtype of the tag's size: its bytes are written as they are)."""
-    header, offset = {}, 0
-    for name, tag, shape, _ in tensors:
-        nbytes = int(np.prod(shape)) * np.dtype(_ST_DTYPES[tag]).itemsize
-        header[name] = {"dtype": tag, "shape": [int(s) for s in shape], "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    if metadata:
-        header["__metadata__"] = metadata
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for name, tag, shape, produce in tensors:
-            a = np.asarray(produce())
-            a = a if a.flags.c_contiguous else a.copy(order="C")   # ascontiguousarray makes 0-d 1-d
-            if tuple(a.shape) != tuple(shape) or a.dtype.itemsize != np.dtype(_ST_DTYPES[tag]).itemsize:
-                raise SpaError(f"internal: '{name}' came out {a.dtype}{list(a.shape)}, expected {tag}{list(shape)}")
-            if a.dtype.byteorder == ">":
-                a = a.byteswap().view(a.dtype.newbyteorder("<"))
-            f.write(a.tobytes())
-
-
 def _safetensors(p: Path) -> Checkpoint:
-    entries, meta, start = read_safetensors_header(p)
+    entries, meta, start = safetensors.read_header(p, f"CHECKPOINT {p}")
     f = open(p, "rb")
     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if p.stat().st_size > start else None
 
     def get(name):
         tag, shape, lo, _ = entries[name]
         if int(np.prod(shape)) == 0:
-            return np.zeros(shape, _ST_DTYPES[tag])
-        return np.ndarray(shape, _ST_DTYPES[tag], buffer=mm, offset=start + lo)
+            return np.zeros(shape, safetensors.DTYPES[tag])
+        return np.ndarray(shape, safetensors.DTYPES[tag], buffer=mm, offset=start + lo)
 
     def write(path, shapes, produce):
-        write_safetensors(path, [(n, entries[n][0], shapes[n], lambda n=n: produce(n)) for n in entries], meta)
+        safetensors.write(path, [(n, entries[n][0], shapes[n], lambda n=n: produce(n)) for n in entries], meta)
 
     def close():
         if mm is not None:

@@ -533,7 +533,6 @@ def fold_constants(proto, pr: Probe) -> int:
     values do not change, so no second run is needed.
     Returns how many node outputs were folded.
     """
-    const = {t.name for t in proto.graph.initializer}
     derived = fold_candidates(proto)   # folded where the value never moves
     folded = []
     runs = pr.other_runs

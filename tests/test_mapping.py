@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
-from spa import mapping
+from spa import mapping, safetensors
 from spa.cli import cli
 from spa.errors import SpaError
 from graphs import residual_chain
@@ -37,7 +37,7 @@ def save_safetensors(arrays: dict, path) -> None:
     try:
         from safetensors.numpy import save_file
     except ImportError:
-        mapping.write_safetensors(path, [(n, {"float32": "F32", "int64": "I64"}[str(a.dtype)], a.shape,
+        safetensors.write(path, [(n, {"float32": "F32", "int64": "I64"}[str(a.dtype)], a.shape,
                                           lambda a=a: a) for n, a in arrays.items()])
         return
     save_file({n: np.array(a, order="C") for n, a in arrays.items()}, str(path))
@@ -269,8 +269,8 @@ def test_safetensors_writer_round_trip(tmp_path):
                "i64": ("I64", np.array(7, np.int64)), "b": ("BOOL", np.array([True, False])),
                "empty": ("F16", np.zeros((0, 4), np.float16))}
     items = [(n, tag, a.shape, lambda a=a: a) for n, (tag, a) in tensors.items()]
-    mapping.write_safetensors(tmp_path / "t.safetensors", items, {"note": "x"})
-    entries, meta, _ = mapping.read_safetensors_header(tmp_path / "t.safetensors")
+    safetensors.write(tmp_path / "t.safetensors", items, {"note": "x"})
+    entries, meta, _ = safetensors.read_header(tmp_path / "t.safetensors")
     assert meta == {"note": "x"} and {n: e[0] for n, e in entries.items()} == {n: t for n, (t, _) in tensors.items()}
     ck = mapping.open_checkpoint(tmp_path / "t.safetensors")
     for n, (_, a) in tensors.items():
@@ -278,7 +278,7 @@ def test_safetensors_writer_round_trip(tmp_path):
     ck.close()
     st = pytest.importorskip("safetensors.numpy")
     # the package reads spa's files (bfloat16 has no numpy dtype there: left out)
-    mapping.write_safetensors(tmp_path / "u.safetensors", [i for i in items if i[1] != "BF16"])
+    safetensors.write(tmp_path / "u.safetensors", [i for i in items if i[1] != "BF16"])
     got = st.load_file(str(tmp_path / "u.safetensors"))
     for n, (tag, a) in tensors.items():
         if tag != "BF16":

@@ -8,7 +8,6 @@ model_size never serialise the whole model at once and write exactly what Serial
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 import spa
 from spa import io, probing

@@ -44,7 +44,6 @@ spa reads (npz member ``__squared__`` = 1, safetensors metadata ``"squared": "1"
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,22 +241,10 @@ def save(grads: dict, path, *, squared: bool = False) -> Path:
 
 
 def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
-    """The safetensors layout: u64 LE header size, JSON header, raw little-endian data (8-aligned)."""
-    header, offset, blobs = {}, 0, []
-    for name, a in tensors.items():
-        a = np.ascontiguousarray(a, dtype="<f4")
-        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-        blobs.append(a)
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
-        f.write(text)
-        for a in blobs:
-            f.write(a.tobytes())
+    """float32 tensors in the safetensors layout (``spa.safetensors``, no package needed)."""
+    from spa import safetensors
+    items = [(name, "F32", np.shape(a), lambda a=a: np.ascontiguousarray(a, dtype="<f4")) for name, a in tensors.items()]
+    safetensors.write(path, items, {str(k): str(v) for k, v in (metadata or {}).items()})
 
 
 def summary(matches: dict, inits: dict, params: dict) -> str:

@@ -200,7 +200,7 @@ def rule_dynamic_quantize_lstm(ctx):
     if not node.name or int(attr(node, "layout", 0)) != 0 or any(ctx.rank(n) != k for n, k in ranks) \
             or not (ctx.is_const(w) and ctx.is_const(r)):
         return ctx.fix_all()
-    d, h = ctx.size((w, 0)), ctx.size((r, 1))
+    h = ctx.size((r, 1))
     if ctx.size((w, 2)) != 4 * h or ctx.size((r, 2)) != 4 * h or ctx.size((w, 1)) != ctx.size((x, 2)):
         return ctx.fix_all()
     seq_batch_dir(ctx, x, (0, 1), [(y, (0, 2, 1))] if y else [],

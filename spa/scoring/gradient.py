@@ -35,7 +35,6 @@ float64 a slab at a time (weights and gradients may be large memory maps).
 """
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import zipfile
@@ -45,6 +44,7 @@ from typing import Callable
 
 import numpy as np
 
+from .. import safetensors
 from ..errors import SpaError
 from ..weights import BFLOAT16, RELEASE_ABOVE, is_float, release_pages
 from .magnitude import SLAB_BYTES, SliceAccumulator, dequantized
@@ -52,8 +52,6 @@ from .structure import fallback
 
 #: the member / key / metadata entry that marks accumulated squared gradients
 SQUARED = "__squared__"
-#: a safetensors JSON header bigger than this is not a header (the format caps it at 100 MB)
-MAX_HEADER = 100 << 20
 #: safetensors dtypes a gradient may have (BF16 is read as its bits and widened)
 SAFETENSORS_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 
@@ -166,34 +164,20 @@ def _mapped(path: Path):
 
 
 def _from_safetensors(path: Path) -> Gradients:
-    """The safetensors layout: u64 little-endian header length, a JSON header
-    ``{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}``, then the raw
-    little-endian data (offsets relative to its start).  Read here without the package."""
+    """A .safetensors file (``spa.safetensors``), memory-mapped; metadata ``"squared": "1"`` marks
+    accumulated squared gradients."""
+    try:
+        entries, meta, start = safetensors.read_header(path, f"--grads: {path}")
+    except SpaError as exc:
+        if "bad header length" in str(exc):
+            raise SpaError(f"--grads: {path}: neither a .npz (zip) nor a .safetensors file") from None
+        raise
     size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 2 <= n <= min(MAX_HEADER, size - 8):
-            raise SpaError(f"--grads: {path}: neither a .npz (zip) nor a .safetensors file")
-        try:
-            header = json.loads(f.read(n))
-            assert isinstance(header, dict)
-        except Exception:
-            raise SpaError(f"--grads: {path}: neither a .npz nor a .safetensors file (bad header)") from None
-    meta = header.pop("__metadata__", None) or {}
     squared = str(meta.get("squared", "")).lower() in ("1", "true", "yes") if isinstance(meta, dict) else False
-    start, shapes, where = 8 + n, {}, {}
-    for name, entry in header.items():
-        try:
-            dtype, shape, (lo, hi) = entry["dtype"], [int(s) for s in entry["shape"]], entry["data_offsets"]
-        except Exception:
-            raise SpaError(f"--grads: {path}: bad safetensors entry for '{name}'") from None
+    shapes, where = {}, {}
+    for name, (dtype, shape, lo, _) in entries.items():
         if dtype not in SAFETENSORS_DTYPES:
             raise SpaError(f"--grads: {path}: '{name}' holds {dtype} values; gradients must be F64, F32, F16 or BF16")
-        itemsize = SAFETENSORS_DTYPES[dtype].itemsize
-        if not (0 <= lo <= hi and start + hi <= size and hi - lo == int(np.prod(shape)) * itemsize
-                and min(shape, default=1) >= 0):
-            raise SpaError(f"--grads: {path}: '{name}' has data offsets that do not fit its shape or the file")
         shapes[name] = tuple(shape)
         where[name] = (dtype, start + lo)
     mm = _mapped(path) if shapes and size > start else None
