@@ -8,6 +8,7 @@ model_size never serialise the whole model at once and write exactly what Serial
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper
 
 import spa
 from spa import io, probing
