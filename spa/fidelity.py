@@ -68,43 +68,12 @@ class MaskedModel:
     cut); for approximate ones (a norm or softmax over the axis) an estimate."""
 
     def __init__(self, an):
-        from onnx import helper
-        cm = an.channels
+        from .oracle import insert_masks
         proto = type(an.model)()
         proto.CopyFrom(an.model)
-        nodes = {n.name: n for n in proto.graph.node}
-        self.cm, self.masks, before, done = cm, [], {}, set()
-        for (tensor, dim), kind, node_name, idx in cm.sinks:
-            got = cm.axis_index.get((tensor, dim))
-            if kind not in ("contract", "sum", "qcontract") or got is None or (node_name, idx, dim) in done:
-                continue
-            done.add((node_name, idx, dim))
-            node = nodes[node_name]
-            rank = len(an.probe.shapes[tensor])
-            shape = [1] * rank
-            shape[dim] = got[1]
-            name = f"{node_name}__spa_mask{idx}_{dim}"
-            out = name + "_out"
-            if kind == "qcontract":
-                zp = cm.zero_points.get((node_name, idx)) or ""
-                if not zp:
-                    continue
-                dtype = np.bool_
-                cut = helper.make_node("Where", [name, node.input[idx], zp], [out], name=out)
-            else:
-                dtype = an.probe.dtypes.get(tensor) or np.float32
-                cut = helper.make_node("Mul", [node.input[idx], name], [out], name=out)
-            proto.graph.input.append(helper.make_tensor_value_info(
-                name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape))
-            before.setdefault(node_name, []).append(cut)
-            node.input[idx] = out
-            self.masks.append((name, got[0], got[1], shape, dtype))
-        ordered = []
-        for n in proto.graph.node:
-            ordered.extend(before.get(n.name, []))
-            ordered.append(n)
-        del proto.graph.node[:]
-        proto.graph.node.extend(ordered)
+        prunable = [g.units for g in an.groups if g.prunable]
+        may_go = an.channels.removed_atoms(np.concatenate(prunable) if prunable else np.zeros(0, np.int64))
+        self.cm, self.masks = an.channels, insert_masks(an, proto, may_go, as_inputs=True)
         self.runner = probing.output_runner(proto, an.probe.consts)
 
     def run(self, feed, units) -> dict:

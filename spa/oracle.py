@@ -17,46 +17,53 @@ from onnx import helper, numpy_helper
 def cut_model(an, units) -> onnx.ModelProto:
     """Copy of ``an.model`` with the contributions of ``units`` masked out at their consumers."""
     from .weights import full_model
-    cm = an.channels
-    mask = cm.removed_atoms(units)
     proto = full_model(an.model, an.probe.consts)
+    removed = an.channels.removed_atoms(units)
+    for name, offset, size, shape, dtype in insert_masks(an, proto, removed):
+        part = removed[offset:offset + size]
+        proto.graph.initializer.append(numpy_helper.from_array((~part).astype(dtype).reshape(shape), name))
+    return proto
+
+
+def insert_masks(an, proto, atoms, *, as_inputs: bool = False) -> list:
+    """Put a 0/1 mask on every contraction input of ``an``'s channel model in ``proto`` (a copy of
+    ``an.model``) that reads one of ``atoms`` (a boolean mask over the channel model's atoms: the
+    ones to cut, or every one that may be): a float input is multiplied by it, a quantized one
+    (``qcontract``) is held at its zero point where it is 0.  Returns ``[(mask name, atom offset, size, shape, dtype)]``; the caller
+    gives the masks' values as initializers (the cut model) or feeds them (``as_inputs``: one
+    session for any removal, ``spa.fidelity``)."""
+    cm = an.channels
     nodes = {n.name: n for n in proto.graph.node}
-    new_nodes = {}
-    done = set()
+    before, done, masks = {}, set(), []
     for (tensor, dim), kind, node_name, idx in cm.sinks:
-        if kind not in ("contract", "sum", "qcontract") or (node_name, idx, dim) in done:
-            continue
         got = cm.axis_index.get((tensor, dim))
-        if got is None:
-            continue
-        part = mask[got[0]:got[0] + got[1]]
-        if not part.any():
+        if kind not in ("contract", "sum", "qcontract") or got is None or (node_name, idx, dim) in done \
+                or not atoms[got[0]:got[0] + got[1]].any():
             continue
         done.add((node_name, idx, dim))
         node = nodes[node_name]
-        rank = len(an.probe.shapes[tensor])
-        shape = [1] * rank
+        shape = [1] * len(an.probe.shapes[tensor])
         shape[dim] = got[1]
-        src = node.input[idx]
-        out = f"{node_name}__cut{idx}_{dim}"
-        if kind == "qcontract":  # a quantized input: the cut channel holds its zero point (real 0)
-            m = numpy_helper.from_array((~part).reshape(shape), f"{node_name}__cut{idx}_{dim}_m")
+        name, out = f"{node_name}__cut{idx}_{dim}_m", f"{node_name}__cut{idx}_{dim}"
+        if kind == "qcontract":  # the cut channel holds its zero point (real 0)
+            dtype = np.dtype(np.bool_)
             zp = cm.zero_points.get((node_name, idx)) or _zero_like(proto, out, an.probe.dtypes.get(tensor))
-            cut = helper.make_node("Where", [m.name, src, zp], [out], name=out)
+            cut = helper.make_node("Where", [name, node.input[idx], zp], [out], name=out)
         else:
-            dtype = an.probe.dtypes.get(tensor) or an.probe.values[tensor].dtype
-            m = numpy_helper.from_array((~part).astype(dtype).reshape(shape), f"{node_name}__cut{idx}_{dim}_m")
-            cut = helper.make_node("Mul", [src, m.name], [out], name=out)
-        proto.graph.initializer.append(m)
-        new_nodes.setdefault(node_name, []).append(cut)
+            dtype = np.dtype(an.probe.dtypes.get(tensor) or an.probe.values[tensor].dtype)
+            cut = helper.make_node("Mul", [node.input[idx], name], [out], name=out)
+        if as_inputs:
+            proto.graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype), shape))
+        before.setdefault(node_name, []).append(cut)
         node.input[idx] = out
+        masks.append((name, got[0], got[1], shape, dtype))
     ordered = []
     for n in proto.graph.node:
-        ordered.extend(new_nodes.get(n.name, []))
+        ordered.extend(before.get(n.name, []))
         ordered.append(n)
     del proto.graph.node[:]
     proto.graph.node.extend(ordered)
-    return proto
+    return masks
 
 
 def _zero_like(proto, base, dtype):
