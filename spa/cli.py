@@ -285,6 +285,9 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
     click.echo(f"params {_human(b['params'])} -> {_human(a['params'])} ({b['params'] / max(a['params'], 1):.2f}x)   "
                f"MACs {_human(b['macs'])} -> {_human(a['macs'])} ({b['macs'] / max(a['macs'], 1):.2f}x)   "
                f"{pruned_groups} groups pruned, {rep['seconds']:.1f}s")
+    fid = rep.get("fidelity", {})
+    if "min" in fid:
+        click.echo(f"fidelity {fid['min']:.4f} (the outputs' cosine to the original's on {fid['inputs']})")
     from .layers import describe_all
     for line in describe_all(rep.get("layers", [])):
         click.echo(line)
