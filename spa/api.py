@@ -279,6 +279,10 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
     first = analysis or analyze(model, input_shapes=opts.input_shapes, progress=progress, prune_io=opts.prune_io)
     history, current, current_weights, after = [], first.model, first.weights, first.probe
     kept_map, compensated = None, set()
+    ref = None
+    if not opts.prune_io:   # the guard's reference, before any surgery (see fidelity.reference)
+        progress("running the original on the fidelity guard's inputs")
+        ref = fidelity.reference(first, opts)
     for k in range(1, opts.steps + 1):
         tag = f"step {k}/{opts.steps}: " if opts.steps > 1 else ""
         if k > 1:
@@ -303,11 +307,11 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
             after = validate(current, first, opts.input_shapes, weights=current_weights)
         history.append(step)
     report = _report(first, history, current, after, opts, target)
-    if report.get("interface"):
-        report["fidelity"] = {"skipped": "the inputs changed (--prune-io): compare with your own loop"}
+    if ref is None or report.get("interface"):
+        report["fidelity"] = {"skipped": "the inputs may change (--prune-io): compare with your own loop"}
     else:
         progress("measuring the pruned model's fidelity to the original")
-        report["fidelity"] = fidelity.guard(first, current, current_weights, opts)
+        report["fidelity"] = fidelity.guard(ref, current, current_weights, opts)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     result = PruneResult(current, report, current_weights)
     if opts.map_path is not None:

@@ -41,13 +41,25 @@ def compare(reference: dict, got: dict) -> dict:
     return {"cosine": per, "min": min(per.values()) if per else 1.0}
 
 
-def guard(first, pruned, weights, opts) -> dict:
-    """The pruned model's fidelity on ``eval_feeds`` (two batches: the --calib data, or synthetic):
-    the report's ``fidelity``."""
+def reference(first, opts) -> tuple[list, list]:
+    """``(feeds, the original's outputs on them)`` for the guard: ``eval_feeds`` (two batches of the
+    --calib data, or synthetic).  Run before surgery, while the original's weights are read anyway,
+    and their pages handed back: the guard then runs only the pruned model (running the original
+    after surgery would hold both models' weights at once: 1.5x a 1B decoder's size)."""
+    from .weights import release_pages
     feeds = eval_feeds(first, opts)
     original = probing.output_runner(first.model, first.probe.consts)
+    outputs = [original.run(f) for f in feeds]
+    del original
+    release_pages(first.probe.consts.values())
+    return feeds, outputs
+
+
+def guard(ref, pruned, weights, opts) -> dict:
+    """The pruned model's fidelity on the ``reference`` feeds: the report's ``fidelity``."""
+    feeds, outputs = ref
     runner = probing.output_runner(pruned, initializer_arrays(pruned, weights))
-    out = compare(_stacked([original.run(f) for f in feeds]), _stacked([runner.run(f) for f in feeds]))
+    out = compare(_stacked(outputs), _stacked([runner.run(f) for f in feeds]))
     out["inputs"] = f"{len(feeds)} batches of calibration data" if opts.calib not in (None, "random") else \
         f"{len(feeds)} synthetic batches at the probe's sizes (1/f noise for images)"
     return out
