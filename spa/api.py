@@ -15,7 +15,7 @@ from .counting import count_macs, count_params, mac_axes, node_macs
 from .errors import SpaError
 from .graph.channels import ChannelModel, build
 from .layers import layer_report
-from .plan import plan as make_plan
+from .plan import all_units, plan as make_plan
 from .scoring import CRITERIA
 from .scoring.obspa import HESSIANS
 from .validate import interface_changes, validate
@@ -291,9 +291,8 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
                                                   weights=current_weights, prune_io=opts.prune_io))
         _score(step, scorer, opts, k, tag, opts.global_rank or target is not None, progress)
         _plan(step, first, opts, target, k, progress)
-        source, channels = step.compensation.apply(step.removal, progress) if step.compensation \
-            else (step.analysis.model, step.analysis.channels)
-        units = np.concatenate(list(step.removal.values())) if step.removal else np.zeros(0, np.int64)
+        source, channels = _compensated(step, step.removal, progress)
+        units = all_units(step.removal)
         progress(f"{tag}removing {len(units)} channels from {len(step.removal)} groups")
         if len(units):
             current, current_weights = surgery.cut(source, channels, step.analysis.probe, units)
@@ -345,13 +344,20 @@ def _score(step: Step, scorer, opts: PruneOptions, k: int, tag: str, ranked: boo
         step.compensation = scorer.compensation(an, step.scores, opts, ranked, progress)
 
 
+def _compensated(step: Step, removal: dict, progress=_quiet):
+    """``(model, channel model)`` that surgery cuts ``removal`` from: the criterion's compensation
+    (obspa rewrites the kept weights, and may choose other units: ``removal`` is updated), or the
+    analysis as it is."""
+    if step.compensation is None:
+        return step.analysis.model, step.analysis.channels
+    return step.compensation.apply(removal, progress)
+
+
 def _cut(step: Step, removal: dict):
-    """The pruned model and its weights for ``removal`` (the criterion's compensation, then surgery):
-    what the fidelity search measures."""
-    source, channels = step.compensation.apply(removal) if step.compensation \
-        else (step.analysis.model, step.analysis.channels)
-    units = np.concatenate(list(removal.values())) if removal else np.zeros(0, np.int64)
-    return surgery.cut(source, channels, step.analysis.probe, units)
+    """The pruned model and its weights for ``removal`` (compensation, then surgery): what the
+    fidelity search measures."""
+    source, channels = _compensated(step, removal)
+    return surgery.cut(source, channels, step.analysis.probe, all_units(removal))
 
 
 def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progress=_quiet) -> None:

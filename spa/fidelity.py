@@ -224,8 +224,8 @@ class Table:
         return before, len(self.levels[gid][j][0])
 
     def estimate(self, removal) -> int:
-        units = np.concatenate(list(removal.values())) if removal else np.zeros(0, np.int64)
-        return self.cost.estimate(units)["macs"]
+        from .plan import all_units
+        return self.cost.estimate(all_units(removal))["macs"]
 
     def measure(self, proto, weights) -> float:
         runner = probing.output_runner(proto, initializer_arrays(proto, weights))

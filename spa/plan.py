@@ -239,7 +239,8 @@ class CostModel:
         return out
 
 
-def _all_units(removal):
+def all_units(removal) -> np.ndarray:
+    """Every unit of a removal ({group id: units}), one array."""
     return np.concatenate(list(removal.values())) if removal else np.zeros(0, np.int64)
 
 
@@ -265,7 +266,7 @@ def plan_target(groups, scores, cost: CostModel, target, *, round_to: int = 1, e
 
     def at(i):
         rem = _removal_at(chosen, ranked, cands[i], round_to, max_ratio, fixed)
-        return rem, cost.estimate(_all_units(rem))
+        return rem, cost.estimate(all_units(rem))
 
     lo, hi = 0, len(cands) - 1
     rem, est = at(hi)
