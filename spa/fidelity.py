@@ -4,8 +4,9 @@ outputs at a cosine C to the original's while removing as many MACs as it can.
 
 Fidelity of a model to the original on a set of inputs is the smallest, over the graph outputs,
 cosine similarity of the output over the whole set (flattened, float64; an integer output counts
-the fraction of equal elements).  The guard measures it on two batches of the --calib data, or of synthetic inputs (1/f
-noise for images, realistic integer ranges) at the probe's sizes.
+the fraction of equal elements).  The guard measures it on two batches of the --calib data, or of synthetic inputs at the probe's
+sizes (``spa.synthetic``: 1/f noise for images, rendered lines for a text recogniser, realistic
+integer ranges).
 """
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ from .io import initializer_arrays
 WARN_BELOW = 0.9
 #: --calib batches fidelity is measured on (at most)
 CALIB_BATCHES = 8
+
+
+def synthetic_kind(an) -> str:
+    from .synthetic import kind
+    return {"none": "realistic integer ranges"}.get(kind(an), kind(an))
 
 
 def cosine(a, b) -> float:
@@ -41,8 +47,8 @@ def compare(reference: dict, got: dict) -> dict:
     return {"cosine": per, "min": min(per.values()) if per else 1.0}
 
 
-def reference(first, opts) -> tuple[list, list]:
-    """``(feeds, the original's outputs on them)`` for the guard: ``eval_feeds`` (two batches of the
+def reference(first, opts) -> tuple[list, list, str]:
+    """``(feeds, the original's outputs on them, what the feeds are)`` for the guard: ``eval_feeds`` (two batches of the
     --calib data, or synthetic).  Run before surgery, while the original's weights are read anyway,
     and their pages handed back: the guard then runs only the pruned model (running the original
     after surgery would hold both models' weights at once: 1.5x a 1B decoder's size)."""
@@ -52,16 +58,17 @@ def reference(first, opts) -> tuple[list, list]:
     outputs = [original.run(f) for f in feeds]
     del original
     release_pages(first.probe.consts.values())
-    return feeds, outputs
+    what = f"{len(feeds)} batches of calibration data" if opts.calib not in (None, "random") else \
+        f"{len(feeds)} synthetic batches at the probe's sizes ({synthetic_kind(first)})"
+    return feeds, outputs, what
 
 
 def guard(ref, pruned, weights, opts) -> dict:
     """The pruned model's fidelity on the ``reference`` feeds: the report's ``fidelity``."""
-    feeds, outputs = ref
+    feeds, outputs, what = ref
     runner = probing.output_runner(pruned, initializer_arrays(pruned, weights))
     out = compare(_stacked(outputs), _stacked([runner.run(f) for f in feeds]))
-    out["inputs"] = f"{len(feeds)} batches of calibration data" if opts.calib not in (None, "random") else \
-        f"{len(feeds)} synthetic batches at the probe's sizes (1/f noise for images)"
+    out["inputs"] = what
     return out
 
 
@@ -104,13 +111,12 @@ def _kept_multiple(k, round_to, n, max_ratio) -> int:
 
 def eval_feeds(an, opts, n: int = 2) -> list:
     """The inputs fidelity is measured on: up to ``CALIB_BATCHES`` --calib batches when given, else
-    ``n`` synthetic batches at the probe's sizes (obspa's: 1/f noise for images, realistic token ids;
-    seed 101)."""
+    ``n`` synthetic batches at the probe's sizes (``spa.synthetic``, seed 101)."""
     if opts.calib is not None and opts.calib != "random":
         from .calib import batches
         return batches(an, opts.calib, n_batches=CALIB_BATCHES, batch_size=opts.calib_batch_size)[1][:CALIB_BATCHES]
-    from .scoring.obspa import synthetic_feeds
-    return synthetic_feeds(an, n, seed=101)[1]
+    from .synthetic import feeds
+    return feeds(an, n, seed=101)[1]
 
 
 def fidelity_on(reference: list, outputs: list) -> float:
@@ -202,7 +208,7 @@ class Table:
         self.saved = {gid: [an.macs - self.cost.estimate(units)["macs"] for units, _ in lv]
                       for gid, lv in self.levels.items()}
         self.inputs = "calibration data" if opts.calib not in (None, "random") else \
-            f"{len(self.feeds)} synthetic batches at the probe's sizes"
+            f"{len(self.feeds)} synthetic batches at the probe's sizes ({synthetic_kind(an)})"
 
         self.path = greedy_path(self.levels, self.saved)
 

@@ -587,6 +587,9 @@ def prepare(model, input_shapes=None, arrays=None):
     drop_initializer_inputs(proto)
     constants_to_initializers(proto)
     del proto.graph.value_info[:]
+    if input_shapes is None:   # a text recogniser runs at the size it reads lines at
+        from .synthetic import recogniser_shapes
+        input_shapes = recogniser_shapes(proto)
     pr = probe(proto, input_shapes, consts=initializer_arrays(proto, arrays))
     fold_constants(proto, pr)
     weights.release_pages(pr.consts.values())  # the runs read every weight; the next stage pays for what it reads

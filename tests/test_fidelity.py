@@ -62,7 +62,7 @@ def test_fidelity_target_lands_just_above_the_asked_cosine_and_beats_a_uniform_r
     it removes more MACs than the uniform ratio that keeps the same fidelity."""
     from test_models import model_path
     from spa.fidelity import compare
-    from spa.scoring.obspa import synthetic_feeds
+    from spa.synthetic import feeds as synthetic_feeds
     path = model_path("mobilenet_v2")
     an = spa.analyze(path)
     res = spa.prune(path, target="fidelity=0.99", analysis=an)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import synthetic as synthetic_inputs
 from ..weights import put as put_weight
 from ..errors import SpaError
 from .hessians import bn_moments, hessian_from_bn, split_bias, with_bias
@@ -286,35 +287,6 @@ def data_hessians(an, wanted, feeds, *, rows=ROWS_PER_BATCH, seed=0, source="syn
     return hs
 
 
-def _pink(rng, shape):
-    """Noise with natural images' second-order statistics: a 1/f amplitude spectrum (strong
-    correlation between neighbouring pixels at every scale) and channels sharing most of their
-    signal, standardised per image to zero mean and unit variance."""
-    N, C, H, W = shape
-    white = rng.standard_normal((N, 1, H, W)) + 0.5 * rng.standard_normal((N, C, H, W))
-    f = np.sqrt(np.fft.fftfreq(H)[:, None] ** 2 + np.fft.rfftfreq(W)[None, :] ** 2)
-    f[0, 0] = 1.0 / max(H, W)
-    x = np.fft.irfft2(np.fft.rfft2(white) / f, s=(H, W))
-    x -= x.mean(axis=(1, 2, 3), keepdims=True)
-    x /= x.std(axis=(1, 2, 3), keepdims=True) + 1e-12
-    return x
-
-
-def synthetic_feeds(an, n_batches, seed=0):
-    """Random inputs of the probed shapes (``spa.calib``'s ``random``), where image-like inputs
-    (float NCHW, at least 8x8) are :func:`_pink` noise instead of white noise: a trained network's
-    convolutions see spatially correlated inputs, and white noise gives their Hessians the wrong
-    structure (measured in docs/obspa.md)."""
-    from .. import calib as calib_mod
-    _, feeds = calib_mod.batches(an, "random", n_batches=n_batches, seed=seed)
-    rng = np.random.default_rng(seed + 2)
-    for feed in feeds:
-        for name, v in feed.items():
-            if np.issubdtype(v.dtype, np.floating) and v.ndim == 4 and min(v.shape[2:]) >= 8:
-                feed[name] = _pink(rng, v.shape).astype(v.dtype)
-    return f"synthetic ({n_batches} batches, 1/f noise for images)", feeds
-
-
 def _bn_feeding(an, tensor, producer):
     """``(gamma, beta, activation)`` of a BatchNormalization (+ one activation) that makes ``tensor``."""
     consts = an.channels.consts
@@ -387,7 +359,7 @@ def hessians(an, consumers, source="auto", calib=None, *, n_batches=8, batch_siz
     data = "synthetic" if synthetic else "calibration"
     if wanted:
         if synthetic:
-            desc, feeds = synthetic_feeds(an, n_batches, seed)
+            desc, feeds = synthetic_inputs.feeds(an, n_batches, seed)
         else:
             desc, feeds = calib_mod.batches(an, calib, n_batches=n_batches, batch_size=batch_size, seed=seed)
         got = data_hessians(an, wanted, feeds, seed=seed, source=data, progress=progress)
