@@ -40,8 +40,9 @@ def _fidelity_warning(rep) -> None:
         return
     worst = min(fid["cosine"], key=fid["cosine"].get)
     click.echo(f"spa: warning: the pruned model's output '{worst}' has cosine {low:.3f} to the original's on "
-               f"random inputs (below {WARN_BELOW}); it may be useless without fine-tuning: try a smaller --ratio, "
-               "--target fidelity=0.99, or --criterion obspa", err=True)
+               f"{'calibration' if 'calibration' in fid.get('inputs', '') else 'synthetic'} inputs (below {WARN_BELOW}); "
+               "it may be useless without fine-tuning: try a smaller --ratio, --target fidelity=0.99, or "
+               "--criterion obspa --allocate sensitivity with --target macs=F", err=True)
 
 
 def _human(n: float) -> str:

@@ -137,7 +137,8 @@ def main(argv=None) -> int:
                ("macs=1.3 global", dict(target="macs=1.3")),
                ("macs=1.3 sensitivity", dict(target="macs=1.3", allocate="sensitivity")),
                ("macs=1.3 sensitivity, obspa", dict(target="macs=1.3", allocate="sensitivity", criterion="obspa")),
-               ("fidelity=0.99", dict(target="fidelity=0.99")), ("fidelity=0.95", dict(target="fidelity=0.95"))]
+               ("fidelity=0.99", dict(target="fidelity=0.99")), ("fidelity=0.95", dict(target="fidelity=0.95")),
+               ("fidelity=0.95, obspa", dict(target="fidelity=0.95", criterion="obspa"))]
     rows = []
     import tempfile
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="spa-fid-"))
