@@ -587,10 +587,17 @@ def prepare(model, input_shapes=None, arrays=None):
     drop_initializer_inputs(proto)
     constants_to_initializers(proto)
     del proto.graph.value_info[:]
-    if input_shapes is None:   # a text recogniser runs at the size it reads lines at
+    consts = initializer_arrays(proto, arrays)
+    pr = None
+    if input_shapes is None:   # a text recogniser runs at the size it reads lines at, if it takes it
         from .synthetic import recogniser_shapes
-        input_shapes = recogniser_shapes(proto)
-    pr = probe(proto, input_shapes, consts=initializer_arrays(proto, arrays))
+        for line in recogniser_shapes(proto):
+            try:
+                pr = probe(proto, line, consts=consts)
+                break
+            except SpaError:
+                continue
+    pr = pr or probe(proto, input_shapes, consts=consts)
     fold_constants(proto, pr)
     weights.release_pages(pr.consts.values())  # the runs read every weight; the next stage pays for what it reads
     return proto, pr

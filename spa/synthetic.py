@@ -15,8 +15,8 @@ sensitivity table and the fidelity search all run on these inputs.
   built-in font (no system fonts needed) and the printable ASCII part of the dictionary; without
   Pillow the images fall back to pink noise and the description says so.  A dynamic batch carries
   ``LINES_PER_BATCH`` lines (the images are small; more lines make steadier statistics).  Without
-  --input-shapes such a recogniser is probed at PaddleOCR's line size, 48x320
-  (:func:`recogniser_shapes`), not at the 224 (or fallback 64) that other images get.
+  --input-shapes such a recogniser is probed at PaddleOCR's line size, 48x320 (32x320 if it refuses
+  that; :func:`recogniser_shapes`), not at the 224 (or fallback 64) that other images get.
 """
 from __future__ import annotations
 
@@ -51,16 +51,17 @@ def recogniser_characters(model) -> list | None:
     return chars or None
 
 
-#: the line size PaddleOCR feeds its recognisers (``rec_image_shape`` 3,48,320): a recogniser whose
-#: height and width are dynamic is probed at it unless the user gives --input-shapes
-LINE_HEIGHT, LINE_WIDTH = 48, 320
+#: the line sizes PaddleOCR feeds its recognisers (``rec_image_shape``: 3,48,320 since PP-OCRv3,
+#: 3,32,320 before): a recogniser whose height or width is dynamic is probed at the first it takes,
+#: unless the user gives --input-shapes
+LINE_SIZES = ((48, 320), (32, 320))
 
 
-def recogniser_shapes(model) -> dict | None:
-    """``{input: [1, C, 48, 320]}`` (dims the model fixes kept) for a text recogniser whose image input
-    has a dynamic height or width, else None."""
+def recogniser_shapes(model) -> list:
+    """``[{input: [1, C, H, W]}]`` per ``LINE_SIZES`` (dims the model fixes kept) for a text
+    recogniser whose image input has a dynamic height or width, else []."""
     if not recogniser_characters(model):
-        return None
+        return []
     inits = {i.name for i in model.graph.initializer}
     for inp in model.graph.input:
         if inp.name in inits:
@@ -70,8 +71,8 @@ def recogniser_shapes(model) -> dict | None:
         if tt.elem_type not in (1, 10, 11, 16) or len(dims) != 4 or dims[1] not in (1, 3) or \
                 (dims[2] is not None and dims[3] is not None):
             continue
-        return {inp.name: [dims[0] or 1, dims[1], dims[2] or LINE_HEIGHT, dims[3] or LINE_WIDTH]}
-    return None
+        return [{inp.name: [dims[0] or 1, dims[1], dims[2] or h, dims[3] or w]} for h, w in LINE_SIZES]
+    return []
 
 
 def _printable(characters) -> list:

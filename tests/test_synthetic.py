@@ -123,3 +123,26 @@ def test_the_ppocr_recogniser_keeps_reading_after_a_data_free_1_3x_prune():
     a, b = acc(dense), acc(pruned)
     assert a > 0.8, a
     assert b >= 0.9 * a, (a, b)
+
+
+def test_a_recogniser_is_probed_at_paddleocrs_line_size_or_the_older_one_it_takes():
+    an = spa.analyze(_recogniser())
+    assert an.probe.inputs["x"].shape == (1, 3, 48, 320)
+    # a CRNN that flattens channels x height into a fixed width only takes 32-pixel lines
+    rng = np.random.default_rng(1)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((4 * 32, 5)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([0, 0, 4 * 32], np.int64), "shape")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Transpose", ["c"], ["t"], perm=[0, 3, 1, 2]),
+             helper.make_node("Reshape", ["t", "shape"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["l"]),
+             helper.make_node("Softmax", ["l"], ["y"], axis=-1)]
+    m = helper.make_model(helper.make_graph(nodes, "crnn", [x], [y], inits),
+                          opset_imports=[helper.make_opsetid("", 13)])
+    helper.set_model_props(m, {"character": "\n".join("abc")})
+    assert spa.analyze(m).probe.inputs["x"].shape == (1, 3, 32, 320)
+    # what the user asks for wins
+    assert spa.analyze(m, input_shapes={"x": [1, 3, 32, 100]}).probe.inputs["x"].shape == (1, 3, 32, 100)
