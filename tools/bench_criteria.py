@@ -653,7 +653,7 @@ def main(argv=None):
     g.add_argument("--factors", default=",".join(map(str, FACTORS)), help="macs=F targets")
     g.add_argument("--digits-ratios", default=",".join(map(str, DIGITS_RATIOS)),
                    help="ratio=r points (every criterion removes the same MACs); empty: none")
-    g.add_argument("--grad-batches", type=int, default=8,
+    g.add_argument("--grad-batches", type=int, default=16,
                    help="batches of 64 training images the gradient criteria's gradients come from")
     g = ap.add_argument_group("ppocr (an empty list skips that sweep)")
     g.add_argument("--cls-ratios", default=",".join(map(str, PPOCR_SWEEPS["ppocr_cls"]["ratios"])))
