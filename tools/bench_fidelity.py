@@ -3,6 +3,10 @@
 against uniform ratios and the global threshold, measured on held-out inputs that spa never saw.
 
     python tools/bench_fidelity.py --out docs/fidelity_bench.md [--models ppocr_rec ppocr_cls yolov8n ppocr_det]
+    python tools/bench_fidelity.py --curves docs/fidelity_curves.png --json docs/fidelity_curves.json
+
+``--curves``: held-out fidelity against MACs removed, uniform ratios against fidelity targets (and, for
+the recogniser, fidelity targets with obspa), one panel per model (docs/criteria.md shows them).
 
 Held-out inputs are rendered text (PIL, DejaVu fonts, seeded): text lines for the PP-OCRv4 recogniser
 and direction classifier, pages of text for the detector and YOLOv8n (not what YOLO was trained on,
@@ -128,11 +132,14 @@ def main(argv=None) -> int:
     import spa
     from spa.fidelity import cosine
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="*", default=["ppocr_rec", "ppocr_cls", "yolov8n", "ppocr_det"])
+    ap.add_argument("--models", nargs="*", default=ap_default())
     ap.add_argument("--held-out", type=int, default=24, help="held-out inputs per model")
     ap.add_argument("--out", type=pathlib.Path)
     ap.add_argument("--json", type=pathlib.Path)
+    ap.add_argument("--curves", type=pathlib.Path, help="sweep ratios and fidelity targets, plot to this PNG")
     args = ap.parse_args(argv)
+    if args.curves:
+        return curves(args)
     configs = [("ratio 0.1", dict(ratio=0.1)), ("ratio 0.2", dict(ratio=0.2)), ("ratio 0.3", dict(ratio=0.3)),
                ("macs=1.3 global", dict(target="macs=1.3")),
                ("macs=1.3 sensitivity", dict(target="macs=1.3", allocate="sensitivity")),
@@ -184,6 +191,84 @@ def main(argv=None) -> int:
     if args.out:
         args.out.write_text(markdown(rows, args))
     return 0
+
+
+CURVE_RATIOS = (0.05, 0.1, 0.2, 0.3, 0.4)
+CURVE_TARGETS = (0.999, 0.995, 0.99, 0.98, 0.95)
+
+
+def _measure(name, an, kw, feeds, ref, texts, chars, dense_acc):
+    import onnxruntime as ort
+    import spa
+    from spa.fidelity import cosine
+    t0 = time.perf_counter()
+    res = spa.prune(name, analysis=an, **kw)
+    sess = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = [sess.run(None, f)[0] for f in feeds]
+    row = {"model": name, "kw": kw, "seconds": round(time.perf_counter() - t0, 1),
+           "macs_removed": round(1 - res.report["after"]["macs"] / res.report["before"]["macs"], 4),
+           "fidelity_synthetic": res.report["fidelity"]["min"],
+           "fidelity_held_out": round(cosine(np.concatenate([a.ravel() for a in ref]),
+                                             np.concatenate([b.ravel() for b in got])), 4)}
+    if dense_acc is not None:
+        acc = float(np.mean([char_accuracy(ctc_decode(g[0], chars), t) for g, t in zip(got, texts)]))
+        row["char_acc_rel"] = round(acc / max(dense_acc, 1e-9), 4)
+    return row
+
+
+def curves(args) -> int:
+    """Held-out fidelity against MACs removed: uniform ratios vs fidelity targets, per model."""
+    import onnxruntime as ort
+    import spa
+    models = [m for m in args.models if m != "ppocr_det"] if args.models == ap_default() else args.models
+    rows = []
+    for name in models:
+        an = spa.analyze(name)
+        feeds, texts = held_out(name, an, args.held_out if name in ("ppocr_rec", "ppocr_cls") else 4)
+        dense = ort.InferenceSession(an.full_model().SerializeToString(), providers=["CPUExecutionProvider"])
+        ref = [dense.run(None, f)[0] for f in feeds]
+        meta = {p.key: p.value for p in an.model.metadata_props}
+        chars = meta["character"].split("\n") + [" "] if texts and "character" in meta else None
+        dense_acc = float(np.mean([char_accuracy(ctc_decode(r[0], chars), t) for r, t in zip(ref, texts)])) \
+            if chars else None
+        sweeps = [("uniform ratio", [dict(ratio=r) for r in CURVE_RATIOS]),
+                  ("fidelity target", [dict(target=f"fidelity={c}") for c in CURVE_TARGETS])]
+        if name == "ppocr_rec":
+            sweeps.append(("fidelity target, obspa",
+                           [dict(target=f"fidelity={c}", criterion="obspa") for c in CURVE_TARGETS]))
+        for label, kws in sweeps:
+            for kw in kws:
+                row = {"sweep": label, **_measure(name, an, kw, feeds, ref, texts, chars, dense_acc)}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                if args.json:
+                    args.json.write_text(json.dumps(rows, indent=1))
+    _plot(rows, args.curves)
+    return 0
+
+
+def ap_default():
+    return ["ppocr_rec", "ppocr_cls", "yolov8n", "ppocr_det"]
+
+
+def _plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        for sweep in dict.fromkeys(r["sweep"] for r in rows if r["model"] == m):
+            pts = sorted((r["macs_removed"], r["fidelity_held_out"]) for r in rows if r["model"] == m and r["sweep"] == sweep)
+            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], "o-", label=sweep)
+        ax.set_title(m)
+        ax.set_xlabel("MACs removed (%)")
+        ax.set_ylabel("held-out output cosine")
+        ax.set_ylim(0.8, 1.001)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def markdown(rows, args) -> str:
