@@ -185,6 +185,7 @@ class PruneOptions:
     grads: object = None           # gradient criteria: per-initializer gradients (.npz/.safetensors path or dict)
     map_path: object = None        # where to write the map back to the framework (spa.mapping), or None
     allocate: str = "global"       # a MACs target: one global score threshold, or "sensitivity" (measured drift)
+    synthetic: str = "auto"        # without --calib: what synthetic images look like (spa.synthetic.KINDS)
 
     def checked(self):
         """The criterion's Scorer and the parsed target; one-line errors for bad values."""
@@ -227,6 +228,9 @@ class PruneOptions:
             load_overrides(self.overrides)  # a file: readable, small, JSON (its keys need the analysis)
         if self.prune_io is not None:
             _check_regex(self.prune_io, "--prune-io")
+        from .synthetic import KINDS
+        if self.synthetic not in KINDS:
+            raise SpaError(f"--synthetic must be one of {', '.join(KINDS)}, got {self.synthetic!r}")
         if self.hessian not in HESSIANS:
             raise SpaError(f"unknown Hessian source {self.hessian!r}; choose one of {', '.join(HESSIANS)}")
         return scorer, target

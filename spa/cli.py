@@ -163,6 +163,9 @@ def _criteria():
 @click.option("--hessian", type=click.Choice(["auto", "synthetic", "bn", "identity"]), default="auto", show_default=True,
               help="--criterion obspa: where E[x x^T] of each consumer input comes from (auto: --calib data if "
                    "given, else bn with a synthetic fallback)")
+@click.option("--synthetic", type=click.Choice(["auto", "noise", "text"]), default="auto", show_default=True,
+              help="without --calib, what spa's synthetic images look like: text = rendered text lines (a text "
+                   "direction classifier); auto = lines for a recogniser that lists its characters, else 1/f noise")
 @click.option("--blas-threads", type=click.IntRange(min=0), default=1, show_default=True,
               help="threads of numpy's BLAS while pruning (obspa's inverses); 0 leaves BLAS's own default")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of --criterion random and --calib random")
@@ -206,7 +209,8 @@ def _criteria():
 @click.option("--bench-iters", type=click.IntRange(min=1), default=20, show_default=True,
               help="timed runs per model for --bench")
 def prune(model, output, ratio, target, criterion, reduction, normalisation, calib, calib_batches, calib_batch_size,
-          hessian, blas_threads, seed, global_rank, max_ratio, overrides, steps, round_to, exclude, prune_io, allocate,
+          hessian, synthetic, blas_threads, seed, global_rank, max_ratio, overrides, steps, round_to, exclude, prune_io,
+          allocate,
           grads, map_path, report, as_json, input_shapes, force,
           do_check, atol, rtol, do_bench, bench_provider, bench_warmup, bench_iters):
     """Remove channels from MODEL and write the smaller model to OUTPUT.
@@ -247,7 +251,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                            target=target, overrides=overrides, steps=steps, calib=calib, calib_batches=calib_batches,
                            calib_batch_size=calib_batch_size, seed=seed, hessian=hessian, input_shapes=shapes,
                            blas_threads=blas_threads, prune_io=prune_io, grads=grads, map_path=map_path,
-                           allocate=allocate)
+                           allocate=allocate, synthetic=synthetic)
     options.checked()  # every option before the load and probe
     an = analyze(src, input_shapes=shapes, progress=_progress, prune_io=prune_io)
     result = do_prune(src, options=options, progress=_progress, analysis=an)

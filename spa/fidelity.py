@@ -21,9 +21,10 @@ WARN_BELOW = 0.9
 CALIB_BATCHES = 8
 
 
-def synthetic_kind(an) -> str:
+def synthetic_kind(an, opts) -> str:
     from .synthetic import kind
-    return {"none": "realistic integer ranges"}.get(kind(an), kind(an))
+    got = kind(an, opts.synthetic)
+    return {"none": "realistic integer ranges"}.get(got, got)
 
 
 def cosine(a, b) -> float:
@@ -59,7 +60,7 @@ def reference(first, opts) -> tuple[list, list, str]:
     del original
     release_pages(first.probe.consts.values())
     what = f"{len(feeds)} batches of calibration data" if opts.calib not in (None, "random") else \
-        f"{len(feeds)} synthetic batches at the probe's sizes ({synthetic_kind(first)})"
+        f"{len(feeds)} synthetic batches at the probe's sizes ({synthetic_kind(first, opts)})"
     return feeds, outputs, what
 
 
@@ -116,7 +117,7 @@ def eval_feeds(an, opts, n: int = 2) -> list:
         from .calib import batches
         return batches(an, opts.calib, n_batches=CALIB_BATCHES, batch_size=opts.calib_batch_size)[1][:CALIB_BATCHES]
     from .synthetic import feeds
-    return feeds(an, n, seed=101)[1]
+    return feeds(an, n, seed=101, wanted=opts.synthetic)[1]
 
 
 def fidelity_on(reference: list, outputs: list) -> float:
@@ -208,7 +209,7 @@ class Table:
         self.saved = {gid: [an.macs - self.cost.estimate(units)["macs"] for units, _ in lv]
                       for gid, lv in self.levels.items()}
         self.inputs = "calibration data" if opts.calib not in (None, "random") else \
-            f"{len(self.feeds)} synthetic batches at the probe's sizes ({synthetic_kind(an)})"
+            f"{len(self.feeds)} synthetic batches at the probe's sizes ({synthetic_kind(an, opts)})"
 
         self.path = greedy_path(self.levels, self.saved)
 

@@ -14,7 +14,9 @@ sensitivity table and the fidelity search all run on these inputs.
   real lines, measured on these lines 94-98% (docs/fidelity_bench.md).  The lines use Pillow's
   built-in font (no system fonts needed) and the printable ASCII part of the dictionary; without
   Pillow the images fall back to pink noise and the description says so.  A dynamic batch carries
-  ``LINES_PER_BATCH`` lines (the images are small; more lines make steadier statistics).  Without
+  several lines (:func:`lines_per_batch`: the images are small, more lines make steadier statistics).
+  ``--synthetic text`` asks for lines (of Latin characters) for any image model that does not list
+  its characters: a text direction classifier, a recogniser exported without its dictionary.  Without
   --input-shapes such a recogniser is probed at PaddleOCR's line size, 48x320 (32x320 if it refuses
   that; :func:`recogniser_shapes`), not at the 224 (or fallback 64) that other images get.
 """
@@ -22,8 +24,15 @@ from __future__ import annotations
 
 import numpy as np
 
-#: lines per synthetic batch for a text recogniser whose batch axis is dynamic
-LINES_PER_BATCH = 4
+#: pixels of text lines per synthetic batch when the batch axis is dynamic: 16 lines of a 48x192
+#: direction classifier, 10 of a 48x320 recogniser (the sensitivity table measures 2 batches: a
+#: 2-class output needs a dozen lines or more to say anything steady, and lines are cheap to run)
+LINE_PIXELS_PER_BATCH = 160_000
+MAX_LINES_PER_BATCH = 16
+
+
+def lines_per_batch(h: int, w: int) -> int:
+    return int(np.clip(LINE_PIXELS_PER_BATCH // max(h * w, 1), 1, MAX_LINES_PER_BATCH))
 
 
 def pink(rng, shape):
@@ -115,12 +124,26 @@ def _is_image(v) -> bool:
     return np.issubdtype(v.dtype, np.floating) and v.ndim == 4 and min(v.shape[2:]) >= 8
 
 
-def kind(an) -> str:
-    """Which synthetic images ``an``'s model gets: 'text lines', '1/f noise' or 'none' (no image input)."""
+#: what ``--synthetic`` may ask for: ``auto`` (text lines for a recogniser that lists its
+#: characters, 1/f noise for other images), ``noise`` (1/f noise for every image), ``text``
+#: (rendered text lines for every 1- or 3-channel image: a direction classifier, a recogniser
+#: without a character list)
+KINDS = ("auto", "noise", "text")
+#: the characters of text lines for a model that does not list its own
+LATIN = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;-/()'")
+
+
+def kind(an, wanted: str = "auto") -> str:
+    """Which synthetic images ``an``'s model gets (``wanted``: one of ``KINDS``): 'text lines',
+    '1/f noise' or 'none' (no image input)."""
+    if wanted not in KINDS:
+        from .errors import SpaError
+        raise SpaError(f"unknown synthetic input kind {wanted!r}; choose one of {', '.join(KINDS)}")
     images = [v for v in an.probe.inputs.values() if _is_image(v)]
     if not images:
         return "none"
-    if recogniser_characters(an.model) and images[0].shape[1] in (1, 3):
+    text = wanted == "text" or (wanted == "auto" and recogniser_characters(an.model))
+    if text and images[0].shape[1] in (1, 3):
         return "text lines" if _pillow() else NO_PILLOW
     return "1/f noise"
 
@@ -142,21 +165,22 @@ def _dynamic_batch(an, name) -> bool:
     return (name, 0) in set(dynamic_dims(an.model))
 
 
-def feeds(an, n_batches, seed=0):
+def feeds(an, n_batches, seed=0, wanted: str = "auto"):
     """``(description, feeds)``: ``n_batches`` synthetic batches at the probed shapes (see the module
-    doc for what each kind of input gets)."""
+    doc for what each kind of input gets; ``wanted``: ``--synthetic``, one of ``KINDS``)."""
     from . import calib as calib_mod
     _, out = calib_mod.batches(an, "random", n_batches=n_batches, seed=seed)
     rng = np.random.default_rng(seed + 2)
-    images = kind(an)
-    characters = recogniser_characters(an.model) if images == "text lines" else None
+    images = kind(an, wanted)
+    characters = (recogniser_characters(an.model) or LATIN) if images == "text lines" else None
     lines = 0
     for feed in out:
         for name, v in list(feed.items()):
             if not _is_image(v):
                 continue
             if characters is not None:
-                shape = ((LINES_PER_BATCH if _dynamic_batch(an, name) else v.shape[0]),) + tuple(v.shape[1:])
+                n = lines_per_batch(*v.shape[2:]) if _dynamic_batch(an, name) else v.shape[0]
+                shape = (n,) + tuple(v.shape[1:])
                 feed[name] = text_lines(rng, shape, characters).astype(v.dtype)
                 lines = shape[0]
                 if shape[0] != v.shape[0]:   # the other inputs follow the batch
@@ -165,7 +189,8 @@ def feeds(an, n_batches, seed=0):
                             feed[other] = np.repeat(u, shape[0] // max(v.shape[0], 1), axis=0)
             else:
                 feed[name] = pink(rng, v.shape).astype(v.dtype)
-    what = {"text lines": f"{lines} rendered text line(s) of the model's characters per batch",
+    whose = "the model's characters" if recogniser_characters(an.model) else "Latin characters"
+    what = {"text lines": f"{lines} rendered text line(s) of {whose} per batch",
             "1/f noise": "1/f noise for images", NO_PILLOW: f"{NO_PILLOW} for images",
             "none": "realistic integer ranges"}[images]
     return f"synthetic ({n_batches} batches, {what})", out

@@ -40,7 +40,7 @@ def test_a_text_recogniser_gets_rendered_lines_of_its_characters():
     desc, feeds = synthetic.feeds(an, 2, seed=3)
     assert "rendered text line" in desc and len(feeds) == 2
     x = feeds[0]["x"]
-    assert x.shape == (synthetic.LINES_PER_BATCH, 3, 48, 160) and x.dtype == np.float32
+    assert x.shape == (synthetic.lines_per_batch(48, 160), 3, 48, 160) and x.dtype == np.float32
     assert x.min() >= -1.2 and x.max() <= 1.2                  # (x/255 - 0.5)/0.5, a little noise
     # a line is mostly background with ink on it (two clusters of values), not noise around 0
     for line in x:
@@ -146,3 +146,19 @@ def test_a_recogniser_is_probed_at_paddleocrs_line_size_or_the_older_one_it_take
     assert spa.analyze(m).probe.inputs["x"].shape == (1, 3, 32, 320)
     # what the user asks for wins
     assert spa.analyze(m, input_shapes={"x": [1, 3, 32, 100]}).probe.inputs["x"].shape == (1, 3, 32, 100)
+
+
+def test_synthetic_text_is_asked_for_a_model_that_does_not_list_its_characters():
+    pytest.importorskip("PIL")
+    m = _recogniser(with_metadata=False)
+    an = spa.analyze(m, input_shapes={"x": [1, 3, 48, 160]})
+    assert synthetic.kind(an) == "1/f noise" and synthetic.kind(an, "text") == "text lines"
+    desc, feeds = synthetic.feeds(an, 1, wanted="text")
+    assert "Latin characters" in desc and abs(np.median(feeds[0]["x"])) > 0.2
+    res = spa.prune(m, 0.25, input_shapes={"x": [1, 3, 48, 160]}, synthetic="text", analysis=an)
+    assert "text lines" in res.report["fidelity"]["inputs"]
+    # and a recogniser that lists them can be given noise
+    an2 = spa.analyze(_recogniser(), input_shapes={"x": [1, 3, 48, 160]})
+    assert synthetic.kind(an2, "noise") == "1/f noise"
+    with pytest.raises(spa.SpaError, match="--synthetic"):
+        spa.prune(m, 0.25, synthetic="lines")

@@ -322,7 +322,7 @@ def _bn_feeding(an, tensor, producer):
 
 
 def hessians(an, consumers, source="auto", calib=None, *, n_batches=8, batch_size=None, seed=0,
-             progress=_quiet) -> Hessians:
+             progress=_quiet, synthetic_kind="auto") -> Hessians:
     """The Hessian of every consumer input in ``consumers`` from ``source`` (see module doc).
 
     ``bn`` uses the BN feeding each consumer and falls back to ``synthetic`` (or ``calib``) for
@@ -359,7 +359,7 @@ def hessians(an, consumers, source="auto", calib=None, *, n_batches=8, batch_siz
     data = "synthetic" if synthetic else "calibration"
     if wanted:
         if synthetic:
-            desc, feeds = synthetic_inputs.feeds(an, n_batches, seed)
+            desc, feeds = synthetic_inputs.feeds(an, n_batches, seed, wanted=synthetic_kind)
         else:
             desc, feeds = calib_mod.batches(an, calib, n_batches=n_batches, batch_size=batch_size, seed=seed)
         got = data_hessians(an, wanted, feeds, seed=seed, source=data, progress=progress)
@@ -504,7 +504,8 @@ class Compensation:
         used = [c for items in self.per_group.values() for c, _ in items]
         progress(f"obspa: {len(used)} consumer weights in {len(self.per_group)} groups; Hessians: {opts.hessian}")
         self.hs = hessians(an, used, opts.hessian, opts.calib, n_batches=opts.calib_batches,
-                           batch_size=opts.calib_batch_size, seed=opts.seed, progress=progress)
+                           batch_size=opts.calib_batch_size, seed=opts.seed, progress=progress,
+                           synthetic_kind=opts.synthetic)
         self.results = {}
         for g in an.groups:
             if g.prunable and g.id not in self.per_group:
