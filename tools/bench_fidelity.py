@@ -137,6 +137,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=pathlib.Path)
     ap.add_argument("--json", type=pathlib.Path)
     ap.add_argument("--curves", type=pathlib.Path, help="sweep ratios and fidelity targets, plot to this PNG")
+    ap.add_argument("--targets", type=float, nargs="*", default=list(CURVE_TARGETS),
+                    help="with --curves: the fidelity targets swept")
+    ap.add_argument("--keep", type=pathlib.Path,
+                    help="with --curves: an earlier --json whose rows of models not swept now are kept and plotted")
     args = ap.parse_args(argv)
     if args.curves:
         return curves(args)
@@ -226,7 +230,7 @@ def curves(args) -> int:
     import onnxruntime as ort
     import spa
     models = [m for m in args.models if m != "ppocr_det"] if args.models == ap_default() else args.models
-    rows = []
+    rows = [r for r in json.loads(args.keep.read_text()) if r["model"] not in models] if args.keep else []
     for name in models:
         an = spa.analyze(name)
         feeds, texts = held_out(name, an, args.held_out if name in ("ppocr_rec", "ppocr_cls") else 4)
@@ -237,10 +241,13 @@ def curves(args) -> int:
         dense_acc = float(np.mean([char_accuracy(ctc_decode(r[0], chars), t) for r, t in zip(ref, texts)])) \
             if chars else None
         sweeps = [("uniform ratio", [dict(ratio=r) for r in CURVE_RATIOS]),
-                  ("fidelity target", [dict(target=f"fidelity={c}") for c in CURVE_TARGETS])]
+                  ("fidelity target", [dict(target=f"fidelity={c}") for c in args.targets])]
         if name == "ppocr_rec":
             sweeps.append(("fidelity target, obspa",
-                           [dict(target=f"fidelity={c}", criterion="obspa") for c in CURVE_TARGETS]))
+                           [dict(target=f"fidelity={c}", criterion="obspa") for c in args.targets]))
+        if name == "ppocr_cls":   # reads text lines without saying so
+            sweeps.append(("fidelity target, --synthetic text",
+                           [dict(target=f"fidelity={c}", synthetic="text") for c in args.targets]))
         for label, kws in sweeps:
             for kw in kws:
                 row = {"sweep": label, **_measure(name, an, kw, feeds, ref, texts, chars, dense_acc)}
@@ -250,6 +257,11 @@ def curves(args) -> int:
                     args.json.write_text(json.dumps(rows, indent=1))
     _plot(rows, args.curves)
     return 0
+
+
+def replot(json_path, png_path):
+    """Plot an earlier ``--curves --json`` run again."""
+    _plot(json.loads(pathlib.Path(json_path).read_text()), png_path)
 
 
 def ap_default():
@@ -262,14 +274,18 @@ def _plot(rows, path):
     import matplotlib.pyplot as plt
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    floor = 0.7   # points below it are drawn on it as downward triangles
     for ax, m in zip(axes[0], models):
         for sweep in dict.fromkeys(r["sweep"] for r in rows if r["model"] == m):
             pts = sorted((r["macs_removed"], r["fidelity_held_out"]) for r in rows if r["model"] == m and r["sweep"] == sweep)
-            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], "o-", label=sweep)
+            xs, ys = [100 * x for x, _ in pts], [max(y, floor) for _, y in pts]
+            line, = ax.plot(xs, ys, "-", label=sweep)
+            for x, (_, y) in zip(xs, pts):
+                ax.plot(x, max(y, floor), "v" if y < floor else "o", color=line.get_color())
         ax.set_title(m)
         ax.set_xlabel("MACs removed (%)")
-        ax.set_ylabel("held-out output cosine")
-        ax.set_ylim(0.8, 1.001)
+        ax.set_ylabel(f"held-out output cosine (below {floor}: on the axis)")
+        ax.set_ylim(floor - 0.01, 1.005)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
