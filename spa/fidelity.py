@@ -21,12 +21,6 @@ WARN_BELOW = 0.9
 CALIB_BATCHES = 8
 
 
-def synthetic_kind(an, opts) -> str:
-    from .synthetic import kind
-    got = kind(an, opts.synthetic)
-    return {"none": "realistic integer ranges"}.get(got, got)
-
-
 def cosine(a, b) -> float:
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
@@ -54,13 +48,11 @@ def reference(first, opts) -> tuple[list, list, str]:
     and their pages handed back: the guard then runs only the pruned model (running the original
     after surgery would hold both models' weights at once: 1.5x a 1B decoder's size)."""
     from .weights import release_pages
-    feeds = eval_feeds(first, opts)
+    feeds, what = eval_feeds(first, opts)
     original = probing.output_runner(first.model, first.probe.consts)
     outputs = [original.run(f) for f in feeds]
     del original
     release_pages(first.probe.consts.values())
-    what = f"{len(feeds)} batches of calibration data" if opts.calib not in (None, "random") else \
-        f"{len(feeds)} synthetic batches at the probe's sizes ({synthetic_kind(first, opts)})"
     return feeds, outputs, what
 
 
@@ -110,14 +102,17 @@ def _kept_multiple(k, round_to, n, max_ratio) -> int:
     return n_remove(n, k, round_to, max_ratio)
 
 
-def eval_feeds(an, opts, n: int = 2) -> list:
-    """The inputs fidelity is measured on: up to ``CALIB_BATCHES`` --calib batches when given, else
-    ``n`` synthetic batches at the probe's sizes (``spa.synthetic``, seed 101)."""
+def eval_feeds(an, opts, n: int = 2) -> tuple[list, str]:
+    """``(feeds, what they are)``: the inputs fidelity is measured on, up to ``CALIB_BATCHES``
+    --calib batches when given, else ``n`` synthetic batches at the probe's sizes (``spa.synthetic``,
+    seed 101)."""
     if opts.calib is not None and opts.calib != "random":
         from .calib import batches
-        return batches(an, opts.calib, n_batches=CALIB_BATCHES, batch_size=opts.calib_batch_size)[1][:CALIB_BATCHES]
+        feeds = batches(an, opts.calib, n_batches=CALIB_BATCHES, batch_size=opts.calib_batch_size)[1][:CALIB_BATCHES]
+        return feeds, f"{len(feeds)} batches of calibration data"
     from .synthetic import feeds
-    return feeds(an, n, seed=101, wanted=opts.synthetic)[1]
+    what, got = feeds(an, n, seed=101, wanted=opts.synthetic)
+    return got, f"{what} at the probe's sizes"
 
 
 def fidelity_on(reference: list, outputs: list) -> float:
@@ -194,7 +189,7 @@ class Table:
         self.base = local_plan(an.groups, scores, 0.0, overrides=fixed, round_to=opts.round_to,
                                exclude=opts.exclude, max_ratio=opts.max_ratio) if fixed else {}
         chosen = [g for g in selectable(an.groups, opts.exclude) if g.id not in fixed]
-        self.feeds = eval_feeds(an, opts)
+        self.feeds, self.inputs = eval_feeds(an, opts)
         original = probing.output_runner(an.model, an.probe.consts)
         self.reference = [original.run(f) for f in self.feeds]
         few = SENSITIVITY_BATCHES
@@ -208,8 +203,6 @@ class Table:
         self.macs = an.macs
         self.saved = {gid: [an.macs - self.cost.estimate(units)["macs"] for units, _ in lv]
                       for gid, lv in self.levels.items()}
-        self.inputs = "calibration data" if opts.calib not in (None, "random") else \
-            f"{len(self.feeds)} synthetic batches at the probe's sizes ({synthetic_kind(an, opts)})"
 
         self.path = greedy_path(self.levels, self.saved)
 

@@ -190,7 +190,7 @@ def feeds(an, n_batches, seed=0, wanted: str = "auto"):
             else:
                 feed[name] = pink(rng, v.shape).astype(v.dtype)
     whose = "the model's characters" if recogniser_characters(an.model) else "Latin characters"
-    what = {"text lines": f"{lines} rendered text line(s) of {whose} per batch",
+    what = {"text lines": f"rendered text lines of {whose}, {lines} per batch",
             "1/f noise": "1/f noise for images", NO_PILLOW: f"{NO_PILLOW} for images",
             "none": "realistic integer ranges"}[images]
     return f"synthetic ({n_batches} batches, {what})", out

@@ -38,7 +38,7 @@ def test_a_text_recogniser_gets_rendered_lines_of_its_characters():
     an = spa.analyze(_recogniser(), input_shapes={"x": [1, 3, 48, 160]})
     assert synthetic.kind(an) == "text lines"
     desc, feeds = synthetic.feeds(an, 2, seed=3)
-    assert "rendered text line" in desc and len(feeds) == 2
+    assert "rendered text lines" in desc and len(feeds) == 2
     x = feeds[0]["x"]
     assert x.shape == (synthetic.lines_per_batch(48, 160), 3, 48, 160) and x.dtype == np.float32
     assert x.min() >= -1.2 and x.max() <= 1.2                  # (x/255 - 0.5)/0.5, a little noise
