@@ -1,29 +1,13 @@
 """Models as they reach deployment (tools/export_deploy.py): mixture of experts, channel x spatial
 reshapes, recurrent OCR, dynamically quantized LSTMs; and every operator of every such model has a
 rule (``spa inspect --all`` names none without one)."""
-import collections
-
-import numpy as np
-import onnx
 import pytest
 
 import spa
 from spa.oracle import check_groups, check_joint
+from exported import deploy as export, ops
 
 EXACT = 1e-5
-_paths = {}
-
-
-def export(name):
-    if name not in _paths:
-        pytest.importorskip("torch")
-        from export_deploy import export as export_model
-        _paths[name] = str(export_model(name))
-    return _paths[name]
-
-
-def ops(path):
-    return collections.Counter(n.op_type for n in onnx.load(path, load_external_data=False).graph.node)
 
 
 @pytest.mark.slow

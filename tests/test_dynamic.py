@@ -17,6 +17,7 @@ from spa.validate import validate
 from spa.errors import SpaError
 from spa.oracle import check_groups, check_joint
 from graphs import G
+from exported import transformers as export
 
 EXACT = 1e-5
 
@@ -168,16 +169,6 @@ CAUSAL = ["gpt2_ts", "gpt2_dynamo", "llama_gqa"]
 #: prunable groups each export must expose (heads, head dims, KV heads, query heads per KV group, MLP, width)
 MIN_PRUNABLE = {"gpt2_ts": 7, "gpt2_dynamo": 7, "llama_gqa": 10, "bert": 7, "llama_gqa_kv": 5, "llama_gqa_fp16": 10}
 
-_paths = {}
-
-
-def export(name):
-    if name not in _paths:
-        pytest.importorskip("torch")
-        pytest.importorskip("transformers")
-        from export_transformers import export as export_model
-        _paths[name] = str(export_model(name))
-    return _paths[name]
 
 
 def _token_feed(model, batch, seq, rng, past=None):

@@ -18,6 +18,7 @@ import spa
 from graphs import G
 from spa import surgery
 from spa.oracle import check_groups, check_joint, cut_model
+from exported import transformers as export
 
 EXACT = 1e-5
 MS = "com.microsoft"
@@ -289,16 +290,6 @@ def test_an_unnamed_attention_node_blocks():
 # ----------------------------------------------------------------------------------------------
 # the optimizer's fusions of real exports
 
-_paths = {}
-
-
-def export(name):
-    if name not in _paths:
-        pytest.importorskip("torch")
-        pytest.importorskip("transformers")
-        from export_transformers import export as export_model
-        _paths[name] = str(export_model(name))
-    return _paths[name]
 
 
 def optimized(name, tmp_path, mha=False):

@@ -3,28 +3,15 @@ onnxruntime.quantization writes them (tools/export_deploy.py) and as hand-built 
 import collections
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
 from spa import probing
 from spa.oracle import check_groups, check_joint
+from exported import deploy as export, ops
 
 EXACT = 1e-5
-_paths = {}
-
-
-def export(name):
-    if name not in _paths:
-        pytest.importorskip("torch")
-        from export_deploy import export as export_model
-        _paths[name] = str(export_model(name))
-    return _paths[name]
-
-
-def ops(path):
-    return collections.Counter(n.op_type for n in onnx.load(path, load_external_data=False).graph.node)
 
 
 def prunable(an):
