@@ -148,7 +148,7 @@ def kind(an, wanted: str = "auto") -> str:
     return "1/f noise"
 
 
-NO_PILLOW = "1/f noise (install Pillow to render text lines)"
+NO_PILLOW = "1/f noise (install Pillow to render text lines: pip install 'spa-prune[text]')"
 
 
 def _pillow() -> bool:
