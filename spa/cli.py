@@ -164,8 +164,9 @@ def _criteria():
               help="--criterion obspa: where E[x x^T] of each consumer input comes from (auto: --calib data if "
                    "given, else bn with a synthetic fallback)")
 @click.option("--synthetic", type=click.Choice(["auto", "noise", "text"]), default="auto", show_default=True,
-              help="without --calib, what spa's synthetic images look like: text = rendered text lines (a text "
-                   "direction classifier); auto = lines for a recogniser that lists its characters, else 1/f noise")
+              help="without --calib, what spa's synthetic images look like: text = rendered text (lines for a "
+                   "line-shaped input such as a direction classifier's, pages for a detector's); auto = lines for "
+                   "a recogniser that lists its characters, else 1/f noise")
 @click.option("--blas-threads", type=click.IntRange(min=0), default=1, show_default=True,
               help="threads of numpy's BLAS while pruning (obspa's inverses); 0 leaves BLAS's own default")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of --criterion random and --calib random")

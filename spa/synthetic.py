@@ -16,7 +16,9 @@ sensitivity table and the fidelity search all run on these inputs.
   Pillow the images fall back to pink noise and the description says so.  A dynamic batch carries
   several lines (:func:`lines_per_batch`: the images are small, more lines make steadier statistics).
   ``--synthetic text`` asks for lines (of Latin characters) for any image model that does not list
-  its characters: a text direction classifier, a recogniser exported without its dictionary.  Without
+  its characters: a text direction classifier, a recogniser exported without its dictionary; an
+  input that is not line-shaped (less than twice as wide as high: a text detector's) gets pages of
+  rendered words instead (:func:`text_pages`).  Without
   --input-shapes such a recogniser is probed at PaddleOCR's line size, 48x320 (32x320 if it refuses
   that; :func:`recogniser_shapes`), not at the 224 (or fallback 64) that other images get.
 """
@@ -120,6 +122,39 @@ def text_lines(rng, shape, characters):
     return out
 
 
+def text_pages(rng, shape, characters):
+    """``shape`` = (N, C, H, W) float32 pages: rows of words of ``characters`` at random sizes and
+    places on a light background (sometimes dark), normalised to [-1, 1], for an input that is not
+    line-shaped (a text detector's page)."""
+    from PIL import Image, ImageDraw, ImageFont
+    N, C, H, W = shape
+    pool = _printable(characters)
+    out = np.zeros(shape, np.float32)
+    for i in range(N):
+        bg, ink = int(rng.integers(170, 256)), int(rng.integers(0, 110))
+        if rng.random() < 0.15:
+            bg, ink = ink, bg
+        img = Image.new("RGB", (W, H), (bg,) * 3)
+        draw = ImageDraw.Draw(img)
+        y = int(rng.integers(0, max(H // 10, 1)))
+        while y < H:
+            size = int(rng.integers(max(H // 40, 10), max(H // 12, 12)))
+            x = int(rng.integers(0, max(W // 4, 1)))
+            text = " ".join("".join(rng.choice(pool, int(rng.integers(1, 9)))) for _ in range(int(rng.integers(1, 6))))
+            draw.text((x, y), text, fill=tuple(int(np.clip(ink + t, 0, 255)) for t in rng.integers(-30, 31, 3)),
+                      font=ImageFont.load_default(size=size))
+            y += int(size * rng.uniform(1.3, 3.0))
+        x = np.asarray(img, np.float32) / 255.0 + rng.normal(0.0, 0.02, (H, W, 3))
+        x = ((x - 0.5) / 0.5).transpose(2, 0, 1)
+        out[i] = x[:C] if C <= 3 else np.concatenate([x] + [x[:1]] * (C - 3))
+    return out
+
+
+def _is_line(v) -> bool:
+    """A line-shaped image (a recogniser's or a direction classifier's input): at least 2x wider than high."""
+    return v.shape[3] >= 2 * v.shape[2]
+
+
 def _is_image(v) -> bool:
     return np.issubdtype(v.dtype, np.floating) and v.ndim == 4 and min(v.shape[2:]) >= 8
 
@@ -178,7 +213,9 @@ def feeds(an, n_batches, seed=0, wanted: str = "auto"):
         for name, v in list(feed.items()):
             if not _is_image(v):
                 continue
-            if characters is not None:
+            if characters is not None and not _is_line(v):
+                feed[name] = text_pages(rng, v.shape, characters).astype(v.dtype)
+            elif characters is not None:
                 n = lines_per_batch(*v.shape[2:]) if _dynamic_batch(an, name) else v.shape[0]
                 shape = (n,) + tuple(v.shape[1:])
                 feed[name] = text_lines(rng, shape, characters).astype(v.dtype)
@@ -190,7 +227,8 @@ def feeds(an, n_batches, seed=0, wanted: str = "auto"):
             else:
                 feed[name] = pink(rng, v.shape).astype(v.dtype)
     whose = "the model's characters" if recogniser_characters(an.model) else "Latin characters"
-    what = {"text lines": f"rendered text lines of {whose}, {lines} per batch",
+    what = {"text lines": f"rendered text lines of {whose}, {lines} per batch" if lines else
+            f"rendered pages of text in {whose}",
             "1/f noise": "1/f noise for images", NO_PILLOW: f"{NO_PILLOW} for images",
             "none": "realistic integer ranges"}[images]
     return f"synthetic ({n_batches} batches, {what})", out

@@ -162,3 +162,16 @@ def test_synthetic_text_is_asked_for_a_model_that_does_not_list_its_characters()
     assert synthetic.kind(an2, "noise") == "1/f noise"
     with pytest.raises(spa.SpaError, match="--synthetic"):
         spa.prune(m, 0.25, synthetic="lines")
+
+
+def test_synthetic_text_gives_a_page_shaped_input_pages_of_words():
+    """--synthetic text on a detector-shaped input (not twice as wide as high): pages, not one
+    stretched line."""
+    pytest.importorskip("PIL")
+    m = _recogniser(with_metadata=False)
+    an = spa.analyze(m, input_shapes={"x": [1, 3, 48, 64]})
+    desc, feeds = synthetic.feeds(an, 1, wanted="text")
+    x = feeds[0]["x"]
+    assert "pages" in desc and x.shape == (1, 3, 48, 64)      # the probe's batch: pages are not lines
+    rows = np.abs(x[0] - np.median(x[0])).max(axis=(0, 2))   # ink per row: several rows of words
+    assert (rows > 0.5).sum() >= 3 and (rows <= 0.2).sum() >= 3

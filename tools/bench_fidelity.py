@@ -108,6 +108,14 @@ def char_accuracy(pred, truth):
     return max(0.0, 1.0 - d[len(truth)] / max(len(truth), 1))
 
 
+def _analysis(name, args):
+    import spa
+    if args.page_size and name in ("ppocr_det", "yolov8n"):
+        inp = {"ppocr_det": "x", "yolov8n": "images"}[name]
+        return spa.analyze(name, input_shapes={inp: [1, 3, args.page_size, args.page_size]})
+    return spa.analyze(name)
+
+
 def held_out(name, an, n):
     """Held-out feeds for model ``name`` at the analysis's input size, and the rendered texts."""
     inp = next(iter(an.probe.inputs))
@@ -139,12 +147,15 @@ def main(argv=None) -> int:
     ap.add_argument("--curves", type=pathlib.Path, help="sweep ratios and fidelity targets, plot to this PNG")
     ap.add_argument("--targets", type=float, nargs="*", default=list(CURVE_TARGETS),
                     help="with --curves: the fidelity targets swept")
+    ap.add_argument("--page-size", type=int, default=None,
+                    help="analyse page models (ppocr_det, yolov8n) and render their held-out pages at NxN")
+    ap.add_argument("--configs", nargs="*", default=None, help="run only the configurations with these labels")
     ap.add_argument("--keep", type=pathlib.Path,
                     help="with --curves: an earlier --json whose rows of models not swept now are kept and plotted")
     args = ap.parse_args(argv)
     if args.curves:
         return curves(args)
-    configs = [("ratio 0.1", dict(ratio=0.1)), ("ratio 0.2", dict(ratio=0.2)), ("ratio 0.3", dict(ratio=0.3)),
+    configs = [("ratio 0.05", dict(ratio=0.05)), ("ratio 0.1", dict(ratio=0.1)), ("ratio 0.2", dict(ratio=0.2)), ("ratio 0.3", dict(ratio=0.3)),
                ("macs=1.3 global", dict(target="macs=1.3")),
                ("macs=1.3 sensitivity", dict(target="macs=1.3", allocate="sensitivity")),
                ("macs=1.3 sensitivity, obspa", dict(target="macs=1.3", allocate="sensitivity", criterion="obspa")),
@@ -154,7 +165,7 @@ def main(argv=None) -> int:
     import tempfile
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="spa-fid-"))
     for name in args.models:
-        an = spa.analyze(name)
+        an = _analysis(name, args)
         feeds, texts = held_out(name, an, args.held_out if name in ("ppocr_rec", "ppocr_cls") else 4)
         calib = tmp / f"{name}_calib.npz"   # other rendered inputs than the held-out ones
         calib_feeds = held_out_calib(name, an)
@@ -163,7 +174,7 @@ def main(argv=None) -> int:
             ("macs=1.3 sensitivity, --calib", dict(target="macs=1.3", allocate="sensitivity", calib=str(calib))),
             ("fidelity=0.99, --calib", dict(target="fidelity=0.99", calib=str(calib))),
             ("fidelity=0.95, --calib", dict(target="fidelity=0.95", calib=str(calib)))]
-        if name == "ppocr_cls":   # reads text lines, but does not say so: told with --synthetic text
+        if name in ("ppocr_cls", "ppocr_det"):   # read text, but do not say so: told with --synthetic text
             model_configs += [("macs=1.3 sensitivity, --synthetic text",
                                dict(target="macs=1.3", allocate="sensitivity", synthetic="text")),
                               ("fidelity=0.99, --synthetic text", dict(target="fidelity=0.99", synthetic="text")),
@@ -178,6 +189,10 @@ def main(argv=None) -> int:
         dense_acc = float(np.mean([char_accuracy(ctc_decode(r[0], chars), t) for r, t in zip(ref, texts)])) \
             if chars and name == "ppocr_rec" else None
         for label, kw in model_configs:
+            if args.configs and label not in args.configs:
+                continue
+            if args.page_size:
+                kw = {**kw, "input_shapes": an.probe.inputs and {k: list(v.shape) for k, v in an.probe.inputs.items()}}
             t0 = time.perf_counter()
             res = spa.prune(name, analysis=an, **kw)
             sess = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
