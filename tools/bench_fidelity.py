@@ -136,9 +136,6 @@ def held_out_calib(name, an, n=8):
 
 
 def main(argv=None) -> int:
-    import onnxruntime as ort
-    import spa
-    from spa.fidelity import cosine
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=ap_default())
     ap.add_argument("--held-out", type=int, default=24, help="held-out inputs per model")
@@ -179,35 +176,13 @@ def main(argv=None) -> int:
                                dict(target="macs=1.3", allocate="sensitivity", synthetic="text")),
                               ("fidelity=0.99, --synthetic text", dict(target="fidelity=0.99", synthetic="text")),
                               ("fidelity=0.95, --synthetic text", dict(target="fidelity=0.95", synthetic="text"))]
-        dense = ort.InferenceSession(an.full_model().SerializeToString(), providers=["CPUExecutionProvider"])
-        ref = [dense.run(None, f)[0] for f in feeds]
-        chars = None
-        if texts:
-            meta = {p.key: p.value for p in an.model.metadata_props}
-            if "character" in meta:
-                chars = meta["character"].split("\n") + [" "]
-        dense_acc = float(np.mean([char_accuracy(ctc_decode(r[0], chars), t) for r, t in zip(ref, texts)])) \
-            if chars and name == "ppocr_rec" else None
+        ref = _reference(an, feeds, texts)
         for label, kw in model_configs:
             if args.configs and label not in args.configs:
                 continue
-            if args.page_size:
-                kw = {**kw, "input_shapes": an.probe.inputs and {k: list(v.shape) for k, v in an.probe.inputs.items()}}
-            t0 = time.perf_counter()
-            res = spa.prune(name, analysis=an, **kw)
-            sess = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
-            got = [sess.run(None, f)[0] for f in feeds]
-            row = {"model": name, "config": label, "seconds": round(time.perf_counter() - t0, 1),
-                   "macs_factor": round(res.report["before"]["macs"] / max(res.report["after"]["macs"], 1), 3),
-                   "fidelity_synthetic": res.report["fidelity"]["min"],
-                   "fidelity_held_out": round(cosine(np.concatenate([a.ravel() for a in ref]),
-                                                     np.concatenate([b.ravel() for b in got])), 4)}
-            if "target_reached" in res.report and "fidelity" in kw.get("target", ""):
-                row["target_measured"] = res.report["target_reached"]
-            if dense_acc is not None:
-                acc = float(np.mean([char_accuracy(ctc_decode(g[0], chars), t) for g, t in zip(got, texts)]))
-                row.update(dense_char_acc=round(dense_acc, 4), char_acc=round(acc, 4),
-                           char_acc_rel=round(acc / max(dense_acc, 1e-9), 4))
+            if args.page_size:   # validate at the analysis's size, not the zoo's default
+                kw = {**kw, "input_shapes": {k: list(v.shape) for k, v in an.probe.inputs.items()}}
+            row = {"config": label, **_measure(name, an, kw, feeds, ref)}
             print(json.dumps(row), flush=True)
             rows.append(row)
             if args.json:
@@ -221,7 +196,22 @@ CURVE_RATIOS = (0.05, 0.1, 0.2, 0.3, 0.4)
 CURVE_TARGETS = (0.999, 0.995, 0.99, 0.98, 0.95)
 
 
-def _measure(name, an, kw, feeds, ref, texts, chars, dense_acc):
+def _reference(an, feeds, texts) -> dict:
+    """The dense model's outputs on the held-out ``feeds``, and for a recogniser (the model's own
+    dictionary in its metadata) the rendered ``texts`` and its character accuracy on them."""
+    import onnxruntime as ort
+    dense = ort.InferenceSession(an.full_model().SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = [dense.run(None, f)[0] for f in feeds]
+    meta = {p.key: p.value for p in an.model.metadata_props}
+    chars = meta["character"].split("\n") + [" "] if texts and "character" in meta else None
+    acc = float(np.mean([char_accuracy(ctc_decode(r[0], chars), t) for r, t in zip(outputs, texts)])) \
+        if chars else None
+    return {"outputs": outputs, "texts": texts, "chars": chars, "dense_acc": acc}
+
+
+def _measure(name, an, kw, feeds, ref) -> dict:
+    """Prune ``name`` with options ``kw`` and measure the result on the held-out ``feeds`` against
+    ``ref`` (``_reference``): MACs, fidelity (spa's own and held out), character accuracy."""
     import onnxruntime as ort
     import spa
     from spa.fidelity import cosine
@@ -229,32 +219,30 @@ def _measure(name, an, kw, feeds, ref, texts, chars, dense_acc):
     res = spa.prune(name, analysis=an, **kw)
     sess = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
     got = [sess.run(None, f)[0] for f in feeds]
+    before, after = res.report["before"]["macs"], res.report["after"]["macs"]
     row = {"model": name, "kw": kw, "seconds": round(time.perf_counter() - t0, 1),
-           "macs_removed": round(1 - res.report["after"]["macs"] / res.report["before"]["macs"], 4),
+           "macs_factor": round(before / max(after, 1), 3), "macs_removed": round(1 - after / before, 4),
            "fidelity_synthetic": res.report["fidelity"]["min"],
-           "fidelity_held_out": round(cosine(np.concatenate([a.ravel() for a in ref]),
+           "fidelity_held_out": round(cosine(np.concatenate([a.ravel() for a in ref["outputs"]]),
                                              np.concatenate([b.ravel() for b in got])), 4)}
-    if dense_acc is not None:
-        acc = float(np.mean([char_accuracy(ctc_decode(g[0], chars), t) for g, t in zip(got, texts)]))
-        row["char_acc_rel"] = round(acc / max(dense_acc, 1e-9), 4)
+    if "target_reached" in res.report and "fidelity" in kw.get("target", ""):
+        row["target_measured"] = res.report["target_reached"]
+    if ref["dense_acc"] is not None:
+        acc = float(np.mean([char_accuracy(ctc_decode(g[0], ref["chars"]), t) for g, t in zip(got, ref["texts"])]))
+        row.update(dense_char_acc=round(ref["dense_acc"], 4), char_acc=round(acc, 4),
+                   char_acc_rel=round(acc / max(ref["dense_acc"], 1e-9), 4))
     return row
 
 
 def curves(args) -> int:
     """Held-out fidelity against MACs removed: uniform ratios vs fidelity targets, per model."""
-    import onnxruntime as ort
     import spa
     models = [m for m in args.models if m != "ppocr_det"] if args.models == ap_default() else args.models
     rows = [r for r in json.loads(args.keep.read_text()) if r["model"] not in models] if args.keep else []
     for name in models:
         an = spa.analyze(name)
         feeds, texts = held_out(name, an, args.held_out if name in ("ppocr_rec", "ppocr_cls") else 4)
-        dense = ort.InferenceSession(an.full_model().SerializeToString(), providers=["CPUExecutionProvider"])
-        ref = [dense.run(None, f)[0] for f in feeds]
-        meta = {p.key: p.value for p in an.model.metadata_props}
-        chars = meta["character"].split("\n") + [" "] if texts and "character" in meta else None
-        dense_acc = float(np.mean([char_accuracy(ctc_decode(r[0], chars), t) for r, t in zip(ref, texts)])) \
-            if chars else None
+        ref = _reference(an, feeds, texts)
         sweeps = [("uniform ratio", [dict(ratio=r) for r in CURVE_RATIOS]),
                   ("fidelity target", [dict(target=f"fidelity={c}") for c in args.targets])]
         if name == "ppocr_rec":
@@ -265,7 +253,7 @@ def curves(args) -> int:
                            [dict(target=f"fidelity={c}", synthetic="text") for c in args.targets]))
         for label, kws in sweeps:
             for kw in kws:
-                row = {"sweep": label, **_measure(name, an, kw, feeds, ref, texts, chars, dense_acc)}
+                row = {"sweep": label, **_measure(name, an, kw, feeds, ref)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 if args.json:
