@@ -91,6 +91,14 @@ def _printable(characters) -> list:
     return pool if len(pool) >= 10 else list("abcdefghijklmnopqrstuvwxyz0123456789")
 
 
+def _as_input(img, rng, C):
+    """An RGB image as a ``C``-channel input the way PaddleOCR normalises one: a little sensor noise,
+    ``(x/255 - 0.5)/0.5``, channels first (grey copies beyond three)."""
+    x = np.asarray(img, np.float32) / 255.0
+    x = ((x + rng.normal(0.0, 0.02, x.shape) - 0.5) / 0.5).transpose(2, 0, 1)
+    return x[:C] if C <= 3 else np.concatenate([x] + [x[:1]] * (C - 3))
+
+
 def text_lines(rng, shape, characters):
     """``shape`` = (N, C, H, W) float32 images of rendered text lines of ``characters`` (random
     words, sizes, ink and background, sometimes inverted), each resized to height H keeping its
@@ -115,10 +123,7 @@ def text_lines(rng, shape, characters):
         img = Image.new("RGB", (w0, h0), colour(bg))
         ImageDraw.Draw(img).text((int(rng.integers(2, 12)), (h0 - size) // 2), text, fill=colour(ink), font=font)
         nw = max(1, min(W, int(np.ceil(H * w0 / h0))))
-        x = np.asarray(img.resize((nw, H), Image.BILINEAR), np.float32) / 255.0
-        x = x + rng.normal(0.0, 0.02, x.shape)
-        x = ((x - 0.5) / 0.5).transpose(2, 0, 1)
-        out[i, :, :, :nw] = x[:C] if C <= 3 else np.concatenate([x] + [x[:1]] * (C - 3))
+        out[i, :, :, :nw] = _as_input(img.resize((nw, H), Image.BILINEAR), rng, C)
     return out
 
 
@@ -144,9 +149,7 @@ def text_pages(rng, shape, characters):
             draw.text((x, y), text, fill=tuple(int(np.clip(ink + t, 0, 255)) for t in rng.integers(-30, 31, 3)),
                       font=ImageFont.load_default(size=size))
             y += int(size * rng.uniform(1.3, 3.0))
-        x = np.asarray(img, np.float32) / 255.0 + rng.normal(0.0, 0.02, (H, W, 3))
-        x = ((x - 0.5) / 0.5).transpose(2, 0, 1)
-        out[i] = x[:C] if C <= 3 else np.concatenate([x] + [x[:1]] * (C - 3))
+        out[i] = _as_input(img, rng, C)
     return out
 
 
