@@ -11,7 +11,7 @@ sensitivity table and the fidelity search all run on these inputs.
   preprocessed the way PaddleOCR feeds its recognisers (height kept, width by aspect, ``(x/255 -
   0.5)/0.5``, zero padding on the right).  Noise is nothing like a text line: on the PP-OCRv4
   recogniser a 1.3x MACs prune measured on pink noise keeps 9% of the dense character accuracy on
-  real lines, measured on these lines 94-98% (docs/fidelity_bench.md).  The lines use Pillow's
+  real lines, measured on these lines 98% (docs/fidelity_bench.md).  The lines use Pillow's
   built-in font (no system fonts needed) and the printable ASCII part of the dictionary; without
   Pillow the images fall back to pink noise and the description says so.  A dynamic batch carries
   several lines (:func:`lines_per_batch`: the images are small, more lines make steadier statistics).
