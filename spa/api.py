@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from . import fidelity, io, probing, surgery
-from . import weights as weight_store
+from .io import weights as weight_store
 from .counting import count_macs, count_params, mac_axes, node_macs
 from .errors import SpaError
 from .graph.channels import ChannelModel, build
@@ -19,7 +19,7 @@ from .plan import all_units, plan as make_plan
 from .scoring import CRITERIA
 from .scoring.obspa import HESSIANS
 from .validate import interface_changes, validate
-from .weights import is_float
+from .io.weights import is_float
 
 
 def _quiet(msg):
@@ -79,7 +79,7 @@ def analyze(model, *, input_shapes=None, progress=_quiet, weights=None, prune_io
         _check_regex(prune_io, "--prune-io")
     t0 = time.perf_counter()
     if isinstance(model, (str, os.PathLike)):  # a path or a zoo model's name, with its default shapes
-        from . import zoo
+        from .io import zoo
         model, input_shapes = zoo.resolve(model, input_shapes, progress=progress)
     progress("loading and probing the model in onnxruntime")
     proto, pr = probing.prepare(model, input_shapes, weights)

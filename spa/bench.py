@@ -304,7 +304,7 @@ def bench_command(models, provider, batches, threads, warmup, iters, input_shape
     Models run interleaved (round-robin) in one process; speedup is relative to the first
     MODEL at the same provider and batch. Progress goes to stderr."""
     try:
-        from spa import zoo
+        from spa.io import zoo
         resolved = [zoo.resolve(m, input_shapes or None) for m in models]  # paths or zoo models' names
         models = [path for path, _ in resolved]
         input_shapes = input_shapes or resolved[0][1]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import probing
-from .weights import is_float
+from .io.weights import is_float
 from .errors import SpaError
 from .shapes import integer_ranges
 

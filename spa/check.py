@@ -468,7 +468,7 @@ def check_command(original, other, inputs_path, input_shapes, seed, atol, rtol, 
     Exit code 0 if every output matches within tolerance, 1 if not, 2 on usage or load errors.
     """
     try:
-        from spa import zoo
+        from spa.io import zoo
         original, input_shapes = zoo.resolve(original, input_shapes or None)  # a path or a zoo model's name
         other, _ = zoo.resolve(other)
         inputs = _load_npz(inputs_path) if inputs_path else None

@@ -54,7 +54,7 @@ def _human(n: float) -> str:
 
 def _resolve_model(model: str, input_shapes=()):
     """(path, input shapes): a path, or the name of a zoo model (``spa.zoo.resolve``)."""
-    from . import zoo
+    from .io import zoo
     return zoo.resolve(model, _shapes(input_shapes), progress=_progress)
 
 

@@ -47,7 +47,7 @@ def reference(first, opts) -> tuple[list, list, str]:
     --calib data, or synthetic).  Run before surgery, while the original's weights are read anyway,
     and their pages handed back: the guard then runs only the pruned model (running the original
     after surgery would hold both models' weights at once: 1.5x a 1B decoder's size)."""
-    from .weights import release_pages
+    from .io.weights import release_pages
     feeds, what = eval_feeds(first, opts)
     original = probing.output_runner(first.model, first.probe.consts)
     outputs = [original.run(f) for f in feeds]

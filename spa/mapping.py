@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io, safetensors
+from . import io
+from .io import safetensors
 from .errors import SpaError
 
 FORMAT = "spa-map"

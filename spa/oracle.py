@@ -16,7 +16,7 @@ from onnx import helper, numpy_helper
 
 def cut_model(an, units) -> onnx.ModelProto:
     """Copy of ``an.model`` with the contributions of ``units`` masked out at their consumers."""
-    from .weights import full_model
+    from .io.weights import full_model
     proto = full_model(an.model, an.probe.consts)
     removed = an.channels.removed_atoms(units)
     for name, offset, size, shape, dtype in insert_masks(an, proto, removed):

@@ -7,7 +7,7 @@ import re
 import numpy as np
 
 from .errors import SpaError
-from .weights import is_float
+from .io.weights import is_float
 
 #: an --overrides file is a small JSON object; anything bigger is a mistake (or /dev/zero)
 OVERRIDES_LIMIT = 1 << 20

@@ -15,7 +15,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 # optional 'colored' package: neither concerns spa's users
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
-from . import weights
+from .io import weights
 from .errors import SpaError
 
 INT64_MAX = np.iinfo(np.int64).max

@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
-from spa import mapping, safetensors
+from spa import mapping
+from spa.io import safetensors
 from spa.cli import cli
 from spa.errors import SpaError
 from graphs import residual_chain

@@ -142,7 +142,7 @@ def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path):
 
 
 def test_external_data_output_is_written_beside_it_and_never_appended(tmp_path, monkeypatch):
-    monkeypatch.setattr(io, "EXTERNAL_DATA_ABOVE", 0)  # take the >2 GB path on a small model
+    monkeypatch.setattr("spa.io.save.EXTERNAL_DATA_ABOVE", 0)  # take the >2 GB path on a small model
     out = tmp_path / "o.onnx"
     sizes = []
     for _ in range(2):  # a re-run replaces the data file, never appends to it
@@ -380,7 +380,7 @@ def test_check_sizes_a_path_like_prune_and_falls_back_when_refused():
 
 
 def test_external_data_save_keeps_the_callers_weights_and_creates_the_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(io, "EXTERNAL_DATA_ABOVE", 0)
+    monkeypatch.setattr("spa.io.save.EXTERNAL_DATA_ABOVE", 0)
     m = residual_chain()
     before = sum(len(t.raw_data) for t in m.graph.initializer)
     io.save_model(m, tmp_path / "new" / "o.onnx")

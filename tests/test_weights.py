@@ -9,7 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
-from spa import io, probing, weights
+from spa import io, probing
+from spa.io import weights
 
 
 def _mlp(seed=0, hidden=48, inner=96):
@@ -78,7 +79,7 @@ def test_save_streams_stubs_inline_or_as_page_aligned_external_data(tmp_path, mo
     onnx.save_model(m, src)
     proto, arrays = io.load_lazily(src)
     if over_2gb:
-        monkeypatch.setattr(io, "EXTERNAL_DATA_ABOVE", 1000)
+        monkeypatch.setattr("spa.io.save.EXTERNAL_DATA_ABOVE", 1000)
     out = tmp_path / "out" / "m.onnx"
     io.save_model(proto, out, weights=arrays)
     data = tmp_path / "out" / "m.onnx.data"

@@ -242,7 +242,7 @@ def save(grads: dict, path, *, squared: bool = False) -> Path:
 
 def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
     """float32 tensors in the safetensors layout (``spa.safetensors``, no package needed)."""
-    from spa import safetensors
+    from spa.io import safetensors
     items = [(name, "F32", np.shape(a), lambda a=a: np.ascontiguousarray(a, dtype="<f4")) for name, a in tensors.items()]
     safetensors.write(path, items, {str(k): str(v) for k, v in (metadata or {}).items()})
 

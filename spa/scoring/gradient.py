@@ -44,9 +44,9 @@ from typing import Callable
 
 import numpy as np
 
-from .. import safetensors
+from ..io import safetensors
 from ..errors import SpaError
-from ..weights import BFLOAT16, RELEASE_ABOVE, is_float, release_pages
+from ..io.weights import BFLOAT16, RELEASE_ABOVE, is_float, release_pages
 from .magnitude import SLAB_BYTES, SliceAccumulator, dequantized
 from .structure import fallback
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import synthetic as synthetic_inputs
-from ..weights import put as put_weight
+from ..io.weights import put as put_weight
 from ..errors import SpaError
 from .hessians import bn_moments, hessian_from_bn, split_bias, with_bias
 from .obs import obs_group, obs_scores

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SpaError
+from ..errors import SpaError
 
 #: dtype tag -> numpy dtype of the same size (BF16 and F8: their bits)
 DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "F8_E4M3": "u1", "F8_E5M2": "u1",

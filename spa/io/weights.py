@@ -21,7 +21,7 @@ import mmap
 import numpy as np
 import onnx
 
-from .errors import SpaError
+from ..errors import SpaError
 
 try:
     import ml_dtypes
