@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import fidelity, io, probing, surgery
+from . import fidelity, io, surgery
+from .runtime import probing
 from .io import weights as weight_store
 from .counting import count_macs, count_params, mac_axes, node_macs
 from .errors import SpaError
@@ -228,7 +229,7 @@ class PruneOptions:
             load_overrides(self.overrides)  # a file: readable, small, JSON (its keys need the analysis)
         if self.prune_io is not None:
             _check_regex(self.prune_io, "--prune-io")
-        from .synthetic import KINDS
+        from .runtime.synthetic import KINDS
         if self.synthetic not in KINDS:
             raise SpaError(f"--synthetic must be one of {', '.join(KINDS)}, got {self.synthetic!r}")
         if self.hessian not in HESSIANS:
@@ -333,7 +334,7 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
 def _score(step: Step, scorer, opts: PruneOptions, k: int, tag: str, ranked: bool, progress) -> None:
     """Calibration statistics (calibrated criteria), scores, and the criterion's compensation
     (``ranked``: the plan compares scores across groups, a global rank or a target)."""
-    from . import calib as calib_mod
+    from .runtime import calib as calib_mod
     from .scoring import score
     an = step.analysis
     if scorer.needs_calib:

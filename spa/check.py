@@ -28,7 +28,7 @@ import onnx
 import onnxruntime as ort
 
 from spa.errors import SpaError
-from spa.shapes import integer_ranges
+from spa.runtime.shapes import integer_ranges
 
 
 # Models whose serialised protobuf reaches this size cannot be passed to ORT as bytes.
@@ -159,7 +159,7 @@ def make_inputs(model_or_path, input_shapes=None, seed=0, batch=None, values=Non
     can read (``spa.shapes.integer_ranges``: an embedding's rows, ones for an attention mask; [0, 4)
     otherwise).
     """
-    from spa.shapes import size_plan
+    from spa.runtime.shapes import size_plan
     model = load_proto(model_or_path)
     specs = input_specs(model)
     input_shapes = dict(input_shapes or {})
@@ -346,7 +346,7 @@ def compare(reference, candidate, inputs=None, input_shapes=None, seed=0, atol=1
 def _fallback_sizes(model) -> list:
     """Smaller sizes of the dynamic dims to try when the reference refuses the defaults (a
     recogniser that only runs at heights up to 64), as the probe does."""
-    from spa.shapes import fallback_bases, size_plan
+    from spa.runtime.shapes import fallback_bases, size_plan
     names = {n for n, _, _ in input_specs(model)}
     return fallback_bases(size_plan([vi for vi in model.graph.input if vi.name in names]))
 
@@ -356,8 +356,8 @@ def _other_sizes(ref_proto, ref_sess, cand_sess, feeds, seed, atol, rtol) -> lis
     the plans in which one dim is the sum of two others that fit ``feeds`` are tried (a KV cache's
     mask length = past + sequence)."""
     from spa.io import graph_inputs
-    from spa.probing import input_feed
-    from spa.shapes import related_plans, size_plan
+    from spa.runtime.probing import input_feed
+    from spa.runtime.shapes import related_plans, size_plan
     given = {k: list(v.shape) for k, v in feeds.items()}
     plan = size_plan(graph_inputs(ref_proto), given)
     if not plan.symbols:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import probing
+from .runtime import probing
 from .io import initializer_arrays
 
 #: the CLI warns below this fidelity
@@ -107,10 +107,10 @@ def eval_feeds(an, opts, n: int = 2) -> tuple[list, str]:
     --calib batches when given, else ``n`` synthetic batches at the probe's sizes (``spa.synthetic``,
     seed 101)."""
     if opts.calib is not None and opts.calib != "random":
-        from .calib import batches
+        from .runtime.calib import batches
         feeds = batches(an, opts.calib, n_batches=CALIB_BATCHES, batch_size=opts.calib_batch_size)[1][:CALIB_BATCHES]
         return feeds, f"{len(feeds)} batches of calibration data"
-    from .synthetic import feeds
+    from .runtime.synthetic import feeds
     what, got = feeds(an, n, seed=101, wanted=opts.synthetic)
     return got, f"{what} at the probe's sizes"
 

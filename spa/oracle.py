@@ -80,7 +80,7 @@ SCALE_FLOOR = 0.1
 def compare_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feed) -> float:
     """Largest relative error over the graph outputs: ``max|a-b| / max(max|a|, SCALE_FLOOR)``;
     ``feed`` is one input dict or a list of them (every size is compared)."""
-    from .probing import session
+    from .runtime.probing import session
     feeds = feed if isinstance(feed, list) else [feed]
     sa, sb = session(a), session(b)
     worst = 0.0
@@ -98,7 +98,7 @@ def feeds_at_every_size(an, most=None) -> list:
     """Inputs at every size the analysis ran the model at (the probe's, then each other point:
     every dynamic dim moved up, then down), or the ``most`` cheapest of them (the probe's first,
     then the short point: each dynamic dim still at two sizes)."""
-    from .probing import input_feed
+    from .runtime.probing import input_feed
     pr = an.probe
     points = pr.points[1:] if pr.plan is not None else []
     if most is not None:

@@ -11,7 +11,8 @@ import dataclasses
 import numpy as np
 import onnx
 
-from . import io, probing
+from . import io
+from .runtime import probing
 from .errors import SpaError
 
 

@@ -63,7 +63,7 @@ def test_make_inputs_defaults_and_overrides():
     model = helper.make_model(graph, ir_version=8)
     inputs = make_inputs(model)
     assert set(inputs) == {"x", "ids", "mask"}  # the initializer listed as input is skipped
-    from spa.shapes import BATCH_SIZE as first, OTHER_SIZE as other
+    from spa.runtime.shapes import BATCH_SIZE as first, OTHER_SIZE as other
     assert inputs["x"].shape == (first, 3, other, other) and inputs["x"].dtype == np.float32
     assert inputs["ids"].shape == (first, 7) and inputs["ids"].dtype == np.int64
     assert inputs["ids"].min() >= 0 and inputs["mask"].dtype == np.bool_

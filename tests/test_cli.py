@@ -42,7 +42,7 @@ def test_prune_writes_smaller_valid_model_and_report(model_path, tmp_path):
     assert all(g["kept"] >= 1 for g in report["groups"])
     pruned = onnx.load(str(out))
     onnx.checker.check_model(pruned)
-    from spa.probing import session
+    from spa.runtime.probing import session
     x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
     assert session(pruned).run(None, {"x": x})[0].shape == (1, 5)
 

@@ -4,7 +4,7 @@ import pytest
 
 import spa
 from graphs import G, residual_chain
-from spa import calib
+from spa.runtime import calib
 from spa.errors import SpaError
 from spa.scoring import CRITERIA, score
 
@@ -124,7 +124,7 @@ def test_running_statistics_match_numpy():
     an = spa.analyze(activation_zero_model())
     _, feeds = calib.batches(an, "random", n_batches=3)
     stats = calib.collect(an, feeds)
-    from spa.probing import run_all
+    from spa.runtime.probing import run_all
     axis = next(ax for ax in stats.axes if stats.axes[ax].sum.shape == (5,))
     acts = np.concatenate([np.moveaxis(run_all(an.model, f, an.weights)[axis[0]], axis[1], -1).reshape(-1, 5) for f in feeds])
     st = stats.axes[axis]

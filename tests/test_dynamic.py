@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import spa
-from spa import probing, shapes
+from spa.runtime import probing, shapes
 
 from spa.validate import validate
 from spa.errors import SpaError

@@ -39,7 +39,8 @@ def test_cosine_of_outputs():
 def test_the_masked_model_is_the_pruned_model_for_exact_groups():
     """One session with channel masks fed at run time gives the pruned model's outputs (the
     sensitivity table measures what surgery would make, without surgery)."""
-    from spa import probing, surgery
+    from spa import surgery
+    from spa.runtime import probing
     from spa.fidelity import MaskedModel
     an = spa.analyze(residual_chain())
     masked = MaskedModel(an)
@@ -62,14 +63,14 @@ def test_fidelity_target_lands_just_above_the_asked_cosine_and_beats_a_uniform_r
     it removes more MACs than the uniform ratio that keeps the same fidelity."""
     from test_models import model_path
     from spa.fidelity import compare
-    from spa.synthetic import feeds as synthetic_feeds
+    from spa.runtime.synthetic import feeds as synthetic_feeds
     path = model_path("mobilenet_v2")
     an = spa.analyze(path)
     res = spa.prune(path, target="fidelity=0.99", analysis=an)
     got = res.report["target_reached"]
     assert 0.99 <= got < 0.999, res.report["plan"]["rounds"]
     held = synthetic_feeds(an, 3, seed=777)[1]
-    from spa import probing
+    from spa.runtime import probing
     a, b = probing.session(an.full_model()), probing.session(res.model)
     held_fid = min(compare(dict(zip(["y"], a.run(None, f))), dict(zip(["y"], b.run(None, f))))["min"] for f in held)
     assert held_fid > 0.97, held_fid

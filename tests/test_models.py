@@ -79,7 +79,7 @@ def test_prune_ratio_03(name, tmp_path):
     assert res.report["after"]["params"] < res.report["before"]["params"]
     assert res.report["after"]["macs"] < res.report["before"]["macs"]
     pruned = onnx.load(str(out))
-    from spa.probing import session
+    from spa.runtime.probing import session
     sess = session(pruned)
     outs = sess.run(None, an.probe.inputs)
     for o, vi in zip(outs, an.model.graph.output):

@@ -4,7 +4,8 @@ import pytest
 
 import spa
 from graphs import PATTERNS, G
-from spa import io, probing
+from spa import io
+from spa.runtime import probing
 from spa.oracle import compare_outputs
 from spa.scoring import obspa
 from spa.scoring.hessians import conv_patches
@@ -136,7 +137,7 @@ def test_synthetic_images_are_correlated_noise_and_auto_prefers_bn():
     out = g.conv(y, 8, 4, act=None)
     m = g.model([("x", [2, 3, 32, 32])], [out])
     an = spa.analyze(m)
-    _, feeds = __import__('spa.synthetic').synthetic.feeds(an, 2)
+    _, feeds = __import__('spa.runtime.synthetic').runtime.synthetic.feeds(an, 2)
     x = feeds[0]["x"]
     assert x.shape == (2, 3, 32, 32) and abs(x.std() - 1) < 0.05
     right = np.corrcoef(x[..., :-1].ravel(), x[..., 1:].ravel())[0, 1]

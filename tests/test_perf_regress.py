@@ -11,7 +11,8 @@ import pytest
 from onnx import TensorProto, helper
 
 import spa
-from spa import io, probing
+from spa import io
+from spa.runtime import probing
 from graphs import G, attention, residual_chain
 
 

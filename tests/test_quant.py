@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
-from spa import probing
+from spa.runtime import probing
 from spa.oracle import check_groups, check_joint
 from exported import deploy as export, ops
 

@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import spa
 from graphs import G
-from spa import probing, surgery
+from spa import surgery
+from spa.runtime import probing
 from spa.counting import node_macs
 from spa.oracle import check_groups, check_joint, compare_outputs, cut_model
 

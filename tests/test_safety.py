@@ -150,7 +150,7 @@ def test_external_data_output_is_written_beside_it_and_never_appended(tmp_path, 
         sizes.append(os.path.getsize(str(out) + ".data"))
     assert sizes[0] == sizes[1] > 0 and leftovers(tmp_path) == []
     onnx.checker.check_model(str(out))
-    from spa.probing import session
+    from spa.runtime.probing import session
     assert session(str(out)).get_inputs()[0].name == "x"
     data = tmp_path / "o.onnx.data"
     os.remove(data)
@@ -267,7 +267,7 @@ def test_a_minus_one_dim_is_dynamic():
     m = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x],
                                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]))
     assert make_inputs(m, batch=4)["x"].shape == (4, 3, 8, 8)
-    from spa import shapes
+    from spa.runtime import shapes
     assert shapes.size_plan([x]).symbols == ["x[0]"]
 
 

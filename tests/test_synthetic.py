@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
-from spa import synthetic
+from spa.runtime import synthetic
 
 
 def _recogniser(characters="abc0123-:", with_metadata=True):
@@ -110,7 +110,8 @@ def test_the_ppocr_recogniser_keeps_reading_after_a_data_free_1_3x_prune():
     """PP-OCRv4's recogniser, --target macs=1.3 --criterion obspa --allocate sensitivity, no data:
     on rendered lines it keeps >= 90% of the dense character accuracy (on 1/f noise it kept 9%)."""
     pytest.importorskip("PIL")
-    from spa import probing, zoo
+    from spa import zoo
+    from spa.runtime import probing
     path = str(zoo.fetch("ppocr_rec"))
     an = spa.analyze(path)
     assert synthetic.kind(an) == "text lines"

@@ -9,7 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
-from spa import io, probing
+from spa import io
+from spa.runtime import probing
 from spa.io import weights
 
 

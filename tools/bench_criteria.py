@@ -123,7 +123,7 @@ def export(net, path):
 
 
 def accuracy(model, x, y):
-    from spa.probing import session
+    from spa.runtime.probing import session
     sess = session(model)
     logits = np.concatenate([sess.run(None, {"x": x[i:i + 64]})[0] for i in range(0, len(x), 64)])
     return float((logits.argmax(1) == y).mean())
@@ -466,7 +466,7 @@ def f1(p, r):
 
 
 def cls_eval(model, x, y, ref=None):
-    from spa.probing import session
+    from spa.runtime.probing import session
     sess = session(model, optimize=True)
     prob = np.concatenate([sess.run(None, {"x": x[i:i + 128]})[0] for i in range(0, len(x), 128)])
     pred = prob.argmax(1)
@@ -478,7 +478,7 @@ def cls_eval(model, x, y, ref=None):
 
 
 def det_eval(model, x, gts, ref=None):
-    from spa.probing import session
+    from spa.runtime.probing import session
     sess = session(model, optimize=True)
     tp = n_pred = n_gt = 0
     pix = np.zeros(4)  # predicted inside boxes, predicted, kernel covered, kernel

@@ -121,7 +121,7 @@ def _export_digits(net, path, keep_bn):
 
 def run_batched(model, input_name, x, batch):
     """The model's first output over ``x`` run ``batch`` samples at a time, concatenated."""
-    from spa.probing import session
+    from spa.runtime.probing import session
     sess = session(model)
     return np.concatenate([sess.run(None, {input_name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
 

@@ -21,9 +21,9 @@ import numpy as np
 import onnx
 
 from ..io import graph_refs, tensor_array
-from ..probing import fold_candidates
+from ..runtime.probing import fold_candidates
 from ..ops.rules import rule_for
-from ..shapes import all_reads, shape_reads
+from ..runtime.shapes import all_reads, shape_reads
 
 # reasons a unit cannot shrink, most informative first; R_SPATIAL marks positions that are not
 # channels at all (spatial and kernel dims): groups made of them are not reported

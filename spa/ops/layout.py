@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..shapes import all_reads
+from ..runtime.shapes import all_reads
 
 def rule_squeeze(ctx):
     """Squeeze/Unsqueeze/Flatten: match dims by products; size-1 dims carry nothing."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import synthetic as synthetic_inputs
+from ..runtime import synthetic as synthetic_inputs
 from ..io.weights import put as put_weight
 from ..errors import SpaError
 from .hessians import bn_moments, hessian_from_bn, split_bias, with_bias
@@ -254,8 +254,8 @@ def _rows(x, c: Consumer, rows, rng):
 
 def data_hessians(an, wanted, feeds, *, rows=ROWS_PER_BATCH, seed=0, source="synthetic", progress=_quiet):
     """``E[x x^T]`` and ``E[x]`` for every consumer in ``wanted`` ({key: consumer}) over ``feeds``."""
-    from .. import probing
-    from ..calib import exposing_session
+    from ..runtime import probing
+    from ..runtime.calib import exposing_session
     hs = Hessians()
     if not wanted:
         return hs
@@ -329,7 +329,7 @@ def hessians(an, consumers, source="auto", calib=None, *, n_batches=8, batch_siz
     the others; ``auto`` is ``bn`` without calibration data (the data-free combination that measured
     best, docs/obspa.md) and the calibration data everywhere with it.  The source of each is recorded.
     """
-    from .. import calib as calib_mod
+    from ..runtime import calib as calib_mod
     if source not in HESSIANS:
         raise SpaError(f"unknown Hessian source {source!r}; choose one of {', '.join(HESSIANS)}")
     wanted = {}

@@ -175,7 +175,7 @@ def kind(an, wanted: str = "auto") -> str:
     """Which synthetic images ``an``'s model gets (``wanted``: one of ``KINDS``): 'text lines',
     '1/f noise' or 'none' (no image input)."""
     if wanted not in KINDS:
-        from .errors import SpaError
+        from ..errors import SpaError
         raise SpaError(f"unknown synthetic input kind {wanted!r}; choose one of {', '.join(KINDS)}")
     images = [v for v in an.probe.inputs.values() if _is_image(v)]
     if not images:

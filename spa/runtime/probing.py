@@ -23,10 +23,10 @@ import onnx
 from onnx import numpy_helper
 
 from . import shapes
-from .io import weights
-from .io.weights import is_float
-from .errors import SpaError
-from .io import (FEED_LIMIT, ONNX_TO_NUMPY, constants_to_initializers, drop_initializer_inputs, graph_inputs,
+from ..io import weights
+from ..io.weights import is_float
+from ..errors import SpaError
+from ..io import (FEED_LIMIT, ONNX_TO_NUMPY, constants_to_initializers, drop_initializer_inputs, graph_inputs,
                  graph_refs, initializer_arrays, load_lazily, remove_dead, serialize, skeleton,
                  tensor_array)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .errors import SpaError
+from ..errors import SpaError
 
 #: default sizes: the batch (a symbol used as dim 0), token dims (used by an integer input), others
 BATCH_SIZE, TOKEN_SIZE, OTHER_SIZE = 1, 16, 224

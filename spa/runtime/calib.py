@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from . import probing
-from .io.weights import is_float
-from .errors import SpaError
+from ..io.weights import is_float
+from ..errors import SpaError
 from .shapes import integer_ranges
 
 
