@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
-from spa.runtime import synthetic
+from spa.runtime import shapes, synthetic
 
 
 def _recogniser(characters="abc0123-:", with_metadata=True):
@@ -115,7 +115,7 @@ def test_the_ppocr_recogniser_keeps_reading_after_a_data_free_1_3x_prune():
     path = str(zoo.fetch("ppocr_rec"))
     an = spa.analyze(path)
     assert synthetic.kind(an) == "text lines"
-    chars = synthetic.recogniser_characters(an.model) + [" "]
+    chars = shapes.recogniser_characters(an.model) + [" "]
     res = spa.prune(path, target="macs=1.3", criterion="obspa", allocate="sensitivity", analysis=an)
     assert res.report["before"]["macs"] / res.report["after"]["macs"] >= 1.29
     dense, pruned = probing.session(an.full_model()), probing.session(res.model)

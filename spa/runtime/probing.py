@@ -591,8 +591,7 @@ def prepare(model, input_shapes=None, arrays=None):
     consts = initializer_arrays(proto, arrays)
     pr = None
     if input_shapes is None:   # a text recogniser runs at the size it reads lines at, if it takes it
-        from .synthetic import recogniser_shapes
-        for line in recogniser_shapes(proto):
+        for line in shapes.recogniser_shapes(proto):
             try:
                 pr = probe(proto, line, consts=consts)
                 break

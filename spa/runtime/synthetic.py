@@ -2,7 +2,7 @@
 sensitivity table and the fidelity search all run on these inputs.
 
 * **Integer inputs** take realistic ranges (token ids span the embedding, masks are ones:
-  ``spa.calib.integer_ranges``), other floats white noise.
+  ``spa.runtime.shapes.integer_ranges``), other floats white noise.
 * **Images** (float NCHW, at least 8x8) are 1/f ("pink") noise: a trained network's convolutions
   see spatially correlated inputs, and white noise gives their Hessians the wrong structure
   (docs/obspa.md).
@@ -20,11 +20,16 @@ sensitivity table and the fidelity search all run on these inputs.
   input that is not line-shaped (less than twice as wide as high: a text detector's) gets pages of
   rendered words instead (:func:`text_pages`).  Without
   --input-shapes such a recogniser is probed at PaddleOCR's line size, 48x320 (32x320 if it refuses
-  that; :func:`recogniser_shapes`), not at the 224 (or fallback 64) that other images get.
+  that; ``spa.runtime.shapes.recogniser_shapes``), not at the 224 (or fallback 64) that other images get.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from ..errors import SpaError
+from . import calib
+from .probing import dynamic_dims
+from .shapes import recogniser_characters
 
 #: pixels of text lines per synthetic batch when the batch axis is dynamic: 16 lines of a 48x192
 #: direction classifier, 10 of a 48x320 recogniser (the sensitivity table measures 2 batches: a
@@ -49,41 +54,6 @@ def pink(rng, shape):
     x -= x.mean(axis=(1, 2, 3), keepdims=True)
     x /= x.std(axis=(1, 2, 3), keepdims=True) + 1e-12
     return x
-
-
-def recogniser_characters(model) -> list | None:
-    """The characters of a text recogniser that lists them in its metadata (PaddleOCR's
-    ``character``, one per line), or None."""
-    meta = {p.key: p.value for p in model.metadata_props}
-    text = meta.get("character")
-    if not text:
-        return None
-    chars = [c for c in text.split("\n") if c]
-    return chars or None
-
-
-#: the line sizes PaddleOCR feeds its recognisers (``rec_image_shape``: 3,48,320 since PP-OCRv3,
-#: 3,32,320 before): a recogniser whose height or width is dynamic is probed at the first it takes,
-#: unless the user gives --input-shapes
-LINE_SIZES = ((48, 320), (32, 320))
-
-
-def recogniser_shapes(model) -> list:
-    """``[{input: [1, C, H, W]}]`` per ``LINE_SIZES`` (dims the model fixes kept) for a text
-    recogniser whose image input has a dynamic height or width, else []."""
-    if not recogniser_characters(model):
-        return []
-    inits = {i.name for i in model.graph.initializer}
-    for inp in model.graph.input:
-        if inp.name in inits:
-            continue
-        tt = inp.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
-        if tt.elem_type not in (1, 10, 11, 16) or len(dims) != 4 or dims[1] not in (1, 3) or \
-                (dims[2] is not None and dims[3] is not None):
-            continue
-        return [{inp.name: [dims[0] or 1, dims[1], dims[2] or h, dims[3] or w]} for h, w in LINE_SIZES]
-    return []
 
 
 def _printable(characters) -> list:
@@ -175,7 +145,6 @@ def kind(an, wanted: str = "auto") -> str:
     """Which synthetic images ``an``'s model gets (``wanted``: one of ``KINDS``): 'text lines',
     '1/f noise' or 'none' (no image input)."""
     if wanted not in KINDS:
-        from ..errors import SpaError
         raise SpaError(f"unknown synthetic input kind {wanted!r}; choose one of {', '.join(KINDS)}")
     images = [v for v in an.probe.inputs.values() if _is_image(v)]
     if not images:
@@ -199,15 +168,13 @@ def _pillow() -> bool:
 
 
 def _dynamic_batch(an, name) -> bool:
-    from .probing import dynamic_dims
     return (name, 0) in set(dynamic_dims(an.model))
 
 
 def feeds(an, n_batches, seed=0, wanted: str = "auto"):
     """``(description, feeds)``: ``n_batches`` synthetic batches at the probed shapes (see the module
     doc for what each kind of input gets; ``wanted``: ``--synthetic``, one of ``KINDS``)."""
-    from . import calib as calib_mod
-    _, out = calib_mod.batches(an, "random", n_batches=n_batches, seed=seed)
+    _, out = calib.batches(an, "random", n_batches=n_batches, seed=seed)
     rng = np.random.default_rng(seed + 2)
     images = kind(an, wanted)
     characters = (recogniser_characters(an.model) or LATIN) if images == "text lines" else None
