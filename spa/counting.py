@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from .ops.registry import MACS, rule_key
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 #: integer types of quantized weights (int64/int32 initializers are shapes, indices, biases' sums)
@@ -33,16 +34,11 @@ def count_params(proto: onnx.ModelProto) -> int:
     return total
 
 
-#: rule key (``spa.ops.rules.rule_key``) -> (macs(node, shapes), mac_axes(node, shapes)) for the
-#: operator families outside this module (quantized, recurrent, fused: ``spa.ops.*`` register theirs)
-MACS: dict = {}
-
-
 def node_macs(node, shapes) -> int:
-    """MACs of one node: Conv, ConvTranspose, Gemm, MatMul here, the registered families in
-    ``MACS`` (others are negligible: 0)."""
+    """MACs of one node: Conv, ConvTranspose, Gemm, MatMul here, the families with a module of
+    their own by their ``MACS`` (``spa.ops.registry``; others are negligible: 0)."""
     op = node.op_type
-    extra = MACS.get(op if node.domain in ("", "ai.onnx") else f"{node.domain}:{op}")
+    extra = MACS.get(rule_key(node))
     if extra is not None:
         try:
             return int(extra[0](node, shapes))
@@ -74,7 +70,7 @@ def count_macs(proto: onnx.ModelProto, shapes: dict) -> int:
 
 def mac_axes(node, shapes):
     """The input-channel and output-channel axes whose sizes MACs scale with."""
-    extra = MACS.get(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}")
+    extra = MACS.get(rule_key(node))
     if extra is not None:
         return extra[1](node, shapes)
     if node.op_type in ("Conv", "ConvTranspose"):

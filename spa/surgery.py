@@ -17,6 +17,7 @@ gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
 from .io import weights
 from .errors import SpaError
+from .ops.registry import REWRITES as FAMILY_REWRITES
 
 INT64_MAX = np.iinfo(np.int64).max
 
@@ -331,11 +332,5 @@ def rw_attr_list(node, info, kept, new_size, probe, new):
 _REWRITE = {"attr": rw_attr, "attr_list": rw_attr_list, "group": rw_group, "reshape": rw_reshape, "split": rw_split, "slice": rw_slice,
             "gather": rw_gather, "sizes": rw_sizes, "expand": rw_expand}
 
-def _family_rewrites() -> dict:
-    """Rewrites of the operator families with a module of their own (``spa.ops.*.REWRITES``)."""
-    from .ops import fused, quant, rnn
-    return {**quant.REWRITES, **rnn.REWRITES, **fused.REWRITES}
-
-
-_REWRITE.update(_family_rewrites())
+_REWRITE.update(FAMILY_REWRITES)  # the operator families with a module of their own (spa.ops.registry)
 

@@ -22,7 +22,7 @@ import onnx
 
 from ..io import graph_refs, tensor_array
 from ..runtime.probing import fold_candidates
-from ..ops.rules import rule_for
+from ..ops.registry import rule_for
 from ..runtime.shapes import all_reads, shape_reads
 
 # reasons a unit cannot shrink, most informative first; R_SPATIAL marks positions that are not

@@ -29,6 +29,7 @@ are not weights (``stat``).
 from __future__ import annotations
 
 from .common import attr, broadcast, identity_dims, norm
+from .rules import concat_ties, conv_ties, gemm_ties, matmul_ties
 
 MS = "com.microsoft"
 
@@ -102,7 +103,6 @@ def rule_dynamic_quantize(ctx):
 
 def rule_qlinear_conv(ctx):
     """QLinearConv(x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, B): a Conv on x and w."""
-    from .rules import conv_ties
     node = ctx.node
     x, w, y, b = node.input[0], node.input[3], node.output[0], _input(node, 8)
     conv_ties(ctx, x, w, y, b, None)
@@ -113,7 +113,6 @@ def rule_qlinear_conv(ctx):
 
 def rule_conv_integer(ctx):
     """ConvInteger(x, w, x_zp, w_zp) -> int32."""
-    from .rules import conv_ties
     node = ctx.node
     x, w, y = node.input[0], node.input[1], node.output[0]
     conv_ties(ctx, x, w, y, None, None)
@@ -134,7 +133,6 @@ def _weight_params(ctx, w, scale, zp, axis):
 def rule_qlinear_matmul(ctx):
     """QLinearMatMul(a, a_s, a_zp, b, b_s, b_zp, y_s, y_zp): a MatMul of a and b; b's per-column
     parameters on its last axis."""
-    from .rules import matmul_ties
     node = ctx.node
     a, b, y = node.input[0], node.input[3], node.output[0]
     got = matmul_ties(ctx, a, b, y)
@@ -148,7 +146,6 @@ def rule_qlinear_matmul(ctx):
 
 def rule_matmul_integer(ctx):
     """MatMulInteger(a, b, a_zp, b_zp) -> int32 (dynamic quantization's product)."""
-    from .rules import matmul_ties
     node = ctx.node
     a, b, y = node.input[0], node.input[1], node.output[0]
     got = matmul_ties(ctx, a, b, y)
@@ -161,7 +158,6 @@ def rule_matmul_integer(ctx):
 
 def rule_matmul_integer_to_float(ctx):
     """com.microsoft MatMulIntegerToFloat(a, b, a_scale, b_scale, a_zp, b_zp, bias) -> float."""
-    from .rules import matmul_ties
     node = ctx.node
     a, b, y = node.input[0], node.input[1], node.output[0]
     got = matmul_ties(ctx, a, b, y)
@@ -178,7 +174,6 @@ def rule_matmul_integer_to_float(ctx):
 def rule_dynamic_quantize_matmul(ctx):
     """com.microsoft DynamicQuantizeMatMul(a float, b int8, b_scale, b_zp, bias): a is quantized with
     a scale from its whole range inside the op, so cutting its channels is approximate."""
-    from .rules import matmul_ties
     node = ctx.node
     a, b, y = node.input[0], node.input[1], node.output[0]
     got = matmul_ties(ctx, a, b, y)
@@ -204,7 +199,6 @@ def _product_sinks(ctx, got, a_io, b_io):
 def rule_qgemm(ctx):
     """com.microsoft QGemm(A, a_s, a_zp, B, b_s, b_zp, C, y_s, y_zp) with transA/transB; y_s absent:
     float output."""
-    from .rules import gemm_ties
     node = ctx.node
     a, b, y = node.input[0], node.input[3], node.output[0]
     ak, bk = gemm_ties(ctx, a, b, y, _input(node, 6))
@@ -236,7 +230,6 @@ def rule_qlinear_unary(ctx):
 
 def rule_qlinear_concat(ctx):
     """QLinearConcat(Y_s, Y_zp, X0, X0_s, X0_zp, X1, ...): Concat of the X's."""
-    from .rules import concat_ties
     node = ctx.node
     concat_ties(ctx, [node.input[i] for i in range(2, len(node.input), 3)], node.output[0])
 

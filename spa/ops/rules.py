@@ -13,14 +13,15 @@ A rule reads one node through a :class:`RuleContext` and declares, in terms of a
 * ``stat(i)``: input i holds statistics, not weights (BN mean/var: excluded from magnitude scores).
 
 Operators without a rule fix every axis they touch: unknown operators block, they never guess.
-This module holds the rule table (``RULES``) and the rules of every family but layout (Reshape,
-Flatten, Squeeze, Unsqueeze, Expand, Shape: ``spa.ops.layout``); helpers are in ``spa.ops.common``.
+This module holds the rules of the standard operators and their table (``RULES``; the layout family,
+Reshape, Flatten, Squeeze, Unsqueeze, Expand, Shape, is in ``spa.ops.layout``); helpers are in
+``spa.ops.common``; the table of every operator, with the families that have a module of their own
+(quantized, recurrent, fused), is ``spa.ops.registry``.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..counting import MACS
 from .common import attr, broadcast, identity_dims, norm
 from .layout import rule_depth_space, rule_expand, rule_reshape, rule_shape, rule_squeeze
 
@@ -559,26 +560,3 @@ RULES.update({
     "Expand": rule_expand, "Shape": rule_shape, "Size": rule_shape,
     "DepthToSpace": rule_depth_space, "SpaceToDepth": rule_depth_space,
 })
-
-
-
-def rule_key(node) -> str:
-    """The key of a node's rule in ``RULES``: the op type for the default ONNX domain,
-    ``domain:op`` for the others (``com.microsoft:Attention``)."""
-    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
-
-
-def rule_for(node):
-    return RULES.get(rule_key(node))
-
-
-# the families with a module of their own: each has RULES (rule key -> rule) and MACS (rule key ->
-# (macs, mac_axes), counted by spa.counting)
-from . import fused, quant, rnn  # noqa: E402
-
-for _family in (quant, rnn, fused):
-    RULES.update(_family.RULES)
-    MACS.update(_family.MACS)
-
-#: operators whose rule exists; everything else blocks the axes it touches.
-SUPPORTED = sorted(RULES)
