@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .runtime import probing
+from .graph.masks import insert_masks
 from .io import initializer_arrays
 
 #: the CLI warns below this fidelity
@@ -80,7 +81,6 @@ class MaskedModel:
     cut); for approximate ones (a norm or softmax over the axis) an estimate."""
 
     def __init__(self, an):
-        from .oracle import insert_masks
         proto = type(an.model)()
         proto.CopyFrom(an.model)
         prunable = [g.units for g in an.groups if g.prunable]
