@@ -9,14 +9,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import fidelity, io, surgery
+from . import io, surgery
+from .planning import fidelity
 from .runtime import probing
 from .io import weights as weight_store
-from .counting import count_macs, count_params, mac_axes, node_macs
+from .planning.counting import count_macs, count_params, mac_axes, node_macs
 from .errors import SpaError
 from .graph.channels import ChannelModel, build
 from .layers import layer_report
-from .plan import all_units, plan as make_plan
+from .planning.plan import all_units, plan as make_plan
 from .scoring import CRITERIA
 from .scoring.obspa import HESSIANS
 from .validate import interface_changes, validate
@@ -190,7 +191,7 @@ class PruneOptions:
 
     def checked(self):
         """The criterion's Scorer and the parsed target; one-line errors for bad values."""
-        from .plan import parse_target
+        from .planning.plan import parse_target
         scorer = CRITERIA.get(self.criterion)
         if scorer is None:
             raise SpaError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
@@ -225,7 +226,7 @@ class PruneOptions:
         if self.calib_batches < 1 or (self.calib_batch_size is not None and self.calib_batch_size < 1):
             raise SpaError("--calib-batches and --calib-batch-size must be >= 1")
         if self.overrides is not None and not isinstance(self.overrides, dict):
-            from .plan import load_overrides
+            from .planning.plan import load_overrides
             load_overrides(self.overrides)  # a file: readable, small, JSON (its keys need the analysis)
         if self.prune_io is not None:
             _check_regex(self.prune_io, "--prune-io")
@@ -368,7 +369,7 @@ def _cut(step: Step, removal: dict):
 def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progress=_quiet) -> None:
     """Which units go: a ratio per group (or global), or the threshold that reaches a target; with
     several steps each reaches its share."""
-    from .plan import CostModel, plan_target, resolve_overrides
+    from .planning.plan import CostModel, plan_target, resolve_overrides
     an, n = step.analysis, opts.steps
     step.overrides = resolve_overrides(an.groups, opts.overrides)
     common = dict(round_to=opts.round_to, exclude=opts.exclude, max_ratio=opts.max_ratio)

@@ -33,7 +33,7 @@ def _peak_gb() -> float:
 
 def _fidelity_warning(rep) -> None:
     """One line on stderr when the pruned model strays far from the original on the probe's inputs."""
-    from .fidelity import WARN_BELOW
+    from .planning.fidelity import WARN_BELOW
     fid = rep.get("fidelity", {})
     low = fid.get("min")
     if low is None or low >= WARN_BELOW:

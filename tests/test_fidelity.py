@@ -22,14 +22,14 @@ def test_every_prune_reports_its_fidelity_and_the_cli_warns_when_it_is_low(tmp_p
     onnx.save(m, str(path))
     low = CliRunner().invoke(cli, ["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.8"])
     assert low.exit_code == 0
-    if fid["min"] < spa.fidelity.WARN_BELOW:
+    if fid["min"] < spa.planning.fidelity.WARN_BELOW:
         assert "spa: warning:" in low.output and "--target fidelity" in low.output
     ok = CliRunner().invoke(cli, ["prune", str(path), "-o", str(tmp_path / "q.onnx"), "--ratio", "0.0"])
     assert ok.exit_code == 0 and "warning" not in ok.output
 
 
 def test_cosine_of_outputs():
-    from spa.fidelity import compare, cosine
+    from spa.planning.fidelity import compare, cosine
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
     assert cosine(a, a) == 1.0 and cosine(a, -a) == -1.0 and cosine(a, a[:1]) == 0.0
     assert cosine(np.array([1, 2, 3]), np.array([1, 0, 3])) == 2 / 3   # integer outputs: equal fraction
@@ -41,7 +41,7 @@ def test_the_masked_model_is_the_pruned_model_for_exact_groups():
     sensitivity table measures what surgery would make, without surgery)."""
     from spa import surgery
     from spa.runtime import probing
-    from spa.fidelity import MaskedModel
+    from spa.planning.fidelity import MaskedModel
     an = spa.analyze(residual_chain())
     masked = MaskedModel(an)
     rng = np.random.default_rng(0)
@@ -62,7 +62,7 @@ def test_fidelity_target_lands_just_above_the_asked_cosine_and_beats_a_uniform_r
     is >= 0.99 and close to it, it holds within 0.02 on held-out inputs (other synthetic batches), and
     it removes more MACs than the uniform ratio that keeps the same fidelity."""
     from test_models import model_path
-    from spa.fidelity import compare
+    from spa.planning.fidelity import compare
     from spa.runtime.synthetic import feeds as synthetic_feeds
     path = model_path("mobilenet_v2")
     an = spa.analyze(path)

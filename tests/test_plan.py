@@ -10,7 +10,7 @@ import graphs
 import spa
 from spa.cli import cli
 from spa.errors import SpaError
-from spa.plan import CostModel, parse_target, resolve_overrides
+from spa.planning.plan import CostModel, parse_target, resolve_overrides
 
 
 def run(*args):

@@ -17,7 +17,7 @@ import spa
 from graphs import G
 from spa import surgery
 from spa.runtime import probing
-from spa.counting import node_macs
+from spa.planning.counting import node_macs
 from spa.oracle import check_groups, check_joint, compare_outputs, cut_model
 
 EXACT = 1e-5

@@ -214,7 +214,7 @@ def _measure(name, an, kw, feeds, ref) -> dict:
     ``ref`` (``_reference``): MACs, fidelity (spa's own and held out), character accuracy."""
     import onnxruntime as ort
     import spa
-    from spa.fidelity import cosine
+    from spa.planning.fidelity import cosine
     t0 = time.perf_counter()
     res = spa.prune(name, analysis=an, **kw)
     sess = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])

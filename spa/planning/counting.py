@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .ops.registry import MACS, rule_key
+from ..ops.registry import MACS, rule_key
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 #: integer types of quantized weights (int64/int32 initializers are shapes, indices, biases' sums)

@@ -6,8 +6,8 @@ import re
 
 import numpy as np
 
-from .errors import SpaError
-from .io.weights import is_float
+from ..errors import SpaError
+from ..io.weights import is_float
 
 #: an --overrides file is a small JSON object; anything bigger is a mistake (or /dev/zero)
 OVERRIDES_LIMIT = 1 << 20

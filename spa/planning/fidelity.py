@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .runtime import probing
-from .graph.masks import insert_masks
-from .io import initializer_arrays
+from ..runtime import probing
+from ..graph.masks import insert_masks
+from ..io import initializer_arrays
 
 #: the CLI warns below this fidelity
 WARN_BELOW = 0.9
@@ -48,7 +48,7 @@ def reference(first, opts) -> tuple[list, list, str]:
     --calib data, or synthetic).  Run before surgery, while the original's weights are read anyway,
     and their pages handed back: the guard then runs only the pruned model (running the original
     after surgery would hold both models' weights at once: 1.5x a 1B decoder's size)."""
-    from .io.weights import release_pages
+    from ..io.weights import release_pages
     feeds, what = eval_feeds(first, opts)
     original = probing.output_runner(first.model, first.probe.consts)
     outputs = [original.run(f) for f in feeds]
@@ -107,10 +107,10 @@ def eval_feeds(an, opts, n: int = 2) -> tuple[list, str]:
     --calib batches when given, else ``n`` synthetic batches at the probe's sizes (``spa.synthetic``,
     seed 101)."""
     if opts.calib is not None and opts.calib != "random":
-        from .runtime.calib import batches
+        from ..runtime.calib import batches
         feeds = batches(an, opts.calib, n_batches=CALIB_BATCHES, batch_size=opts.calib_batch_size)[1][:CALIB_BATCHES]
         return feeds, f"{len(feeds)} batches of calibration data"
-    from .runtime.synthetic import feeds
+    from ..runtime.synthetic import feeds
     what, got = feeds(an, n, seed=101, wanted=opts.synthetic)
     return got, f"{what} at the probe's sizes"
 

@@ -1,0 +1,3 @@
+"""Planning: which channels go.  The params and MACs of a model and of a removal (``counting``), the
+plan from scores and a target (``plan``), the sensitivity-aware allocation across groups
+(``allocation``) and the fidelity guard every prune reports (``fidelity``)."""
