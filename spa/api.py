@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from . import io, surgery
-from .planning import fidelity
+from .planning import allocation, fidelity
 from .runtime import probing
 from .io import weights as weight_store
 from .planning.counting import count_macs, count_params, mac_axes, node_macs
@@ -374,7 +374,7 @@ def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progr
     step.overrides = resolve_overrides(an.groups, opts.overrides)
     common = dict(round_to=opts.round_to, exclude=opts.exclude, max_ratio=opts.max_ratio)
     if target is not None and target[0] == "fidelity":
-        step.removal, step.plan = fidelity.search(an, step.scores.normalised, target[1], opts,
+        step.removal, step.plan = allocation.search(an, step.scores.normalised, target[1], opts,
                                                   lambda removal: _cut(step, removal), progress)
     elif target is not None:
         kind, factor = target
@@ -385,7 +385,7 @@ def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progr
         step.removal, step.plan = plan_target(an.groups, step.scores.normalised, CostModel(an), (kind, rel),
                                               overrides=step.overrides, **common)
         if opts.allocate == "sensitivity":
-            step.removal, sens = fidelity.allocate_macs(an, step.scores.normalised, int(goal), opts,
+            step.removal, sens = allocation.allocate_macs(an, step.scores.normalised, int(goal), opts,
                                                         lambda removal: _cut(step, removal), step.removal, progress)
             step.plan = {**sens, "global_plan": step.plan}
     else:

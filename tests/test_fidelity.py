@@ -1,5 +1,5 @@
-"""How closely a pruned model follows the original (spa/fidelity.py): the guard on every prune and
-the fidelity target."""
+"""How closely a pruned model follows the original: the guard on every prune (spa/planning/fidelity.py)
+and the fidelity target (spa/planning/allocation.py)."""
 import numpy as np
 import pytest
 import onnx
@@ -41,7 +41,7 @@ def test_the_masked_model_is_the_pruned_model_for_exact_groups():
     sensitivity table measures what surgery would make, without surgery)."""
     from spa import surgery
     from spa.runtime import probing
-    from spa.planning.fidelity import MaskedModel
+    from spa.planning.allocation import MaskedModel
     an = spa.analyze(residual_chain())
     masked = MaskedModel(an)
     rng = np.random.default_rng(0)
