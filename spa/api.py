@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import io, surgery
+from . import io
 from .planning import allocation, fidelity
 from .runtime import probing
 from .io import weights as weight_store
@@ -20,7 +20,8 @@ from .layers import layer_report
 from .planning.plan import all_units, plan as make_plan
 from .scoring import CRITERIA
 from .scoring.obspa import HESSIANS
-from .validate import interface_changes, validate
+from .surgery import slicing
+from .surgery.validate import interface_changes, validate
 from .io.weights import is_float
 
 
@@ -301,7 +302,7 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
         units = all_units(step.removal)
         progress(f"{tag}removing {len(units)} channels from {len(step.removal)} groups")
         if len(units):
-            current, current_weights = surgery.cut(source, channels, step.analysis.probe, units)
+            current, current_weights = slicing.cut(source, channels, step.analysis.probe, units)
             if opts.map_path is not None:
                 from . import mapping
                 step_kept = mapping.step_map(step.analysis, units)
@@ -363,7 +364,7 @@ def _cut(step: Step, removal: dict):
     """The pruned model and its weights for ``removal`` (compensation, then surgery): what the
     fidelity search measures."""
     source, channels = _compensated(step, removal)
-    return surgery.cut(source, channels, step.analysis.probe, all_units(removal))
+    return slicing.cut(source, channels, step.analysis.probe, all_units(removal))
 
 
 def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progress=_quiet) -> None:

@@ -69,8 +69,8 @@ def check_groups(an, fraction: float = 0.34, seed: int = 0, groups=None):
     worst over two sizes of every dynamic dim (``feeds_at_every_size``).
     Raises whatever surgery or validation raises: a group that cannot be pruned validly is a bug.
     """
-    from . import surgery
-    from .validate import validate
+    from .surgery import slicing
+    from .surgery.validate import validate
     rng = np.random.default_rng(seed)
     results = []
     for g in (groups if groups is not None else an.groups):
@@ -78,7 +78,7 @@ def check_groups(an, fraction: float = 0.34, seed: int = 0, groups=None):
             continue
         k = max(1, min(g.channels - 1, int(round(g.channels * fraction))))
         units = np.sort(rng.choice(g.units, size=k, replace=False))
-        pruned = surgery.apply(an.model, an.channels, an.probe, units)
+        pruned = slicing.apply(an.model, an.channels, an.probe, units)
         validate(pruned, an, every_size=False)  # compared at two sizes below
         err = compare_outputs(cut_model(an, units), pruned, feeds_at_every_size(an, most=2))
         results.append({"group": g.id, "removed": k, "error": err, "approximate": g.approximate})
@@ -93,8 +93,8 @@ def check_joint(an, fraction: float = 0.34, seed: int = 0, approximate: bool = F
     ``approximate=False`` only exact groups are pruned and the error is returned; with True every
     group is pruned and only validity is checked (error is then informative, not bounded).
     """
-    from . import surgery
-    from .validate import validate
+    from .surgery import slicing
+    from .surgery.validate import validate
     rng = np.random.default_rng(seed)
     chosen = [g for g in an.groups if g.prunable and (approximate or not g.approximate)]
     units = []
@@ -102,7 +102,7 @@ def check_joint(an, fraction: float = 0.34, seed: int = 0, approximate: bool = F
         k = max(1, min(g.channels - 1, int(round(g.channels * fraction))))
         units.append(rng.choice(g.units, size=k, replace=False))
     units = np.sort(np.concatenate(units)) if units else np.zeros(0, np.int64)
-    pruned = surgery.apply(an.model, an.channels, an.probe, units)
+    pruned = slicing.apply(an.model, an.channels, an.probe, units)
     validate(pruned, an)
     return {"groups": len(chosen), "removed": int(len(units)),
             "error": compare_outputs(cut_model(an, units), pruned, feeds_at_every_size(an)), "model": pruned}

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 import spa
 from spa.runtime import probing, shapes
 
-from spa.validate import validate
+from spa.surgery.validate import validate
 from spa.errors import SpaError
 from spa.oracle import check_groups, check_joint
 from graphs import G
@@ -272,7 +272,7 @@ def test_prune_io_shrinks_the_kv_cache_and_a_decode_loop_equals_the_cut_original
     """--prune-io 'past_key_values|present': KV heads and head dims become prunable groups; the pruned
     model, fed caches of the sizes the report gives, runs a prefill and 8 decode steps whose logits
     equal those of the original with the same channels cut (the exactness oracle), step by step."""
-    from spa import surgery
+    from spa.surgery import slicing
     from spa.oracle import cut_model
     path = export("llama_gqa_kv")
     blocked = prunable(spa.analyze(path))
@@ -282,7 +282,7 @@ def test_prune_io_shrinks_the_kv_cache_and_a_decode_loop_equals_the_cut_original
     rng = np.random.default_rng(3)
     exact = [g for g in an.groups if g.prunable and not g.approximate]
     units = np.sort(np.concatenate([rng.choice(g.units, size=max(1, g.channels // 2), replace=False) for g in exact]))
-    pruned = surgery.apply(an.model, an.channels, an.probe, units)
+    pruned = slicing.apply(an.model, an.channels, an.probe, units)
     validate(pruned, an)
     cut = cut_model(an, units)
     a, b = _decode_loop(pruned, 8), _decode_loop(cut, 8)
@@ -424,7 +424,7 @@ def test_bf16_decoder_prunes_through_an_fp16_twin_and_keeps_bf16_weights():
     """bfloat16 (onnxruntime's CPU provider runs almost none of it): spa probes and validates an
     fp16 twin, finds the same groups as fp32, and writes bf16 weights; the pruned model equals the
     cut original (both run as fp16 twins, to fp16 precision)."""
-    from spa import surgery
+    from spa.surgery import slicing
     from spa.oracle import compare_outputs, cut_model, feeds_at_every_size
     path = export("llama_gqa_bf16")
     an = spa.analyze(path)
@@ -432,7 +432,7 @@ def test_bf16_decoder_prunes_through_an_fp16_twin_and_keeps_bf16_weights():
     rng = np.random.default_rng(2)
     exact = [g for g in an.groups if g.prunable and not g.approximate]
     units = np.sort(np.concatenate([rng.choice(g.units, size=max(1, g.channels // 3), replace=False) for g in exact]))
-    pruned = surgery.apply(an.model, an.channels, an.probe, units)
+    pruned = slicing.apply(an.model, an.channels, an.probe, units)
     validate(pruned, an)
     err = compare_outputs(probing.fp16_twin(cut_model(an, units)), probing.fp16_twin(pruned), feeds_at_every_size(an))
     assert err < 2e-2, err

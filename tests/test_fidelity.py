@@ -39,7 +39,7 @@ def test_cosine_of_outputs():
 def test_the_masked_model_is_the_pruned_model_for_exact_groups():
     """One session with channel masks fed at run time gives the pruned model's outputs (the
     sensitivity table measures what surgery would make, without surgery)."""
-    from spa import surgery
+    from spa.surgery import slicing
     from spa.runtime import probing
     from spa.planning.allocation import MaskedModel
     an = spa.analyze(residual_chain())
@@ -49,7 +49,7 @@ def test_the_masked_model_is_the_pruned_model_for_exact_groups():
         if not g.prunable or g.approximate:
             continue
         units = np.sort(rng.choice(g.units, size=max(1, g.channels // 2), replace=False))
-        pruned = surgery.apply(an.model, an.channels, an.probe, units)
+        pruned = slicing.apply(an.model, an.channels, an.probe, units)
         want = probing.session(pruned).run(None, an.probe.inputs)[0]
         got = list(masked.run(an.probe.inputs, units).values())[0]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 
 import spa
 from graphs import G
-from spa import surgery
+from spa.surgery import slicing
 from spa.oracle import check_groups, check_joint, cut_model
 from exported import transformers as export
 
@@ -201,7 +201,7 @@ def test_rotary_embedding_keeps_pairs(bnsh, interleaved):
     cos = next(t.name for t in model.graph.initializer if list(t.dims) == [512, 4])
     pairs = next(g for g in prunable(an) if (cos, 1) in g.axes)
     assert pairs.channels == 4  # a unit is a rotary pair and its cache column
-    pruned = surgery.apply(an.model, an.channels, an.probe, pairs.units[:1])
+    pruned = slicing.apply(an.model, an.channels, an.probe, pairs.units[:1])
     rot = [attrs(n) for n in pruned.graph.node if n.op_type == "RotaryEmbedding"]
     assert {"num_heads": 4, "rotary_embedding_dim": 6, "interleaved": interleaved}.items() <= rot[0].items()
 
@@ -214,7 +214,7 @@ def test_partial_rotary_prunes_pairs_and_the_positions_it_does_not_rotate():
     cos = next(t.name for t in model.graph.initializer if list(t.dims) == [512, 2])
     pairs = next(g for g in prunable(an) if (cos, 1) in g.axes)
     rest = next(g for g in prunable(an) if g.channels == 4 and not any(ax[0].endswith("#heads") for ax in g.axes))
-    pruned = surgery.apply(an.model, an.channels, an.probe, np.concatenate([pairs.units[:1], rest.units[:1]]))
+    pruned = slicing.apply(an.model, an.channels, an.probe, np.concatenate([pairs.units[:1], rest.units[:1]]))
     assert [attrs(n)["rotary_embedding_dim"] for n in pruned.graph.node if n.op_type == "RotaryEmbedding"] == [2, 2]
 
 
@@ -223,7 +223,7 @@ def test_group_query_attention_prunes_kv_heads_and_query_groups():
         an = spa.analyze(model)
         assert_exact(an, 2)  # KV heads, query heads per KV head (the head dim is fixed: the kernel's % 8)
         kv = next(g for g in prunable(an) if g.channels == 2 and "kv_heads" in str(g.axes))
-        pruned = surgery.apply(an.model, an.channels, an.probe, kv.units[:1])
+        pruned = slicing.apply(an.model, an.channels, an.probe, kv.units[:1])
         got = attrs(next(n for n in pruned.graph.node if n.op_type == "GroupQueryAttention"))
         assert (got["num_heads"], got["kv_num_heads"]) == (2, 1)
 
@@ -240,7 +240,7 @@ def test_kv_caches_tie_heads_and_a_decode_step_equals_the_cut_original(block):
     assert [g.channels for g in blocked] == ([] if block == "mha" else [2])
     assert sorted(g.channels for g in prunable(an)) == ([4, 8] if block == "mha" else [2, 2])
     units = np.concatenate([g.units[:g.channels // 2] for g in prunable(an)])
-    pruned = surgery.apply(an.model, an.channels, an.probe, units)
+    pruned = slicing.apply(an.model, an.channels, an.probe, units)
     mask = an.channels.removed_atoms(units)
 
     def kept(name, d):
@@ -267,7 +267,7 @@ def test_attention_with_its_own_v_width_rewrites_qkv_hidden_sizes():
     sizes = {g.channels for g in prunable(an)}
     assert sizes == {4, 8, 6}
     head_dim = next(g for g in prunable(an) if g.channels == 8)
-    pruned = surgery.apply(an.model, an.channels, an.probe, head_dim.units[:3])
+    pruned = slicing.apply(an.model, an.channels, an.probe, head_dim.units[:3])
     got = attrs(next(n for n in pruned.graph.node if n.op_type == "Attention"))
     assert got["qkv_hidden_sizes"] == [20, 20, 24] and got["num_heads"] == 4
     assert abs(got["scale"] - 1 / np.sqrt(8)) < 1e-7  # the original scale, not 1/sqrt(5)
@@ -325,7 +325,7 @@ def test_fused_bert_prunes_like_the_unfused_export(tmp_path, attention):
     assert_exact(an, 8)  # per layer: heads, q/k head dim, v head dim, MLP
     # one head less: num_heads follows
     heads = next(g for g in prunable(an) if g.channels == 4)
-    pruned = surgery.apply(an.model, an.channels, an.probe, heads.units[:1])
+    pruned = slicing.apply(an.model, an.channels, an.probe, heads.units[:1])
     assert sorted(attrs(n)["num_heads"] for n in pruned.graph.node if n.op_type == attention) == [3, 4]
     # spa.prune: as the unfused export, and it runs at other sizes with the original output shapes
     res = spa.prune(path, 0.3, criterion="l2")  # weight norms: the same scores as the unfused weights

@@ -52,8 +52,8 @@ def test_removing_heads_rewrites_reshapes():
     an = spa.analyze(attention(n=6, d=16, heads=4, layernorm=False, mlp=False))
     head_group = next(g for g in an.groups if g.prunable and "Softmax" in g.summary()["ops"])
     units = head_group.units[:2]
-    from spa import surgery
-    pruned = surgery.apply(an.model, an.channels, an.probe, units)
+    from spa.surgery import slicing
+    pruned = slicing.apply(an.model, an.channels, an.probe, units)
     reshapes = [n for n in pruned.graph.node if n.op_type == "Reshape"]
     inits = {t.name: t for t in pruned.graph.initializer}
     from onnx import numpy_helper
@@ -63,7 +63,7 @@ def test_removing_heads_rewrites_reshapes():
 
 def test_grouped_conv_group_attribute_follows_removed_groups():
     an = spa.analyze(grouped_depthwise())
-    from spa import surgery
+    from spa.surgery import slicing
 
     def group_attrs(model):
         return [a.i for n in model.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group"]
@@ -72,7 +72,7 @@ def test_grouped_conv_group_attribute_follows_removed_groups():
     changed = []
     for g in an.groups:
         if g.prunable:
-            pruned = surgery.apply(an.model, an.channels, an.probe, g.units[:1])
+            pruned = slicing.apply(an.model, an.channels, an.probe, g.units[:1])
             changed.append(group_attrs(pruned) != before)
     # removing one whole group of the grouped conv (and one depthwise channel) changes `group`
     assert sum(changed) == 2, changed

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import spa
 from graphs import G
-from spa import surgery
+from spa.surgery import slicing
 from spa.runtime import probing
 from spa.planning.counting import node_macs
 from spa.oracle import check_groups, check_joint, compare_outputs, cut_model
@@ -234,12 +234,12 @@ def test_batch_first_layout_is_exact(kw):
     rng = np.random.default_rng(0)
     for units in [np.sort(rng.choice(g.units, 3, replace=False)) for g in prunable] + \
             [np.sort(np.concatenate([g.units[:2] for g in prunable]))]:
-        pruned = surgery.apply(an.model, an.channels, an.probe, units)
+        pruned = slicing.apply(an.model, an.channels, an.probe, units)
         cut = cut_model(an, units)
         for a, b in zip(reference_run(cut, an.probe.inputs), reference_run(pruned, an.probe.inputs)):
             assert a.shape == b.shape
             assert np.abs(a - b).max() <= EXACT * max(np.abs(a).max(), 0.1)
-    pruned = surgery.apply(an.model, an.channels, an.probe, hid.units[:3])
+    pruned = slicing.apply(an.model, an.channels, an.probe, hid.units[:3])
     assert hidden_size(pruned) == 5
 
 

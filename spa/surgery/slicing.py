@@ -15,9 +15,9 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 # optional 'colored' package: neither concerns spa's users
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
-from .io import weights
-from .errors import SpaError
-from .ops.registry import REWRITES as FAMILY_REWRITES
+from ..io import weights
+from ..errors import SpaError
+from ..ops.registry import REWRITES as FAMILY_REWRITES
 
 INT64_MAX = np.iinfo(np.int64).max
 

@@ -11,9 +11,9 @@ import dataclasses
 import numpy as np
 import onnx
 
-from . import io
-from .runtime import probing
-from .errors import SpaError
+from .. import io
+from ..runtime import probing
+from ..errors import SpaError
 
 
 def validate(pruned: onnx.ModelProto, an, input_shapes=None, *, every_size: bool = True,
