@@ -72,7 +72,7 @@ def _run_inputs(model, targets, *files) -> list:
 def _shapes(values):
     if not values:
         return None
-    from .check import parse_input_shapes
+    from .verify.check import parse_input_shapes
     try:
         return parse_input_shapes(values)
     except ValueError as exc:
@@ -318,7 +318,7 @@ def _run_check(reference, candidate, shapes, seed, atol, rtol) -> dict:
 
     Without tolerances (mode "report") nothing is judged: ``passed`` is null unless the two models
     cannot be compared at all (signature or output shape mismatch), which is false."""
-    from .check import compare
+    from .verify.check import compare
     tolerance = atol is not None or rtol is not None
     _progress(f"checking the pruned model against the original in onnxruntime (cpu; {_shape_text(shapes)})")
     res = compare(reference, candidate, input_shapes=shapes, seed=seed,
@@ -381,8 +381,8 @@ def _bench_provider_usable(provider):
     if provider == "cpu":
         return
     import onnxruntime as ort
-    from .bench import PROVIDERS
-    from .check import cuda_available
+    from .verify.bench import PROVIDERS
+    from .verify.check import cuda_available
     if PROVIDERS[provider][0] not in ort.get_available_providers() or not cuda_available():
         raise SpaError(f"--bench-provider {provider}: {PROVIDERS[provider][0]} is not usable here "
                        "(onnxruntime-gpu with a CUDA GPU is needed); use --bench-provider cpu")
@@ -390,12 +390,12 @@ def _bench_provider_usable(provider):
 
 def _run_bench(dense, pruned, shapes, provider, warmup, iters) -> dict:
     """``spa.bench.benchmark`` of the original and the pruned model, as the report's "bench" entry."""
-    from .bench import benchmark
+    from .verify.bench import benchmark
     first = next(iter(shapes.values()), [])
     batch = first[0] if first else 1  # benchmark sets dim 0 of dynamic inputs to the batch: keep the used one
     _progress(f"benchmarking original vs pruned ({provider}, {warmup} warmup + {iters} timed runs each, "
               f"interleaved)")
-    from .bench import BenchError
+    from .verify.bench import BenchError
     try:
         res = benchmark([dense, pruned], provider=provider, batches=(batch,), warmup=warmup, iters=iters,
                         input_shapes=shapes, progress=_progress)
@@ -420,12 +420,12 @@ def _format_bench(b) -> str:
 
 def _register_optional():
     try:
-        from .check import check_command
+        from .verify.check import check_command
         cli.add_command(check_command)
     except ImportError:
         pass
     try:
-        from .bench import bench_command
+        from .verify.bench import bench_command
         cli.add_command(bench_command)
     except ImportError:
         pass

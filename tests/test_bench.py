@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-import spa.bench as bench
-from spa.bench import BenchError, bench_command, benchmark, format_bench, plot_bench
-from spa.check import cuda_available
+import spa.verify.bench as bench
+from spa.verify.bench import BenchError, bench_command, benchmark, format_bench, plot_bench
+from spa.verify.check import cuda_available
 
 FAST = dict(warmup=1, iters=3)
 KEYS = {"model", "provider", "batch", "median_ms", "p90_ms", "p99_ms", "mean_ms", "throughput",

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from spa.check import (CheckError, check_command, compare, format_check,
+from spa.verify.check import (CheckError, check_command, compare, format_check,
                        make_inputs, parse_input_shapes)
 
 

@@ -163,7 +163,7 @@ def test_prune_check_json_reports_agreement(model_path, tmp_path):
     assert 0 < o["max_abs"] and 0 < o["mean_abs"] <= o["max_abs"] and 0 < o["mean_rel"] <= o["max_rel"]
     assert -1 <= o["cosine"] < 0.999999 and o["top1"] in (0.0, 1.0)
     # the metrics are those of `spa check` on the same two files and inputs
-    from spa.check import compare
+    from spa.verify.check import compare
     ref = compare(str(model_path), str(out), input_shapes=chk["input_shapes"], seed=0)["outputs"][0]
     assert all(ref[k] == o[k] for k in ("max_abs", "mean_abs", "max_rel", "mean_rel", "cosine", "top1"))
 

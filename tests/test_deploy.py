@@ -4,7 +4,7 @@ rule (``spa inspect --all`` names none without one)."""
 import pytest
 
 import spa
-from spa.oracle import check_groups, check_joint
+from spa.verify.oracle import check_groups, check_joint
 from exported import deploy as export, ops
 
 EXACT = 1e-5

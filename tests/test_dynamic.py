@@ -15,7 +15,7 @@ from spa.runtime import probing, shapes
 
 from spa.surgery.validate import validate
 from spa.errors import SpaError
-from spa.oracle import check_groups, check_joint
+from spa.verify.oracle import check_groups, check_joint
 from graphs import G
 from exported import transformers as export
 
@@ -95,7 +95,7 @@ def test_validation_refuses_a_model_frozen_at_the_probe_batch():
 
 def test_spa_check_every_size_catches_a_model_frozen_at_batch_1(tmp_path):
     from click.testing import CliRunner
-    from spa.check import check_command
+    from spa.verify.check import check_command
     good, bad = tmp_path / "good.onnx", tmp_path / "bad.onnx"
     onnx.save(dyn_cnn(), str(good))
     onnx.save(dyn_cnn(frozen=True), str(bad))
@@ -240,7 +240,7 @@ def test_kv_cache_decoder_prunes_and_runs_a_decode_step_and_a_batch():
         got = [o.shape for o in pruned.run(None, feed)]
         assert got == want, (batch, seq, past)
     # --check compares at the other sizes too, finding mask = past + sequence as the probe did
-    from spa.check import compare
+    from spa.verify.check import compare
     sizes = compare(path, res.model, input_shapes={k: list(v.shape) for k, v in an.probe.inputs.items()},
                     every_size=True)["sizes"]
     assert len(sizes) == 2 and not any(s.get("skipped") or s.get("error") for s in sizes), sizes
@@ -273,7 +273,7 @@ def test_prune_io_shrinks_the_kv_cache_and_a_decode_loop_equals_the_cut_original
     model, fed caches of the sizes the report gives, runs a prefill and 8 decode steps whose logits
     equal those of the original with the same channels cut (the exactness oracle), step by step."""
     from spa.surgery import slicing
-    from spa.oracle import cut_model
+    from spa.verify.oracle import cut_model
     path = export("llama_gqa_kv")
     blocked = prunable(spa.analyze(path))
     an = spa.analyze(path, prune_io="past_key_values|present")
@@ -425,7 +425,7 @@ def test_bf16_decoder_prunes_through_an_fp16_twin_and_keeps_bf16_weights():
     fp16 twin, finds the same groups as fp32, and writes bf16 weights; the pruned model equals the
     cut original (both run as fp16 twins, to fp16 precision)."""
     from spa.surgery import slicing
-    from spa.oracle import compare_outputs, cut_model, feeds_at_every_size
+    from spa.verify.oracle import compare_outputs, cut_model, feeds_at_every_size
     path = export("llama_gqa_bf16")
     an = spa.analyze(path)
     assert prunable(an) == prunable(spa.analyze(export("llama_gqa")))

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 import spa
 from graphs import G
 from spa.surgery import slicing
-from spa.oracle import check_groups, check_joint, cut_model
+from spa.verify.oracle import check_groups, check_joint, cut_model
 from exported import transformers as export
 
 EXACT = 1e-5

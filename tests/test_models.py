@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 import spa
-from spa.oracle import check_groups, check_joint
+from spa.verify.oracle import check_groups, check_joint
 
 EXACT = 1e-5
 

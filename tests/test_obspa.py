@@ -6,7 +6,7 @@ import spa
 from graphs import PATTERNS, G
 from spa import io
 from spa.runtime import probing
-from spa.oracle import compare_outputs
+from spa.verify.oracle import compare_outputs
 from spa.scoring import obspa
 from spa.scoring.hessians import conv_patches
 

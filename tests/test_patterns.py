@@ -4,7 +4,7 @@ import pytest
 
 import spa
 from graphs import PATTERNS, attention, grouped_depthwise
-from spa.oracle import check_groups, check_joint
+from spa.verify.oracle import check_groups, check_joint
 
 EXACT = 1e-5
 

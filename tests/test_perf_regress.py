@@ -160,5 +160,5 @@ def test_a_converted_weight_is_not_folded_and_stays_prunable():
     assert set(pr.consts) == {t.name for t in m.graph.initializer}
     an = spa.analyze(m)
     assert any(g.prunable and g.channels == 300 for g in an.groups)
-    from spa.oracle import check_joint
+    from spa.verify.oracle import check_joint
     assert check_joint(an)["error"] < 1e-5

@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import spa
 from spa.runtime import probing
-from spa.oracle import check_groups, check_joint
+from spa.verify.oracle import check_groups, check_joint
 from exported import deploy as export, ops
 
 EXACT = 1e-5

@@ -18,7 +18,7 @@ from graphs import G
 from spa.surgery import slicing
 from spa.runtime import probing
 from spa.planning.counting import node_macs
-from spa.oracle import check_groups, check_joint, compare_outputs, cut_model
+from spa.verify.oracle import check_groups, check_joint, compare_outputs, cut_model
 
 EXACT = 1e-5
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}

@@ -262,7 +262,7 @@ def test_every_command_and_the_api_take_zoo_names(tmp_path):
 
 def test_a_minus_one_dim_is_dynamic():
     from onnx import TensorProto, helper
-    from spa.check import make_inputs
+    from spa.verify.check import make_inputs
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 8, 8])
     m = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x],
                                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]))
@@ -373,7 +373,7 @@ def test_check_sizes_a_path_like_prune_and_falls_back_when_refused():
     """spa check on the PP-OCRv4 recogniser's file (no --input-shapes): the defaults (224) are
     refused, so smaller sizes are tried as the probe does, instead of failing on a Concat."""
     from spa import zoo
-    from spa.check import compare
+    from spa.verify.check import compare
     path = str(zoo.fetch("ppocr_rec"))
     res = compare(path, path)
     assert res["passed"] and res["input_shapes"]["x"][2] < 224

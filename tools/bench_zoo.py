@@ -195,7 +195,7 @@ def dense_path(name):
 
 def bench_model(name, ratios, iters, warmup, threads, workdir, tools, log, round_tos=(1,)):
     import spa
-    import spa.bench
+    import spa.verify.bench
     shapes = ZOO.get(name)
     src = dense_path(name)
     rows = [{"variant": "dense", "tool": "dense", "ratio": 0.0, "path": str(src), "time_s": None}]
@@ -228,7 +228,7 @@ def bench_model(name, ratios, iters, warmup, threads, workdir, tools, log, round
     ok = [row for row in rows if "error" not in row]
     log(f"{name}: benchmarking {len(ok)} models interleaved ({iters} iters, {threads} threads)")
     load_before = os.getloadavg()[0]
-    res = spa.bench.benchmark([row["path"] for row in ok], provider="cpu", batches=(1,),
+    res = spa.verify.bench.benchmark([row["path"] for row in ok], provider="cpu", batches=(1,),
                               threads=threads, warmup=warmup, iters=iters, input_shapes=shapes)
     load_after = os.getloadavg()[0]
     by_path = {r["model"]: r for r in res["results"]}

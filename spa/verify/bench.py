@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from spa.check import CheckError, input_specs, load_proto, one_line, cuda_available, \
+from spa.verify.check import CheckError, input_specs, load_proto, one_line, cuda_available, \
     make_inputs, parse_input_shapes, session
 from spa.errors import SpaError
 
@@ -253,7 +253,7 @@ def plot_bench(result, path) -> None:
     ax.set_ylabel("median latency (ms)")
     ax.legend()
     fig.tight_layout()
-    from .io import write_atomic
+    from ..io import write_atomic
     fmt = os.path.splitext(str(path))[1].lstrip(".") or "png"
     try:
         write_atomic(path, lambda tmp: fig.savefig(tmp, format=fmt), inputs=models, what="--plot")
