@@ -16,7 +16,7 @@ from .io import weights as weight_store
 from .planning.counting import count_macs, count_params, mac_axes, node_macs
 from .errors import SpaError
 from .graph.channels import ChannelModel, build
-from .layers import layer_report
+from .mapping.layers import layer_report
 from .planning.plan import all_units, plan as make_plan
 from .scoring import CRITERIA
 from .scoring.obspa import HESSIANS
@@ -304,9 +304,9 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
         if len(units):
             current, current_weights = slicing.cut(source, channels, step.analysis.probe, units)
             if opts.map_path is not None:
-                from . import mapping
-                step_kept = mapping.step_map(step.analysis, units)
-                kept_map = step_kept if kept_map is None else mapping.compose(kept_map, step_kept)
+                from .mapping import mapfile
+                step_kept = mapfile.step_map(step.analysis, units)
+                kept_map = step_kept if kept_map is None else mapfile.compose(kept_map, step_kept)
                 compensated |= {n for n, v in channels.consts.items() if v is not step.analysis.channels.consts.get(n)}
             weight_store.release_pages(channels.consts.values())
             progress("validating the pruned model in onnxruntime")
@@ -322,8 +322,8 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
     result = PruneResult(current, report, current_weights)
     if opts.map_path is not None:
         import json
-        from . import mapping
-        doc = mapping.document(kept_map or {}, first, current, current_weights, compensated)
+        from .mapping import mapfile
+        doc = mapfile.document(kept_map or {}, first, current, current_weights, compensated)
         io.write_text(opts.map_path, json.dumps(doc, separators=(",", ":")),
                       inputs=[model] if isinstance(model, (str, os.PathLike)) else [], what="--map")
         report["map"] = str(opts.map_path)

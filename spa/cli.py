@@ -294,7 +294,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
     fid = rep.get("fidelity", {})
     if "min" in fid:
         click.echo(f"fidelity {fid['min']:.4f} (the outputs' cosine to the original's on {fid['inputs']})")
-    from .layers import describe_all
+    from .mapping.layers import describe_all
     for line in describe_all(rep.get("layers", [])):
         click.echo(line)
     for c in rep.get("interface", []):
@@ -443,8 +443,8 @@ def apply_map(map_file, checkpoint, output, names, as_json):
     """Slice a framework CHECKPOINT (.safetensors, .npz, or a PyTorch state_dict .pt/.pth) with the MAP
     that `spa prune --map` wrote, so that the model rebuilt with the new widths loads it (for
     fine-tuning in the framework)."""
-    from . import mapping
-    summary = mapping.apply_map(map_file, checkpoint, output, names=names,
+    from .mapping import mapfile
+    summary = mapfile.apply_map(map_file, checkpoint, output, names=names,
                                 inputs=[p for p in (map_file, checkpoint, names) if p], progress=_progress)
     if as_json:
         click.echo(json.dumps(summary, indent=1))

@@ -1,4 +1,4 @@
-"""The map back to the framework: ``spa prune --map`` and ``spa apply-map`` (``spa.mapping``).
+"""The map back to the framework: ``spa prune --map`` and ``spa apply-map`` (``spa.mapping.mapfile``).
 
 The property under test: slicing a checkpoint of the exported model with the map gives exactly the
 pruned ONNX model's initializers (transposed where the exporter transposed), and the framework's
@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
-from spa import mapping
+from spa.mapping import mapfile
 from spa.io import safetensors
 from spa.cli import cli
 from spa.errors import SpaError
@@ -80,7 +80,7 @@ def test_map_document_and_npz_round_trip(chain, tmp_path):
             assert e.get("new_shape", e["shape"]) == list(pruned[n].shape)
         for d, k in e.get("kept", {}).items():   # strictly increasing original positions
             assert all(isinstance(i, int) for i in k) and np.all(np.diff(k) > 0) and k[-1] < e["shape"][int(d)]
-    summary = mapping.apply_map(tmp_path / "map.json", chain / "ckpt.npz", tmp_path / "out.npz")
+    summary = mapfile.apply_map(tmp_path / "map.json", chain / "ckpt.npz", tmp_path / "out.npz")
     out = dict(np.load(tmp_path / "out.npz"))
     assert set(out) == set(orig)
     assert_matches_pruned(out, pruned, [n for n in orig if n in pruned])
@@ -91,16 +91,16 @@ def test_map_document_and_npz_round_trip(chain, tmp_path):
 def test_two_steps_compose(chain, tmp_path):
     res = spa.prune(str(chain / "m.onnx"), 0.6, steps=2, map_path=tmp_path / "map.json", output=tmp_path / "p.onnx")
     assert all(s["removed"] > 0 for s in res.report["step_summaries"])  # both steps slice
-    mapping.apply_map(tmp_path / "map.json", chain / "ckpt.npz", tmp_path / "out.npz")
+    mapfile.apply_map(tmp_path / "map.json", chain / "ckpt.npz", tmp_path / "out.npz")
     out, pruned = dict(np.load(tmp_path / "out.npz")), initializers(tmp_path / "p.onnx")
     assert_matches_pruned(out, pruned, [n for n in out if n in pruned])
 
 
 def test_compose_indexes_through_the_first_step():
-    first = mapping.KeptMap({"w": {0: np.array([0, 2, 3, 5, 7])}}, shapes={"w": [5, 4]})
-    later = mapping.KeptMap({"w": {0: np.array([1, 4]), 1: np.array([0, 3])}, "v": {0: np.array([2])}},
+    first = mapfile.KeptMap({"w": {0: np.array([0, 2, 3, 5, 7])}}, shapes={"w": [5, 4]})
+    later = mapfile.KeptMap({"w": {0: np.array([1, 4]), 1: np.array([0, 3])}, "v": {0: np.array([2])}},
                             shapes={"w": [2, 2]})
-    both = mapping.compose(first, later)
+    both = mapfile.compose(first, later)
     assert both["w"][0].tolist() == [2, 7] and both["w"][1].tolist() == [0, 3] and both["v"][0].tolist() == [2]
     assert both.shapes == {"w": [2, 2]} and first["w"][0].tolist() == [0, 2, 3, 5, 7]
 
@@ -112,11 +112,11 @@ def test_names_file_and_unmatched_names(chain, tmp_path):
     ck["net.extra"] = np.ones(3, np.float32)
     np.savez(tmp_path / "ck.npz", **ck)
     with pytest.raises(SpaError, match="no tensor of the checkpoint matches the map.*--names"):
-        mapping.apply_map(tmp_path / "map.json", tmp_path / "ck.npz", tmp_path / "out.npz")
+        mapfile.apply_map(tmp_path / "map.json", tmp_path / "ck.npz", tmp_path / "out.npz")
     doc = json.loads((tmp_path / "map.json").read_text())
     left_out = next(n for n, e in doc["tensors"].items() if "kept" in e)
     (tmp_path / "names.json").write_text(json.dumps({n: f"net.{n}" for n in orig if n != left_out}))
-    summary = mapping.apply_map(tmp_path / "map.json", tmp_path / "ck.npz", tmp_path / "out.npz",
+    summary = mapfile.apply_map(tmp_path / "map.json", tmp_path / "ck.npz", tmp_path / "out.npz",
                                 names=tmp_path / "names.json")
     out = dict(np.load(tmp_path / "out.npz"))
     done = [n for n in orig if n != left_out and n in pruned]
@@ -133,7 +133,7 @@ def test_obspa_compensated_tensors_are_listed(chain, tmp_path):
     spa.prune(str(chain / "m.onnx"), 0.5, criterion="obspa", map_path=tmp_path / "map.json", output=tmp_path / "p.onnx")
     doc = json.loads((tmp_path / "map.json").read_text())
     assert doc["compensated"] and set(doc["compensated"]) <= set(doc["tensors"])
-    summary = mapping.apply_map(tmp_path / "map.json", chain / "ckpt.npz", tmp_path / "out.npz")
+    summary = mapfile.apply_map(tmp_path / "map.json", chain / "ckpt.npz", tmp_path / "out.npz")
     out, pruned = dict(np.load(tmp_path / "out.npz")), initializers(tmp_path / "p.onnx")
     assert summary["compensated"] == sorted(doc["compensated"])
     assert any(line.startswith(f"warning: obspa's compensation rewrote {len(doc['compensated'])} of these tensors")
@@ -217,8 +217,8 @@ def test_renamed_transposed_linear_weights(tmp_path):
     spa.prune(str(tmp_path / "m.onnx"), 0.5, map_path=tmp_path / "map.json", output=tmp_path / "p.onnx")
     doc = json.loads((tmp_path / "map.json").read_text())
     assert doc["tensors"]["val_0"]["framework"] == [{"name": "fc.weight", "transposed": True}]
-    summary = mapping.apply_map(tmp_path / "map.json", tmp_path / "ck.safetensors", tmp_path / "out.safetensors")
-    ck = mapping.open_checkpoint(tmp_path / "out.safetensors")
+    summary = mapfile.apply_map(tmp_path / "map.json", tmp_path / "ck.safetensors", tmp_path / "out.safetensors")
+    ck = mapfile.open_checkpoint(tmp_path / "out.safetensors")
     out = {n: np.array(ck.get(n)) for n in ck.shapes}
     ck.close()
     pruned = initializers(tmp_path / "p.onnx")
@@ -234,7 +234,7 @@ def test_pytorch_checkpoint_without_torch(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "torch", None)    # import torch raises ImportError
     (tmp_path / "ck.pt").write_bytes(b"not read")
     with pytest.raises(SpaError, match="needs torch"):
-        mapping.open_checkpoint(tmp_path / "ck.pt")
+        mapfile.open_checkpoint(tmp_path / "ck.pt")
 
 
 @pytest.mark.torch
@@ -246,7 +246,7 @@ def test_pytorch_checkpoint_under_a_state_dict_key(tmp_path):
           "out.weight": torch.tensor(orig["val_1"].T).to(torch.bfloat16)}
     torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "ck.pth")
     spa.prune(str(tmp_path / "m.onnx"), 0.5, map_path=tmp_path / "map.json", output=tmp_path / "p.onnx")
-    mapping.apply_map(tmp_path / "map.json", tmp_path / "ck.pth", tmp_path / "out.pth")
+    mapfile.apply_map(tmp_path / "map.json", tmp_path / "ck.pth", tmp_path / "out.pth")
     got = torch.load(tmp_path / "out.pth", weights_only=True)
     pruned = initializers(tmp_path / "p.onnx")
     assert got["epoch"] == 3 and got["state_dict"]["out.weight"].dtype == torch.bfloat16
@@ -256,12 +256,12 @@ def test_pytorch_checkpoint_under_a_state_dict_key(tmp_path):
 
 
 def test_axis_map():
-    assert mapping._axis_map([4, 3], [4, 3]) == [0, 1]
-    assert mapping._axis_map([4, 3], [3, 4]) == [1, 0]
-    assert mapping._axis_map([4, 4], [4, 4], transposed=True) == [1, 0]
-    assert mapping._axis_map([1, 8, 1, 1], [8]) == [-1, 0, -1, -1]
-    assert mapping._axis_map([8], [1, 8, 1])[0] == 1
-    assert mapping._axis_map([4, 3], [12]) is None
+    assert mapfile._axis_map([4, 3], [4, 3]) == [0, 1]
+    assert mapfile._axis_map([4, 3], [3, 4]) == [1, 0]
+    assert mapfile._axis_map([4, 4], [4, 4], transposed=True) == [1, 0]
+    assert mapfile._axis_map([1, 8, 1, 1], [8]) == [-1, 0, -1, -1]
+    assert mapfile._axis_map([8], [1, 8, 1])[0] == 1
+    assert mapfile._axis_map([4, 3], [12]) is None
 
 
 def test_safetensors_writer_round_trip(tmp_path):
@@ -273,7 +273,7 @@ def test_safetensors_writer_round_trip(tmp_path):
     safetensors.write(tmp_path / "t.safetensors", items, {"note": "x"})
     entries, meta, _ = safetensors.read_header(tmp_path / "t.safetensors")
     assert meta == {"note": "x"} and {n: e[0] for n, e in entries.items()} == {n: t for n, (t, _) in tensors.items()}
-    ck = mapping.open_checkpoint(tmp_path / "t.safetensors")
+    ck = mapfile.open_checkpoint(tmp_path / "t.safetensors")
     for n, (_, a) in tensors.items():
         np.testing.assert_array_equal(np.asarray(ck.get(n)).view(a.dtype), a)
     ck.close()
@@ -362,14 +362,14 @@ def test_resnet18_checkpoint_loads_into_the_narrow_model(resnet, tmp_path):
     got = CliRunner().invoke(cli, ["apply-map", str(tmp_path / "map.json"), str(resnet / "ck.safetensors"),
                                    "-o", str(tmp_path / "out.safetensors")])
     assert got.exit_code == 0, got.output
-    ck = mapping.open_checkpoint(tmp_path / "out.safetensors")
+    ck = mapfile.open_checkpoint(tmp_path / "out.safetensors")
     out = {n: np.array(ck.get(n)) for n in ck.shapes}
     ck.close()
     params = [n for n in out if not n.endswith("num_batches_tracked")]
     assert len(params) == 102 and set(params) <= set(pruned)      # every parameter and BN statistic
     assert_matches_pruned(out, pruned, params)
     # the library, on the .pt state_dict
-    summary = mapping.apply_map(tmp_path / "map.json", resnet / "ck.pt", tmp_path / "out.pt")
+    summary = mapfile.apply_map(tmp_path / "map.json", resnet / "ck.pt", tmp_path / "out.pt")
     assert summary["not_in_map"] == [] and summary["missing_in_checkpoint"] == [] and summary["scalars"] == 20
     sd = torch.load(tmp_path / "out.pt", weights_only=True)
     assert_matches_pruned({n: v.numpy() for n, v in sd.items()}, pruned, params)
@@ -387,7 +387,7 @@ def test_resnet18_two_steps(resnet, tmp_path):
     torch = pytest.importorskip("torch")
     res = spa.prune(str(resnet / "m.onnx"), 0.4, steps=2, map_path=tmp_path / "map.json", output=tmp_path / "p.onnx")
     assert all(s["removed"] > 0 for s in res.report["step_summaries"])
-    mapping.apply_map(tmp_path / "map.json", resnet / "ck.pt", tmp_path / "out.pt")
+    mapfile.apply_map(tmp_path / "map.json", resnet / "ck.pt", tmp_path / "out.pt")
     sd = torch.load(tmp_path / "out.pt", weights_only=True)
     pruned = initializers(tmp_path / "p.onnx")
     assert_matches_pruned({n: v.numpy() for n, v in sd.items()}, pruned,
@@ -421,7 +421,7 @@ def test_default_export_folded_batchnorm_and_transposed_linear(tmp_path):
     assert "b1.running_mean" not in names and "fc.weight" not in names     # what the exporter did
     torch.save(model.state_dict(), tmp_path / "ck.pt")
     spa.prune(str(tmp_path / "m.onnx"), 0.4, map_path=tmp_path / "map.json", output=tmp_path / "p.onnx")
-    summary = mapping.apply_map(tmp_path / "map.json", tmp_path / "ck.pt", tmp_path / "out.pt")
+    summary = mapfile.apply_map(tmp_path / "map.json", tmp_path / "ck.pt", tmp_path / "out.pt")
     assert len(summary["folded_batchnorm"]) == 8 and summary["transposed"] == ["fc.weight", "out.weight"]
     assert summary["not_in_map"] == [] and summary["missing_in_checkpoint"] == []
     sd = torch.load(tmp_path / "out.pt", weights_only=True)
@@ -452,7 +452,7 @@ def test_llama_map_has_the_layers_and_rebuilds_the_hugging_face_model(tmp_path):
     assert layer["intermediate_size"][1] < layer["intermediate_size"][0] and layer["head_dim"][1] < layer["head_dim"][0]
     wrapper = et.build("llama_gqa")                       # the exported module: its own seeded weights
     torch.save(wrapper.state_dict(), tmp_path / "ck.pt")
-    summary = mapping.apply_map(tmp_path / "map.json", tmp_path / "ck.pt", tmp_path / "out.pt")
+    summary = mapfile.apply_map(tmp_path / "map.json", tmp_path / "ck.pt", tmp_path / "out.pt")
     assert summary["not_in_map"] == [] and summary["layers"] == doc["layers"]
     assert summary["missing_in_checkpoint"] == ["model.model.rotary_emb.inv_freq"]   # a buffer, not saved
     assert any(line.startswith("layers 0-1: ") for line in summary["lines"])

@@ -184,7 +184,7 @@ def bench(name: str, ratio: float, work: pathlib.Path) -> dict:
 
 
 def describe_layers(report) -> list:
-    from spa.layers import describe_all
+    from spa.mapping.layers import describe_all
     return describe_all(report.get("layers", []))
 
 

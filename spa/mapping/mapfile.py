@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io
-from .io import safetensors
-from .errors import SpaError
+from .. import io
+from ..io import safetensors
+from ..errors import SpaError
 
 FORMAT = "spa-map"
 VERSION = 1
