@@ -10,19 +10,22 @@ import numpy as np
 import onnx
 
 from . import io
-from .planning import allocation, fidelity
-from .runtime import probing
-from .io import weights as weight_store
-from .planning.counting import count_macs, count_params, mac_axes, node_macs
 from .errors import SpaError
 from .graph.channels import ChannelModel, build
+from .io import weights as weight_store, zoo
+from .io.weights import is_float
+from .mapping import mapfile
 from .mapping.layers import layer_report
-from .planning.plan import all_units, plan as make_plan
-from .scoring import CRITERIA
+from .planning import allocation, fidelity
+from .planning.counting import count_macs, count_params, mac_axes, node_macs
+from .planning.plan import (CostModel, all_units, load_overrides, parse_target, plan as make_plan, plan_target,
+                            resolve_overrides)
+from .runtime import calib as calib_mod, probing
+from .runtime.synthetic import KINDS
+from .scoring import CRITERIA, score
 from .scoring.obspa import HESSIANS
 from .surgery import slicing
 from .surgery.validate import interface_changes, validate
-from .io.weights import is_float
 
 
 def _quiet(msg):
@@ -56,7 +59,7 @@ class Analysis:
     @property
     def graph(self):
         """The model as a networkx graph whose edges carry their channel groups (``spa.graph.view``)."""
-        from .graph.view import graph_view
+        from .graph.view import graph_view  # networkx: imported only for the graph view (start-up cost)
         return graph_view(self)
 
     def summary(self) -> dict:
@@ -82,7 +85,6 @@ def analyze(model, *, input_shapes=None, progress=_quiet, weights=None, prune_io
         _check_regex(prune_io, "--prune-io")
     t0 = time.perf_counter()
     if isinstance(model, (str, os.PathLike)):  # a path or a zoo model's name, with its default shapes
-        from .io import zoo
         model, input_shapes = zoo.resolve(model, input_shapes, progress=progress)
     progress("loading and probing the model in onnxruntime")
     proto, pr = probing.prepare(model, input_shapes, weights)
@@ -192,7 +194,6 @@ class PruneOptions:
 
     def checked(self):
         """The criterion's Scorer and the parsed target; one-line errors for bad values."""
-        from .planning.plan import parse_target
         scorer = CRITERIA.get(self.criterion)
         if scorer is None:
             raise SpaError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
@@ -227,11 +228,9 @@ class PruneOptions:
         if self.calib_batches < 1 or (self.calib_batch_size is not None and self.calib_batch_size < 1):
             raise SpaError("--calib-batches and --calib-batch-size must be >= 1")
         if self.overrides is not None and not isinstance(self.overrides, dict):
-            from .planning.plan import load_overrides
             load_overrides(self.overrides)  # a file: readable, small, JSON (its keys need the analysis)
         if self.prune_io is not None:
             _check_regex(self.prune_io, "--prune-io")
-        from .runtime.synthetic import KINDS
         if self.synthetic not in KINDS:
             raise SpaError(f"--synthetic must be one of {', '.join(KINDS)}, got {self.synthetic!r}")
         if self.hessian not in HESSIANS:
@@ -304,7 +303,6 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
         if len(units):
             current, current_weights = slicing.cut(source, channels, step.analysis.probe, units)
             if opts.map_path is not None:
-                from .mapping import mapfile
                 step_kept = mapfile.step_map(step.analysis, units)
                 kept_map = step_kept if kept_map is None else mapfile.compose(kept_map, step_kept)
                 compensated |= {n for n, v in channels.consts.items() if v is not step.analysis.channels.consts.get(n)}
@@ -322,7 +320,6 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
     result = PruneResult(current, report, current_weights)
     if opts.map_path is not None:
         import json
-        from .mapping import mapfile
         doc = mapfile.document(kept_map or {}, first, current, current_weights, compensated)
         io.write_text(opts.map_path, json.dumps(doc, separators=(",", ":")),
                       inputs=[model] if isinstance(model, (str, os.PathLike)) else [], what="--map")
@@ -336,8 +333,6 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
 def _score(step: Step, scorer, opts: PruneOptions, k: int, tag: str, ranked: bool, progress) -> None:
     """Calibration statistics (calibrated criteria), scores, and the criterion's compensation
     (``ranked``: the plan compares scores across groups, a global rank or a target)."""
-    from .runtime import calib as calib_mod
-    from .scoring import score
     an = step.analysis
     if scorer.needs_calib:
         step.stats = calib_mod.gather(an, opts.calib, n_batches=opts.calib_batches, batch_size=opts.calib_batch_size,
@@ -370,7 +365,6 @@ def _cut(step: Step, removal: dict):
 def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progress=_quiet) -> None:
     """Which units go: a ratio per group (or global), or the threshold that reaches a target; with
     several steps each reaches its share."""
-    from .planning.plan import CostModel, plan_target, resolve_overrides
     an, n = step.analysis, opts.steps
     step.overrides = resolve_overrides(an.groups, opts.overrides)
     common = dict(round_to=opts.round_to, exclude=opts.exclude, max_ratio=opts.max_ratio)

@@ -9,7 +9,16 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .api import PruneOptions, analyze, prune as do_prune
 from .errors import SpaError
+from .io import check_target, external_data_files, write_text, zoo
+from .mapping import mapfile
+from .mapping.layers import describe_all
+from .planning.fidelity import WARN_BELOW
+from .scoring import CRITERIA
+
+# spa.verify's check and bench are imported where they are used: _register_optional adds their
+# commands only if they import
 
 
 _STARTED = time.perf_counter()
@@ -33,7 +42,6 @@ def _peak_gb() -> float:
 
 def _fidelity_warning(rep) -> None:
     """One line on stderr when the pruned model strays far from the original on the probe's inputs."""
-    from .planning.fidelity import WARN_BELOW
     fid = rep.get("fidelity", {})
     low = fid.get("min")
     if low is None or low >= WARN_BELOW:
@@ -54,14 +62,12 @@ def _human(n: float) -> str:
 
 def _resolve_model(model: str, input_shapes=()):
     """(path, input shapes): a path, or the name of a zoo model (``spa.zoo.resolve``)."""
-    from .io import zoo
     return zoo.resolve(model, _shapes(input_shapes), progress=_progress)
 
 
 def _run_inputs(model, targets, *files) -> list:
     """The files a run reads that a write must never replace: the model, its external data (looked
     up only when a target is an existing file in the model's folder), and option files."""
-    from .io import external_data_files
     out = [str(Path(model).resolve())] + [str(Path(f).resolve()) for f in files if f and Path(str(f)).is_file()]
     folder = Path(model).resolve().parent
     if any(t and Path(t).exists() and Path(t).resolve().parent == folder for t in targets):
@@ -106,10 +112,8 @@ SHAPES_HELP = "shape of a dynamic input, e.g. 'x:[1,3,224,224]' (repeatable)"
               help="also write the operator graph with each tensor's channel groups (.graphml or .dot)")
 def inspect(model, as_json, show_all, input_shapes, graph_file):
     """List the coupled channel groups of MODEL and whether each can be pruned."""
-    from .api import analyze
     path, shapes = _resolve_model(model, input_shapes)
     if graph_file:
-        from .io import check_target
         if not str(graph_file).lower().endswith((".graphml", ".dot", ".gv")):
             raise SpaError(f"--graph {graph_file}: write .graphml (networkx, yEd, Gephi) or .dot/.gv (Graphviz)")
         check_target(graph_file, _run_inputs(path, [graph_file]), what="--graph")
@@ -117,7 +121,7 @@ def inspect(model, as_json, show_all, input_shapes, graph_file):
     summary = an.summary()
     summary["input_shapes"] = {k: [int(d) for d in np.shape(v)] for k, v in an.probe.inputs.items()}
     if graph_file:
-        from .graph.view import write_graph
+        from .graph.view import write_graph  # networkx: imported only for --graph (start-up cost)
         write_graph(an.graph, graph_file, inputs=_run_inputs(path, [graph_file]))
         _progress(f"wrote the graph to {graph_file}")
     if as_json:
@@ -140,7 +144,6 @@ def inspect(model, as_json, show_all, input_shapes, graph_file):
 
 
 def _criteria():
-    from .scoring import CRITERIA
     return list(CRITERIA)
 
 
@@ -219,9 +222,6 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
     Exit code 0 on success (--check only reports unless --atol/--rtol is given), 1 when --atol/--rtol
     is given and an output is out of tolerance (the model is written all the same), 2 on errors.
     """
-    from .api import PruneOptions, analyze
-    from .api import prune as do_prune
-    from .io import check_target, write_text
     src, shapes = _resolve_model(model, input_shapes)
     do_check = do_check or atol is not None or rtol is not None
     if Path(src).resolve() == Path(output).resolve():
@@ -294,7 +294,6 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
     fid = rep.get("fidelity", {})
     if "min" in fid:
         click.echo(f"fidelity {fid['min']:.4f} (the outputs' cosine to the original's on {fid['inputs']})")
-    from .mapping.layers import describe_all
     for line in describe_all(rep.get("layers", [])):
         click.echo(line)
     for c in rep.get("interface", []):
@@ -443,7 +442,6 @@ def apply_map(map_file, checkpoint, output, names, as_json):
     """Slice a framework CHECKPOINT (.safetensors, .npz, or a PyTorch state_dict .pt/.pth) with the MAP
     that `spa prune --map` wrote, so that the model rebuilt with the new widths loads it (for
     fine-tuning in the framework)."""
-    from .mapping import mapfile
     summary = mapfile.apply_map(map_file, checkpoint, output, names=names,
                                 inputs=[p for p in (map_file, checkpoint, names) if p], progress=_progress)
     if as_json:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import networkx as nx
 
+from ..errors import SpaError
+from ..io import write_atomic
+
 
 def graph_view(an) -> nx.MultiDiGraph:
     """A ``networkx.MultiDiGraph`` of ``an`` (a ``spa.Analysis``): one node per operator (``op``,
@@ -55,8 +58,6 @@ def graph_view(an) -> nx.MultiDiGraph:
 def write_graph(G: nx.MultiDiGraph, path, inputs=()) -> None:
     """GraphML (``.graphml``) or Graphviz DOT (``.dot``/``.gv``), through spa's safe writer;
     prunable tensors are drawn in colour in DOT."""
-    from ..errors import SpaError
-    from ..io import write_atomic
     suffix = str(path).rsplit(".", 1)[-1].lower()
     if suffix == "graphml":
         write_atomic(path, lambda tmp: nx.write_graphml(G, tmp), inputs=inputs, what="--graph")

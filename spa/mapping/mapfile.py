@@ -29,6 +29,7 @@ import numpy as np
 from .. import io
 from ..io import safetensors
 from ..errors import SpaError
+from .layers import describe_all, layer_report, module_of
 
 FORMAT = "spa-map"
 VERSION = 1
@@ -118,7 +119,6 @@ def document(kept: dict, first, result_proto, result_weights, compensated: set) 
 
 def _layers(first, result_proto, changed_shapes) -> list:
     """``spa.layers.layer_report`` of the prune (the same list as the report's ``layers``)."""
-    from .layers import layer_report
     after = {**first.probe.shapes, **{k: tuple(v) for k, v in changed_shapes.items()}}
     return layer_report(first.model, first.probe.shapes, result_proto, after)
 
@@ -150,7 +150,6 @@ def _framework_hints(model, tensors) -> dict:
     ``FuseBatchNormInto*``) marks its weight and bias ``"folded": <bn module>`` (their values are
     not the checkpoint's) and the returned dict holds the BatchNorm's four tensors, keyed by their
     checkpoint names, sliced like the convolution's output channels."""
-    from .layers import module_of
     folded = {}
     for node in model.graph.node:
         meta = _metadata(node)
@@ -412,7 +411,6 @@ def _summary(doc, p: Plan, ck, checkpoint, output) -> dict:
                      "the slices written here are the original values at the kept positions, not the pruned model's; "
                      "for the pruned network's values take them from the pruned ONNX model (see docs/map.md)")
     if doc.get("layers"):
-        from .layers import describe_all
         lines += describe_all(doc["layers"])
     out = {"checkpoint": str(checkpoint), "output": str(output), "format": ck.kind,
            "tensors": len(ck.shapes), "sliced": len(sliced), "unchanged": len(ck.shapes) - len(sliced),

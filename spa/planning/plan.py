@@ -8,6 +8,7 @@ import numpy as np
 
 from ..errors import SpaError
 from ..io.weights import is_float
+from .counting import mac_axes, node_macs
 
 #: an --overrides file is a small JSON object; anything bigger is a mistake (or /dev/zero)
 OVERRIDES_LIMIT = 1 << 20
@@ -202,7 +203,6 @@ class CostModel:
     """
 
     def __init__(self, an):
-        from .counting import mac_axes, node_macs
         cm = an.channels
         self.cm = cm
         self.params, self.macs = an.params, an.macs

@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import SpaError
 from .activation import act_mean_scores, flap_scores, wanda_scores
 from .gradient import fisher_scores, snip_scores, taylor_scores
 from .obspa import Compensation as obspa_compensation
@@ -68,7 +69,6 @@ class Scores:
 def score(an, criterion: str = "l2", *, stats=None, reduction: str = "sum", normalisation: str | None = None,
           seed: int = 0, grads=None) -> Scores:
     """Raw and normalised per-unit scores of ``criterion`` on analysis ``an``."""
-    from ..errors import SpaError
     scorer = CRITERIA.get(criterion)
     if scorer is None:
         raise SpaError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..io.weights import is_float
+from ..io.weights import RELEASE_ABOVE, is_float, release_pages
 
 REDUCTIONS = ("sum", "mean", "max")
 NORMALISATIONS = ("mean", "max", "none")
@@ -62,7 +62,6 @@ def weight_slices(cm, fn):
     """Feed ``fn(name, value, dims)`` -> ``{d: per-position values}`` for the channel axes ``dims``
     of every weight (all of a weight's axes at once: one pass over it).
     Weights read from a file's memory map give their pages back after use (``spa.weights``)."""
-    from ..io.weights import RELEASE_ABOVE, release_pages
     acc = SliceAccumulator(cm)
     for name, value in cm.consts.items():
         if name in cm.dequant:   # a quantized weight: its real values

@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..runtime import synthetic as synthetic_inputs
+from ..runtime import calib as calib_mod, probing, synthetic as synthetic_inputs
+from ..runtime.calib import exposing_session
 from ..io.weights import put as put_weight
 from ..errors import SpaError
+from .magnitude import normalise
 from .hessians import bn_moments, hessian_from_bn, split_bias, with_bias
 from .obs import obs_group, obs_scores
 from .structure import axis_pairs
@@ -254,8 +256,6 @@ def _rows(x, c: Consumer, rows, rng):
 
 def data_hessians(an, wanted, feeds, *, rows=ROWS_PER_BATCH, seed=0, source="synthetic", progress=_quiet):
     """``E[x x^T]`` and ``E[x]`` for every consumer in ``wanted`` ({key: consumer}) over ``feeds``."""
-    from ..runtime import probing
-    from ..runtime.calib import exposing_session
     hs = Hessians()
     if not wanted:
         return hs
@@ -329,7 +329,6 @@ def hessians(an, consumers, source="auto", calib=None, *, n_batches=8, batch_siz
     the others; ``auto`` is ``bn`` without calibration data (the data-free combination that measured
     best, docs/obspa.md) and the calibration data everywhere with it.  The source of each is recorded.
     """
-    from ..runtime import calib as calib_mod
     if source not in HESSIANS:
         raise SpaError(f"unknown Hessian source {source!r}; choose one of {', '.join(HESSIANS)}")
     wanted = {}
@@ -497,7 +496,6 @@ class Compensation:
     weights."""
 
     def __init__(self, an, scores, opts, ranked, progress=_quiet):
-        from .magnitude import normalise
         self.an, self.scores, self.hessian = an, scores, opts.hessian
         consumers, self.skipped = find_consumers(an)
         self.per_group = group_consumers(an, consumers)
@@ -522,7 +520,6 @@ class Compensation:
         carrying the compensated weights."""
         import dataclasses
         import onnx
-        from .magnitude import normalise
         an, sc = self.an, self.scores
         counts = {gid: len(u) for gid, u in removal.items()}
         self.results, new = prune_groups(an, self.per_group, self.hs, counts, progress=progress)

@@ -27,6 +27,7 @@ import onnxruntime as ort
 from spa.verify.check import CheckError, input_specs, load_proto, one_line, cuda_available, \
     make_inputs, parse_input_shapes, session
 from spa.errors import SpaError
+from spa.io import write_atomic, zoo
 
 # --provider name -> ORT providers to request (in order of preference).
 PROVIDERS = {
@@ -253,7 +254,6 @@ def plot_bench(result, path) -> None:
     ax.set_ylabel("median latency (ms)")
     ax.legend()
     fig.tight_layout()
-    from ..io import write_atomic
     fmt = os.path.splitext(str(path))[1].lstrip(".") or "png"
     try:
         write_atomic(path, lambda tmp: fig.savefig(tmp, format=fmt), inputs=models, what="--plot")
@@ -304,7 +304,6 @@ def bench_command(models, provider, batches, threads, warmup, iters, input_shape
     Models run interleaved (round-robin) in one process; speedup is relative to the first
     MODEL at the same provider and batch. Progress goes to stderr."""
     try:
-        from spa.io import zoo
         resolved = [zoo.resolve(m, input_shapes or None) for m in models]  # paths or zoo models' names
         models = [path for path, _ in resolved]
         input_shapes = input_shapes or resolved[0][1]

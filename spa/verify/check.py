@@ -28,7 +28,9 @@ import onnx
 import onnxruntime as ort
 
 from spa.errors import SpaError
-from spa.runtime.shapes import integer_ranges
+from spa.io import graph_inputs, zoo
+from spa.runtime.probing import input_feed
+from spa.runtime.shapes import fallback_bases, integer_ranges, related_plans, size_plan
 
 
 # Models whose serialised protobuf reaches this size cannot be passed to ORT as bytes.
@@ -159,7 +161,6 @@ def make_inputs(model_or_path, input_shapes=None, seed=0, batch=None, values=Non
     can read (``spa.shapes.integer_ranges``: an embedding's rows, ones for an attention mask; [0, 4)
     otherwise).
     """
-    from spa.runtime.shapes import size_plan
     model = load_proto(model_or_path)
     specs = input_specs(model)
     input_shapes = dict(input_shapes or {})
@@ -346,7 +347,6 @@ def compare(reference, candidate, inputs=None, input_shapes=None, seed=0, atol=1
 def _fallback_sizes(model) -> list:
     """Smaller sizes of the dynamic dims to try when the reference refuses the defaults (a
     recogniser that only runs at heights up to 64), as the probe does."""
-    from spa.runtime.shapes import fallback_bases, size_plan
     names = {n for n, _, _ in input_specs(model)}
     return fallback_bases(size_plan([vi for vi in model.graph.input if vi.name in names]))
 
@@ -355,9 +355,6 @@ def _other_sizes(ref_proto, ref_sess, cand_sess, feeds, seed, atol, rtol) -> lis
     """Both models at the size plan's other points; where the reference refuses independent sizes,
     the plans in which one dim is the sum of two others that fit ``feeds`` are tried (a KV cache's
     mask length = past + sequence)."""
-    from spa.io import graph_inputs
-    from spa.runtime.probing import input_feed
-    from spa.runtime.shapes import related_plans, size_plan
     given = {k: list(v.shape) for k, v in feeds.items()}
     plan = size_plan(graph_inputs(ref_proto), given)
     if not plan.symbols:
@@ -468,7 +465,6 @@ def check_command(original, other, inputs_path, input_shapes, seed, atol, rtol, 
     Exit code 0 if every output matches within tolerance, 1 if not, 2 on usage or load errors.
     """
     try:
-        from spa.io import zoo
         original, input_shapes = zoo.resolve(original, input_shapes or None)  # a path or a zoo model's name
         other, _ = zoo.resolve(other)
         inputs = _load_npz(inputs_path) if inputs_path else None

@@ -14,11 +14,14 @@ import onnx
 from onnx import numpy_helper
 
 from ..graph.masks import insert_masks
+from ..io.weights import full_model
+from ..runtime.probing import input_feed, session
+from ..surgery import slicing
+from ..surgery.validate import validate
 
 
 def cut_model(an, units) -> onnx.ModelProto:
     """Copy of ``an.model`` with the contributions of ``units`` masked out at their consumers."""
-    from ..io.weights import full_model
     proto = full_model(an.model, an.probe.consts)
     removed = an.channels.removed_atoms(units)
     for name, offset, size, shape, dtype in insert_masks(an, proto, removed):
@@ -35,7 +38,6 @@ SCALE_FLOOR = 0.1
 def compare_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feed) -> float:
     """Largest relative error over the graph outputs: ``max|a-b| / max(max|a|, SCALE_FLOOR)``;
     ``feed`` is one input dict or a list of them (every size is compared)."""
-    from ..runtime.probing import session
     feeds = feed if isinstance(feed, list) else [feed]
     sa, sb = session(a), session(b)
     worst = 0.0
@@ -53,7 +55,6 @@ def feeds_at_every_size(an, most=None) -> list:
     """Inputs at every size the analysis ran the model at (the probe's, then each other point:
     every dynamic dim moved up, then down), or the ``most`` cheapest of them (the probe's first,
     then the short point: each dynamic dim still at two sizes)."""
-    from ..runtime.probing import input_feed
     pr = an.probe
     points = pr.points[1:] if pr.plan is not None else []
     if most is not None:
@@ -69,8 +70,6 @@ def check_groups(an, fraction: float = 0.34, seed: int = 0, groups=None):
     worst over two sizes of every dynamic dim (``feeds_at_every_size``).
     Raises whatever surgery or validation raises: a group that cannot be pruned validly is a bug.
     """
-    from ..surgery import slicing
-    from ..surgery.validate import validate
     rng = np.random.default_rng(seed)
     results = []
     for g in (groups if groups is not None else an.groups):
@@ -93,8 +92,6 @@ def check_joint(an, fraction: float = 0.34, seed: int = 0, approximate: bool = F
     ``approximate=False`` only exact groups are pruned and the error is returned; with True every
     group is pruned and only validity is checked (error is then informative, not bounded).
     """
-    from ..surgery import slicing
-    from ..surgery.validate import validate
     rng = np.random.default_rng(seed)
     chosen = [g for g in an.groups if g.prunable and (approximate or not g.approximate)]
     units = []
