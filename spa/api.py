@@ -49,7 +49,7 @@ class Analysis:
 
     @property
     def weights(self) -> dict:
-        """Every initializer as an array (the stubs' data: ``spa.weights``)."""
+        """Every initializer as an array (the stubs' data: ``spa.io.weights``)."""
         return self.probe.consts
 
     def full_model(self) -> onnx.ModelProto:
@@ -77,7 +77,7 @@ class Analysis:
 def analyze(model, *, input_shapes=None, progress=_quiet, weights=None, prune_io: str | None = None) -> Analysis:
     """Load, normalise and probe ``model`` (a path, a zoo model's name such as ``"yolov8n"``, or a
     ModelProto) and find its channel groups.  A model read from a file keeps its big weights out of
-    ``Analysis.model`` (``spa.weights`` stubs; the arrays are ``Analysis.weights``, read-only views
+    ``Analysis.model`` (``spa.io.weights`` stubs; the arrays are ``Analysis.weights``, read-only views
     of the file); ``weights``: the arrays of a ModelProto's stubs.  ``prune_io``: a regular
     expression; graph inputs and outputs whose names match may lose channels along their static
     dims (a KV cache's heads and head dims; see ``PruneOptions.prune_io``)."""
@@ -131,7 +131,7 @@ def _attribute_costs(cm: ChannelModel, proto, pr) -> None:
 
 class PruneResult:
     """The pruned model and its report.  The model's big weights are kept apart (``weights``,
-    stubs in the proto: ``spa.weights``); ``save`` streams them to a file, ``model`` fills a
+    stubs in the proto: ``spa.io.weights``); ``save`` streams them to a file, ``model`` fills a
     complete ModelProto on first use (the model's size in memory once more)."""
 
     def __init__(self, proto: onnx.ModelProto, report: dict, weights: dict | None = None):
@@ -190,7 +190,7 @@ class PruneOptions:
     grads: object = None           # gradient criteria: per-initializer gradients (.npz/.safetensors path or dict)
     map_path: object = None        # where to write the map back to the framework (spa.mapping), or None
     allocate: str = "global"       # a MACs target: one global score threshold, or "sensitivity" (measured drift)
-    synthetic: str = "auto"        # without --calib: what synthetic images look like (spa.synthetic.KINDS)
+    synthetic: str = "auto"        # without --calib: what synthetic images look like (spa.runtime.synthetic.KINDS)
 
     def checked(self):
         """The criterion's Scorer and the parsed target; one-line errors for bad values."""

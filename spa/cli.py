@@ -313,7 +313,7 @@ def _shape_text(shapes) -> str:
 
 
 def _run_check(reference, candidate, shapes, seed, atol, rtol) -> dict:
-    """``spa.check.compare`` of the pruned model against the original, as the report's "check" entry.
+    """``spa.verify.check.compare`` of the pruned model against the original, as the report's "check" entry.
 
     Without tolerances (mode "report") nothing is judged: ``passed`` is null unless the two models
     cannot be compared at all (signature or output shape mismatch), which is false."""
@@ -388,7 +388,7 @@ def _bench_provider_usable(provider):
 
 
 def _run_bench(dense, pruned, shapes, provider, warmup, iters) -> dict:
-    """``spa.bench.benchmark`` of the original and the pruned model, as the report's "bench" entry."""
+    """``spa.verify.bench.benchmark`` of the original and the pruned model, as the report's "bench" entry."""
     from .verify.bench import benchmark
     first = next(iter(shapes.values()), [])
     batch = first[0] if first else 1  # benchmark sets dim 0 of dynamic inputs to the batch: keep the used one

@@ -28,7 +28,7 @@ For each model and ratio R:
   whole (import, load, prune, save).
 
 Every model's params and MACs are counted by ``spa.analyze`` (the same counter for all), and all
-variants of one model (dense first) are timed together in one interleaved ``spa.bench.benchmark``
+variants of one model (dense first) are timed together in one interleaved ``spa.verify.bench.benchmark``
 run on the CPU execution provider, batch 1. Dev-only dependencies: torch, torchvision,
 torch-pruning, onnxsim. Models: torchvision exports in ``$SPA_CACHE/torchvision`` (made here if
 missing), YOLOv8n and PP-OCRv4 det fetched with ``spa.zoo.fetch``.

@@ -23,7 +23,7 @@ Values that several parameters share (LayerNorm weights at initialisation are al
 by name; initializers that match nothing (shape constants, a bias whose BatchNorm is not found) get
 no gradient, and spa scores their channels from the other weights.  Gradients are taken in eval mode
 by default (BatchNorm on running statistics, no dropout): the function the ONNX file computes,
-which is what makes rules 4 and 5 exact (tests/test_gradient.py checks every gradient against a
+which is what makes rules 4 and 5 exact (tests/scoring/test_gradient.py checks every gradient against a
 central difference of the loss in onnxruntime, for both exporters).
 
 The file (``.npz`` uncompressed, or ``.safetensors``) holds the mean gradient over the batches, or
@@ -241,7 +241,7 @@ def save(grads: dict, path, *, squared: bool = False) -> Path:
 
 
 def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
-    """float32 tensors in the safetensors layout (``spa.safetensors``, no package needed)."""
+    """float32 tensors in the safetensors layout (``spa.io.safetensors``, no package needed)."""
     from spa.io import safetensors
     items = [(name, "F32", np.shape(a), lambda a=a: np.ascontiguousarray(a, dtype="<f4")) for name, a in tensors.items()]
     safetensors.write(path, items, {str(k): str(v) for k, v in (metadata or {}).items()})

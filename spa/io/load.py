@@ -45,7 +45,7 @@ def load_model(model, *, load_weights: bool = True) -> onnx.ModelProto:
 
 
 def load_lazily(model, weights=None) -> tuple[onnx.ModelProto, dict]:
-    """``(proto, weights)``: a path is read without copying its big weights (``spa.weights``: the
+    """``(proto, weights)``: a path is read without copying its big weights (``spa.io.weights``: the
     proto holds stubs, ``weights`` read-only arrays over a memory map of the file and of its
     external data); a ModelProto is copied (its stubs' arrays are ``weights``)."""
     if isinstance(model, onnx.ModelProto):

@@ -26,7 +26,7 @@ EXTERNAL_DATA_ABOVE = 2_000_000_000
 def save_model(proto: onnx.ModelProto, path, *, inputs=(), weights=None) -> Path:
     """Write a model through the safe writer (``write_atomic``; ``inputs``: the run's input files,
     which it refuses to replace); external data, beside it and as safely, for models over 2 GB.
-    ``weights`` holds the arrays of ``proto``'s stubs (``spa.weights``): they are streamed to the
+    ``weights`` holds the arrays of ``proto``'s stubs (``spa.io.weights``): they are streamed to the
     file one tensor at a time, never copied into a proto."""
     path = Path(path)
     if weights_mod.has_stubs(proto):

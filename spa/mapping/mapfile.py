@@ -3,7 +3,7 @@
 ``spa prune --map MAP.json`` records, for every initializer of the original model, its shape and,
 for each axis the prune sliced, the kept positions (indices into the *original* axis, composed over
 ``--steps``), computed with the channel model's own ``keep`` on the same atom mask that
-``surgery.cut`` slices with: the map is exact by construction.  ``spa apply-map MAP CHECKPOINT -o
+``spa.surgery.slicing.cut`` slices with: the map is exact by construction.  ``spa apply-map MAP CHECKPOINT -o
 OUT`` takes the same positions out of a framework checkpoint (safetensors, .npz, a PyTorch
 state_dict), so that the framework's model rebuilt with the new widths loads it and can be
 fine-tuned there.
@@ -53,7 +53,7 @@ class KeptMap(dict):
 
 def step_map(an, units) -> dict:
     """{initializer: {axis: kept indices}} for one step (``an``: the step's Analysis): the same
-    ``removed_atoms`` mask and ``keep`` that ``surgery.cut`` slices with, so every index here is
+    ``removed_atoms`` mask and ``keep`` that ``spa.surgery.slicing.cut`` slices with, so every index here is
     exactly the position the pruned model kept."""
     cm = an.channels
     mask = cm.removed_atoms(units)
@@ -118,7 +118,7 @@ def document(kept: dict, first, result_proto, result_weights, compensated: set) 
 
 
 def _layers(first, result_proto, changed_shapes) -> list:
-    """``spa.layers.layer_report`` of the prune (the same list as the report's ``layers``)."""
+    """``spa.mapping.layers.layer_report`` of the prune (the same list as the report's ``layers``)."""
     after = {**first.probe.shapes, **{k: tuple(v) for k, v in changed_shapes.items()}}
     return layer_report(first.model, first.probe.shapes, result_proto, after)
 

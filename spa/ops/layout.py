@@ -113,7 +113,7 @@ def _give_up(ctx, target):
 
 def rule_reshape(ctx):
     """Reshape: dims matched by products (heads x head dims, flatten before a Linear).  Surgery
-    rebuilds the target (``surgery.rw_reshape``) from one piece per output dim: static dims get
+    rebuilds the target (``spa.surgery.slicing.rw_reshape``) from one piece per output dim: static dims get
     their new sizes; a dynamic dim is the product of its block's input sizes at run time over the
     block's new static sizes, or, where a block splits into several dynamic dims (GPT-2's
     ``[b*s, 3h] -> [b, s, 3h]``), the original target's element, whose reads are then fixed.

@@ -2,7 +2,7 @@
 
 Concrete shapes of every tensor come from one onnxruntime run (``probe``), exact where static shape
 inference leaves gaps; with dynamic inputs the same session runs again at other sizes where every
-dynamic dim moves (``spa.shapes``), exposing only what is read there.  Small tensors computed only
+dynamic dim moves (``spa.runtime.shapes``), exposing only what is read there.  Small tensors computed only
 from constants and from tensor shapes (``Shape -> Gather -> Concat -> Reshape`` chains, the
 ``1/sqrt(head_dim)`` scale) that are the same at every size are folded into initializers
 (``fold_constants``), so that pruning a channel changes exactly what it should and nothing computed
@@ -111,7 +111,7 @@ def session(proto_or_bytes, providers=None, optimize=False, *, oneshot=False):
         # run (a 3B fp16 decoder: 11.2 GB -> see docs/llm.md)
         so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if isinstance(proto_or_bytes, onnx.ModelProto) and weights.has_stubs(proto_or_bytes):
-        raise SpaError("internal: this model keeps its big weights apart (spa.weights); run it with "
+        raise SpaError("internal: this model keeps its big weights apart (spa.io.weights); run it with "
                        "probing.output_runner(model, weights) or fill it first (Analysis.full_model())")
     data = proto_or_bytes if isinstance(proto_or_bytes, (bytes, str)) else serialize(proto_or_bytes)
     return ort.InferenceSession(data, so, providers=providers or ["CPUExecutionProvider"])
@@ -583,7 +583,7 @@ def _forget_dead(pr: Probe, proto) -> None:
 def prepare(model, input_shapes=None, arrays=None):
     """load -> normalise -> probe -> fold: the model every later stage sees, and its probe (the
     fold updates it: folded tensors keep their values and shapes, so the model is run once).
-    ``arrays``: the weights of a ModelProto's stubs (``spa.weights``)."""
+    ``arrays``: the weights of a ModelProto's stubs (``spa.io.weights``)."""
     proto, arrays = load_lazily(model, arrays)
     drop_initializer_inputs(proto)
     constants_to_initializers(proto)

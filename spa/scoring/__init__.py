@@ -2,7 +2,7 @@
 
 ``CRITERIA`` maps a CLI name to a :class:`Scorer`.  A scorer's function takes
 ``(an, stats=None, reduction="sum", **opts)`` (``an`` a ``spa.Analysis``, ``stats`` the
-``spa.calib.ActStats`` for calibrated criteria) and returns raw per-unit scores of length
+``spa.runtime.calib.ActStats`` for calibrated criteria) and returns raw per-unit scores of length
 ``n_units``, or ``(scores, {group_id: note})`` where it fell back to another rule.  ``score``
 calls one and normalises the result so that scores are comparable across groups.
 """

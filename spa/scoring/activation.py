@@ -1,4 +1,4 @@
-"""Criteria that need activation statistics (``spa.calib``): act_mean, wanda, flap.
+"""Criteria that need activation statistics (``spa.runtime.calib``): act_mean, wanda, flap.
 
 Statistics are kept per sink axis (a tensor where a channel is consumed).  A channel's score
 reduces its per-sink values with the chosen reduction:

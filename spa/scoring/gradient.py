@@ -164,7 +164,7 @@ def _mapped(path: Path):
 
 
 def _from_safetensors(path: Path) -> Gradients:
-    """A .safetensors file (``spa.safetensors``), memory-mapped; metadata ``"squared": "1"`` marks
+    """A .safetensors file (``spa.io.safetensors``), memory-mapped; metadata ``"squared": "1"`` marks
     accumulated squared gradients."""
     try:
         entries, meta, start = safetensors.read_header(path, f"--grads: {path}")

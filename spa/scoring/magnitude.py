@@ -61,7 +61,7 @@ class SliceAccumulator:
 def weight_slices(cm, fn):
     """Feed ``fn(name, value, dims)`` -> ``{d: per-position values}`` for the channel axes ``dims``
     of every weight (all of a weight's axes at once: one pass over it).
-    Weights read from a file's memory map give their pages back after use (``spa.weights``)."""
+    Weights read from a file's memory map give their pages back after use (``spa.io.weights``)."""
     acc = SliceAccumulator(cm)
     for name, value in cm.consts.items():
         if name in cm.dequant:   # a quantized weight: its real values

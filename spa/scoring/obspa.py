@@ -49,7 +49,7 @@ DAMP = 0.01
 #: the digits CNNs, the PP-OCR classifier and YOLOv8n.  Calibration data and BN priors keep DAMP.
 SYNTHETIC_RIDGE = 1.0
 #: precision of the dense OBS engine: float32 halves the inverse/downdate time of the big layers
-#: (docs/obspa.md: resnet50 12.5 s vs 20.9 s) and agrees with float64 (tests/test_obs.py)
+#: (docs/obspa.md: resnet50 12.5 s vs 20.9 s) and agrees with float64 (tests/scoring/test_obs.py)
 DTYPE = np.float32
 _ACTIVATIONS = {"Relu": "relu", "Sigmoid": "sigmoid", "HardSwish": "hardswish", "HardSigmoid": "hardsigmoid",
                 "Tanh": "tanh", "Identity": "none"}
@@ -533,7 +533,7 @@ class Compensation:
         if not new:
             return an.model, an.channels
         model = onnx.ModelProto()
-        model.CopyFrom(an.model)   # big weights are stubs (spa.weights): a small copy
+        model.CopyFrom(an.model)   # big weights are stubs (spa.io.weights): a small copy
         consts = dict(an.channels.consts)
         for init in model.graph.initializer:
             if init.name in new:

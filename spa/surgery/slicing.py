@@ -29,7 +29,7 @@ def apply(proto: onnx.ModelProto, cm, probe, removed_units) -> onnx.ModelProto:
 
 def cut(proto: onnx.ModelProto, cm, probe, removed_units) -> tuple[onnx.ModelProto, dict]:
     """``(model, weights)`` without the atoms of ``removed_units`` (proto is not changed): big
-    weights stay out of the proto (``spa.weights`` stubs; ``weights`` holds their arrays, the
+    weights stay out of the proto (``spa.io.weights`` stubs; ``weights`` holds their arrays, the
     untouched ones shared with ``cm.consts``)."""
     mask = cm.removed_atoms(removed_units)
     graph = gs.import_onnx(proto)

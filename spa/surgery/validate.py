@@ -1,7 +1,7 @@
 """The validate stage: a pruned model is written only if it runs right at every size.
 
 ``onnx.checker``, then onnxruntime runs at every size the analysis ran the original at (the probe
-sizes and, for dynamic inputs, every symbol moved up and down: ``spa.shapes``), each with the
+sizes and, for dynamic inputs, every symbol moved up and down: ``spa.runtime.shapes``), each with the
 original's output shapes, and a batch's first row equal to that row run alone.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ def validate(pruned: onnx.ModelProto, an, input_shapes=None, *, every_size: bool
     and give the original's output shapes at each, and where the inputs have a batch, a batch's
     first row must equal that row run alone.  A failure is a one-line SpaError naming the sizes.
     ``every_size=False`` checks the probe sizes only (the oracle, which compares at several).
-    ``weights``: the arrays of ``pruned``'s stubs (``spa.weights``)."""
+    ``weights``: the arrays of ``pruned``'s stubs (``spa.io.weights``)."""
     if io.model_size(pruned, weights) < 2_000_000_000:
         try:
             io.check_model(pruned)

@@ -153,12 +153,12 @@ def make_inputs(model_or_path, input_shapes=None, seed=0, batch=None, values=Non
     """Random inputs for the declared graph inputs (initializers listed as inputs are skipped).
 
     Shape of each input: ``input_shapes[name]`` if given (it must name a graph input), else the
-    declared shape with its dynamic dims from the size plan (``spa.shapes.size_plan``, as
+    declared shape with its dynamic dims from the size plan (``spa.runtime.shapes.size_plan``, as
     ``spa inspect``/``spa prune`` size them: the batch 1, token dims 16, other dims 224; a named dim
     given for one input sizes the others; ``values`` gives symbol sizes instead). ``batch``, if
     given, then replaces the first dimension of every input whose declared first dimension is
     dynamic. Floats are standard normal, bools fair coin flips, integers uniform over what the model
-    can read (``spa.shapes.integer_ranges``: an embedding's rows, ones for an attention mask; [0, 4)
+    can read (``spa.runtime.shapes.integer_ranges``: an embedding's rows, ones for an attention mask; [0, 4)
     otherwise).
     """
     model = load_proto(model_or_path)
@@ -305,7 +305,7 @@ def compare(reference, candidate, inputs=None, input_shapes=None, seed=0, atol=1
     An output passes when ``|cand - ref| <= atol + rtol * |ref|`` element-wise; the check
     passes when the signatures match and every output passes.  With ``every_size`` and dynamic
     inputs, both models also run at other sizes (every dynamic dim moved up, then a short point:
-    batch 2, one token; ``spa.shapes.SizePlan.bumped``), listed in ``result["sizes"]``; the check
+    batch 2, one token; ``spa.runtime.shapes.SizePlan.bumped``), listed in ``result["sizes"]``; the check
     passes only if every size does (a size the reference refuses is skipped).
     """
     ref_proto, cand_proto = load_proto(reference), load_proto(candidate)

@@ -1,4 +1,4 @@
-"""Weights kept out of the proto (spa.weights): reading a file without copying its weights, writing
+"""Weights kept out of the proto (spa.io.weights): reading a file without copying its weights, writing
 them back streamed, with and without external data, and the pipeline on such models."""
 import os
 

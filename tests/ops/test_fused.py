@@ -4,7 +4,7 @@ Real fusions come from ``onnxruntime.transformers.optimizer`` on the tiny BERT a
 ``tools/export_transformers.py``; the ops it does not produce from them (MultiHeadAttention,
 GroupQueryAttention, RotaryEmbedding, the simplified norms, the Gelu family) are hand-built, each
 graph run once in onnxruntime before spa sees it.  Every prunable group must equal the cut original
-(``spa.oracle``), alone and all together, at two sizes of the dynamic batch and sequence.
+(``spa.verify.oracle``), alone and all together, at two sizes of the dynamic batch and sequence.
 """
 import collections
 

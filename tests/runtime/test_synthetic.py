@@ -1,4 +1,4 @@
-"""What spa feeds a model without data (spa/synthetic.py): 1/f noise for images, rendered text lines
+"""What spa feeds a model without data (spa/runtime/synthetic.py): 1/f noise for images, rendered text lines
 for a text recogniser that lists its characters, and the recogniser that this keeps reading."""
 import numpy as np
 import onnx
