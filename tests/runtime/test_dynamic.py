@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import spa
-from spa.runtime import probing, shapes
+from spa.runtime import calib, probing, shapes
 
 from spa.surgery.validate import validate
 from spa.errors import SpaError
@@ -470,3 +470,17 @@ def test_names_are_names():
     assert shapes.size_plan([kv]).tokens == {"past"}
     with pytest.raises(SpaError, match="not a model input"):
         shapes.size_plan([pixel], {"pixel": [1, 3, 8, 8]})
+
+
+def test_calibration_text_of_another_length_than_the_probe_is_taken(tmp_path):
+    """A decoder with a dynamic sequence is probed at a short one; calibration windows of any length
+    fit it (statistics are per channel), a static dim of the wrong size is still refused."""
+    path = export("llama_gqa")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "text.npz", input_ids=rng.integers(0, 256, (4, 40)).astype(np.int64))
+    res = spa.prune(path, 0.2, criterion="wanda", calib=str(tmp_path / "text.npz"), calib_batch_size=2)
+    assert res.report["calibration"]["samples"] == 4
+    cnn = spa.analyze(dyn_cnn())
+    np.savez(tmp_path / "bad.npz", x=rng.standard_normal((2, 3, 32, 32)).astype(np.float32))
+    with pytest.raises(spa.SpaError, match="samples of shape"):
+        calib.batches(cnn, str(tmp_path / "bad.npz"))
