@@ -19,10 +19,10 @@ from .mapping.layers import layer_report
 from .planning import allocation, fidelity
 from .planning.counting import count_macs, count_params, mac_axes, node_macs
 from .planning.plan import (CostModel, all_units, load_overrides, parse_target, plan as make_plan, plan_target,
-                            resolve_overrides)
-from .runtime import calib as calib_mod, probing
+                            plan_uniform, resolve_overrides)
+from .runtime import calib as calib_mod, probing, synthetic
 from .runtime.synthetic import KINDS
-from .scoring import CRITERIA, score
+from .scoring import COMPENSATE, CRITERIA, compensation, score
 from .scoring.obspa import HESSIANS
 from .surgery import slicing
 from .surgery.validate import interface_changes, validate
@@ -30,6 +30,10 @@ from .surgery.validate import interface_changes, validate
 
 def _quiet(msg):
     pass
+
+
+#: --allocate: how a target is spread over the groups
+ALLOCATIONS = ("global", "uniform", "sensitivity")
 
 
 @dataclass
@@ -189,7 +193,9 @@ class PruneOptions:
     prune_io: str | None = None    # regex: graph inputs/outputs that may lose channels (off: None)
     grads: object = None           # gradient criteria: per-initializer gradients (.npz/.safetensors path or dict)
     map_path: object = None        # where to write the map back to the framework (spa.mapping), or None
-    allocate: str = "global"       # a MACs target: one global score threshold, or "sensitivity" (measured drift)
+    allocate: str = "global"       # a target: one global score threshold, "uniform" or "sensitivity" (measured drift)
+    compensate: str = "auto"       # the criterion's own (obspa), "none", or "obs" (OBS update of the kept weights)
+    damp: float | None = None      # OBS: ridge on each Hessian, a multiple of its mean diagonal (None: obspa's DAMP)
     synthetic: str = "auto"        # without --calib: what synthetic images look like (spa.runtime.synthetic.KINDS)
 
     def checked(self):
@@ -204,15 +210,26 @@ class PruneOptions:
             raise SpaError(f"criterion {self.criterion!r} reads gradients of the original's weights: use it with "
                            "--steps 1 (a second step would score the pruned weights)")
         if scorer.needs_calib and self.calib is None:
-            raise SpaError(f"criterion {self.criterion!r} needs calibration data: pass --calib FILE.npz or --calib random")
+            raise SpaError(f"criterion {self.criterion!r} needs calibration data: pass --calib FILE.npz, or --calib "
+                           "synthetic for spa's own inputs (text a language model writes itself, rendered text, 1/f noise)")
         if self.steps < 1:
             raise SpaError(f"--steps must be >= 1, got {self.steps}")
         target = parse_target(self.target)
-        if self.allocate not in ("global", "sensitivity"):
-            raise SpaError(f"--allocate must be global or sensitivity, got {self.allocate!r}")
+        if self.allocate not in ALLOCATIONS:
+            raise SpaError(f"--allocate must be one of {', '.join(ALLOCATIONS)}, got {self.allocate!r}")
         if self.allocate == "sensitivity" and (target is None or target[0] != "macs"):
             raise SpaError("--allocate sensitivity spreads a MACs target by measured drift: use it with --target macs=F "
                            "(--target fidelity=C always allocates by sensitivity)")
+        if self.allocate == "uniform" and (target is None or target[0] not in ("macs", "params")):
+            raise SpaError("--allocate uniform finds the one fraction of every group that reaches a size: use it with "
+                           "--target macs=F or params=F (--ratio R is already uniform)")
+        if self.compensate not in COMPENSATE:
+            raise SpaError(f"--compensate must be one of {', '.join(COMPENSATE)}, got {self.compensate!r}")
+        if self.compensate == "none" and scorer.compensation is not None:
+            raise SpaError(f"--criterion {self.criterion} compensates the weights it keeps by definition: "
+                           "use --compensate auto (or another criterion)")
+        if self.damp is not None and not (0.0 <= self.damp < float("inf")):
+            raise SpaError(f"--damp must be a finite number >= 0, got {self.damp}")
         if target is not None and target[0] == "fidelity" and self.steps != 1:
             raise SpaError("--target fidelity=C measures one pruned model: use it with --steps 1")
         if target is None and not 0.0 <= self.ratio < 1.0:
@@ -335,15 +352,19 @@ def _score(step: Step, scorer, opts: PruneOptions, k: int, tag: str, ranked: boo
     (``ranked``: the plan compares scores across groups, a global rank or a target)."""
     an = step.analysis
     if scorer.needs_calib:
-        step.stats = calib_mod.gather(an, opts.calib, n_batches=opts.calib_batches, batch_size=opts.calib_batch_size,
-                                      seed=opts.seed, progress=progress)
+        desc, feeds = synthetic.calibration(an, opts.calib, n_batches=opts.calib_batches,
+                                            batch_size=opts.calib_batch_size, seed=opts.seed, wanted=opts.synthetic,
+                                            progress=progress)
+        progress(f"calibrating on {desc}")
+        step.stats = calib_mod.collect(an, feeds, progress=progress, source=desc)
     progress(f"{tag}scoring {sum(g.channels for g in an.groups if g.prunable)} channels in "
              f"{sum(g.prunable for g in an.groups)} prunable groups ({opts.criterion}, {opts.reduction})")
     step.scores = score(an, opts.criterion, stats=step.stats, reduction=opts.reduction,
                         normalisation=opts.normalisation, seed=opts.seed + k - 1,
                         grads=opts.grads if scorer.needs_grads else None)
-    if scorer.compensation is not None:
-        step.compensation = scorer.compensation(an, step.scores, opts, ranked, progress)
+    stage = compensation(scorer, opts.compensate)
+    if stage is not None:
+        step.compensation = stage(an, step.scores, opts, ranked, progress)
 
 
 def _compensated(step: Step, removal: dict, progress=_quiet):
@@ -377,8 +398,12 @@ def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progr
         now = an.macs if kind == "macs" else an.params
         goal = base0 / factor ** (k / n)
         rel = max(now / goal, 1.0) if goal > 0 else 1.0
-        step.removal, step.plan = plan_target(an.groups, step.scores.normalised, CostModel(an), (kind, rel),
-                                              overrides=step.overrides, **common)
+        if opts.allocate == "uniform":
+            step.removal, step.plan = plan_uniform(an.groups, step.scores.normalised, CostModel(an), (kind, rel),
+                                                   overrides=step.overrides, unscored=step.scores.notes, **common)
+        else:
+            step.removal, step.plan = plan_target(an.groups, step.scores.normalised, CostModel(an), (kind, rel),
+                                                  overrides=step.overrides, **common)
         if opts.allocate == "sensitivity":
             step.removal, sens = allocation.allocate_macs(an, step.scores.normalised, int(goal), opts,
                                                         lambda removal: _cut(step, removal), step.removal, progress)
@@ -388,6 +413,12 @@ def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progr
         stepped = {g: 1.0 - (1.0 - v) ** (1.0 / n) for g, v in step.overrides.items()}
         step.removal = make_plan(an.groups, step.scores.normalised, r, global_rank=opts.global_rank,
                                  overrides=stepped, **common)
+
+
+def _compensation_key(opts) -> str:
+    """Where the report keeps the compensation's record: under the criterion's name when it is the
+    criterion's own (obspa), else under ``compensation``."""
+    return opts.criterion if CRITERIA[opts.criterion].compensation is not None else "compensation"
 
 
 def _report(first: Analysis, history: list, pruned, after, opts: PruneOptions, target) -> dict:
@@ -422,7 +453,7 @@ def _report(first: Analysis, history: list, pruned, after, opts: PruneOptions, t
         report["calibration"] = {"source": st.source, "samples": st.samples, "batches": st.batches,
                                  "tensors": len(st.axes)}
     if last.compensation is not None:
-        report[opts.criterion] = last.compensation.report()
+        report[_compensation_key(opts)] = last.compensation.report()
     if fixed:
         report["overrides"] = {str(k): v for k, v in fixed.items()}
     if sc.notes:
@@ -446,6 +477,6 @@ def _report(first: Analysis, history: list, pruned, after, opts: PruneOptions, t
                 entry["override"] = fixed[g.id]
             extra = last.compensation.group_report(g.id) if last.compensation is not None else None
             if extra is not None:
-                entry[opts.criterion] = extra
+                entry[_compensation_key(opts)] = extra
         report["groups"].append(entry)
     return report

@@ -9,13 +9,13 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .api import PruneOptions, analyze, prune as do_prune
+from .api import ALLOCATIONS, PruneOptions, analyze, prune as do_prune
 from .errors import SpaError
 from .io import check_target, external_data_files, write_text, zoo
 from .mapping import mapfile
 from .mapping.layers import describe_all
 from .planning.fidelity import WARN_BELOW
-from .scoring import CRITERIA
+from .scoring import COMPENSATE, CRITERIA
 
 # spa.verify's check and bench are imported where they are used: _register_optional adds their
 # commands only if they import
@@ -159,8 +159,9 @@ def _criteria():
               help="how a channel's parameter slices (or consumers) are combined")
 @click.option("--normalisation", type=click.Choice(["mean", "max", "none"]), default=None,
               help="per-group score normalisation [default: mean; none for lamp]")
-@click.option("--calib", default=None, metavar="FILE|random",
-              help="calibration data: .npz keyed by input name, .npy (single input), or 'random'")
+@click.option("--calib", default=None, metavar="FILE|synthetic|random",
+              help="calibration data: .npz keyed by input name, .npy (single input); 'synthetic': spa's own inputs "
+                   "(text a language model writes itself, rendered text lines, 1/f noise); 'random': random values")
 @click.option("--calib-batches", type=int, default=8, show_default=True, help="with --calib random: batches drawn")
 @click.option("--calib-batch-size", type=int, default=None, help="samples per batch when the batch dim is dynamic")
 @click.option("--hessian", type=click.Choice(["auto", "synthetic", "bn", "identity"]), default="auto", show_default=True,
@@ -184,9 +185,18 @@ def _criteria():
 @click.option("--prune-io", default=None, metavar="REGEX",
               help="graph inputs/outputs whose names match may lose channels along their static dims (e.g. "
                    "'past_key_values|present': KV heads and head dims, a smaller cache); the report lists each change")
-@click.option("--allocate", type=click.Choice(["global", "sensitivity"]), default="global", show_default=True,
-              help="with --target macs=F: one global score threshold, or per-group amounts chosen by the output "
-                   "drift each group causes, measured in onnxruntime (--target fidelity=C always does the latter)")
+@click.option("--allocate", type=click.Choice(list(ALLOCATIONS)), default="global", show_default=True,
+              help="how --target spreads over the groups: one global score threshold; uniform, the one fraction "
+                   "of every exact group that reaches the target (macs= or params=); or, with macs=F, per-group "
+                   "amounts chosen by the output drift each group causes, measured in onnxruntime (--target "
+                   "fidelity=C always does the latter)")
+@click.option("--compensate", type=click.Choice(list(COMPENSATE)), default="auto", show_default=True,
+              help="update the weights that read removed channels: obs = the least-squares (OBS) update of the kept "
+                   "weights from --calib (else synthetic) Hessians, for any criterion; auto = the criterion's own "
+                   "(obspa's); none")
+@click.option("--damp", type=float, default=None,
+              help="OBS (obspa, --compensate obs): ridge added to each Hessian, a multiple of its mean diagonal "
+                   "[default: 0.01]; larger trusts the calibration data less")
 @click.option("--grads", default=None, type=click.Path(dir_okay=False), metavar="FILE",
               help="taylor, snip and fisher: per-initializer gradients (.npz or .safetensors keyed by ONNX "
                    "initializer name; tools/grads_from_torch.py)")
@@ -214,7 +224,7 @@ def _criteria():
               help="timed runs per model for --bench")
 def prune(model, output, ratio, target, criterion, reduction, normalisation, calib, calib_batches, calib_batch_size,
           hessian, synthetic, blas_threads, seed, global_rank, max_ratio, overrides, steps, round_to, exclude, prune_io,
-          allocate,
+          allocate, compensate, damp,
           grads, map_path, report, as_json, input_shapes, force,
           do_check, atol, rtol, do_bench, bench_provider, bench_warmup, bench_iters):
     """Remove channels from MODEL and write the smaller model to OUTPUT.
@@ -252,7 +262,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                            target=target, overrides=overrides, steps=steps, calib=calib, calib_batches=calib_batches,
                            calib_batch_size=calib_batch_size, seed=seed, hessian=hessian, input_shapes=shapes,
                            blas_threads=blas_threads, prune_io=prune_io, grads=grads, map_path=map_path,
-                           allocate=allocate, synthetic=synthetic)
+                           allocate=allocate, compensate=compensate, damp=damp, synthetic=synthetic)
     options.checked()  # every option before the load and probe
     an = analyze(src, input_shapes=shapes, progress=_progress, prune_io=prune_io)
     result = do_prune(src, options=options, progress=_progress, analysis=an)

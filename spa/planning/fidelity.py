@@ -68,7 +68,7 @@ def eval_feeds(an, opts, n: int = 2) -> tuple[list, str]:
     """``(feeds, what they are)``: the inputs fidelity is measured on, up to ``CALIB_BATCHES``
     --calib batches when given, else ``n`` synthetic batches at the probe's sizes (``spa.runtime.synthetic``,
     seed 101)."""
-    if opts.calib is not None and opts.calib != "random":
+    if opts.calib is not None and str(opts.calib) not in ("random", "synthetic"):
         feeds = calib.batches(an, opts.calib, n_batches=CALIB_BATCHES, batch_size=opts.calib_batch_size)[1][:CALIB_BATCHES]
         return feeds, f"{len(feeds)} batches of calibration data"
     what, got = synthetic.feeds(an, n, seed=101, wanted=opts.synthetic)

@@ -282,3 +282,48 @@ def plan_target(groups, scores, cost: CostModel, target, *, round_to: int = 1, e
     info = {"target": f"{kind}={factor:g}", "goal": int(round(goal)), "estimate": est,
             "reachable": bool(reachable), "threshold": float(cands[hi]) if np.isfinite(cands[hi]) else None}
     return rem, info
+
+
+def plan_uniform(groups, scores, cost: CostModel, target, *, round_to: int = 1, exclude: str | None = None,
+                 max_ratio: float = 0.9, overrides: dict | None = None, unscored=()):
+    """``--allocate uniform``: the smallest fraction ``f`` that, removed from every selectable exact
+    group (each group's lowest-scored ``floor(f n)`` units, rounded by ``round_to``), reaches
+    ``target``.  Scores then only rank units inside a group, never across groups: what FLAP calls
+    uniform across layers and modules, and what measured best on a trained decoder
+    (docs/llm_quality.md), where one global threshold guts single layers.  Approximate groups (a
+    norm or a softmax over the axis) are left whole: no uniform share of them is safe; so are the
+    ``unscored`` groups (ids the criterion could not score and filled with another rule: wanda on
+    the query/key dims of every layer's rotary embedding, read only by Q.K^T).
+    Returns ``(removal, info)`` like :func:`plan_target`."""
+    kind, factor = parse_target(target)
+    fixed = dict(overrides or {})
+    unscored = set(unscored)
+    whole = [g for g in selectable(groups, exclude) if g.id not in fixed and (g.approximate or g.id in unscored)]
+    chosen = [g for g in selectable(groups, exclude) if g.id in fixed or g not in whole]
+    ranked = _ranked(chosen, scores)
+    goal = (cost.params if kind == "params" else cost.macs) / factor
+
+    def at(f):
+        removal = {}
+        for g in chosen:
+            share = fixed.get(g.id, f)
+            n = n_remove(g.channels, int(math.floor(g.channels * share + 1e-9)), round_to,
+                         1.0 if g.id in fixed else max_ratio)
+            if n:
+                removal[g.id] = np.sort(ranked[g.id][0][:n])
+        return removal, cost.estimate(all_units(removal))
+
+    lo, hi = 0.0, float(max_ratio)
+    rem, est = at(hi)
+    reachable = est[kind] <= goal
+    if reachable:
+        for _ in range(40):        # bisection to well below one channel of the largest group
+            mid = 0.5 * (lo + hi)
+            if at(mid)[1][kind] <= goal:
+                hi = mid
+            else:
+                lo = mid
+        rem, est = at(hi)
+    info = {"target": f"{kind}={factor:g}", "goal": int(round(goal)), "estimate": est, "reachable": bool(reachable),
+            "allocation": "uniform", "fraction": hi, "kept_whole": [g.id for g in whole]}
+    return rem, info

@@ -61,6 +61,7 @@ class Probe:
     other_shapes: list = field(default_factory=list)  # per run at other sizes: watched name -> shape
     plan: object = None                            # shapes.SizePlan: the dynamic dims as symbols
     points: list = field(default_factory=list)     # symbol sizes of the runs: the first, then the others
+    generated: dict = field(default_factory=dict)  # (n, length, seed) -> token ids the model wrote (textgen)
 
 
 def input_feed(proto, input_shapes=None, seed=0, *, plan=None, values=None):

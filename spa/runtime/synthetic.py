@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import SpaError
-from . import calib
+from . import calib, textgen
 from .probing import dynamic_dims
 from .shapes import recogniser_characters
 
@@ -171,9 +171,14 @@ def _dynamic_batch(an, name) -> bool:
     return (name, 0) in set(dynamic_dims(an.model))
 
 
-def feeds(an, n_batches, seed=0, wanted: str = "auto"):
+def feeds(an, n_batches, seed=0, wanted: str = "auto", progress=None):
     """``(description, feeds)``: ``n_batches`` synthetic batches at the probed shapes (see the module
-    doc for what each kind of input gets; ``wanted``: ``--synthetic``, one of ``KINDS``)."""
+    doc for what each kind of input gets; ``wanted``: ``--synthetic``, one of ``KINDS``); a causal
+    language model gets text it writes itself (``spa.runtime.textgen``)."""
+    if textgen.causal_lm(an) is not None:
+        out = textgen.text_feeds(an, n_batches, seed, progress)
+        b, t = next(iter(out[0].values())).shape
+        return f"synthetic ({n_batches} batches of {b} x {t} tokens of text the model wrote itself)", out
     _, out = calib.batches(an, "random", n_batches=n_batches, seed=seed)
     rng = np.random.default_rng(seed + 2)
     images = kind(an, wanted)
@@ -202,3 +207,12 @@ def feeds(an, n_batches, seed=0, wanted: str = "auto"):
             "1/f noise": "1/f noise for images", NO_PILLOW: f"{NO_PILLOW} for images",
             "none": "realistic integer ranges"}[images]
     return f"synthetic ({n_batches} batches, {what})", out
+
+
+def calibration(an, spec, *, n_batches: int = 8, batch_size=None, seed: int = 0, wanted: str = "auto", progress=None):
+    """``(description, feeds)`` that a ``--calib`` value stands for: ``synthetic`` is spa's own inputs
+    (:func:`feeds`: text the model writes itself for a language model, rendered text or 1/f noise for
+    images), anything else goes to ``calib.batches`` (a file, or ``random``)."""
+    if str(spec) == "synthetic":
+        return feeds(an, n_batches, seed, wanted, progress)
+    return calib.batches(an, spec, n_batches=n_batches, batch_size=batch_size, seed=seed)

@@ -8,6 +8,7 @@ calls one and normalises the result so that scores are comparable across groups.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -54,6 +55,22 @@ CRITERIA = {s.name: s for s in (
     Scorer("fisher", fisher_scores, needs_grads=True,
            doc="sum of squared gradients (empirical Fisher) over the channel's weights; needs --grads"),
 )}
+
+
+#: --compensate: the criterion's own (obspa's OBS), none, or OBS compensation of whatever the criterion chose
+COMPENSATE = ("auto", "none", "obs")
+
+
+def compensation(scorer: Scorer, how: str = "auto"):
+    """The compensation stage of a prune (``Scorer.compensation``'s signature), or None: ``auto`` is the
+    criterion's own (obspa chooses by OBS and compensates; the others have none), ``obs`` compensates
+    the kept weights of whatever channels the criterion chose by OBS's least-squares update (obspa:
+    its own), ``none`` writes the kept weights as they are."""
+    if how == "none":
+        return None
+    if how == "obs" and scorer.compensation is None:
+        return functools.partial(obspa_compensation, choose=False)
+    return scorer.compensation
 
 
 @dataclass

@@ -325,8 +325,9 @@ def _scatter(st, lo, hi, alive, n_in, C, b):
 # public selectors
 # --------------------------------------------------------------------------------------------
 
-def obs_group(consumers, n_remove, damp=0.01, max_steps=32, dtype=np.float64, return_info=False):
-    """Greedy OBS removal of ``n_remove`` channels read by several consumers.
+def obs_group(consumers, n_remove, damp=0.01, max_steps=32, dtype=np.float64, return_info=False, chosen=None):
+    """Greedy OBS removal of ``n_remove`` channels read by several consumers (or, with ``chosen``,
+    removal of exactly those channel ids, jointly: the compensation alone).
 
     ``consumers``: list of ``(W [out, in], H, block)`` or ``(W, H, block, n_fixed)``; every
     consumer must have the same channel count ``(in - n_fixed) / block``.  ``H`` is an ndarray or
@@ -336,17 +337,27 @@ def obs_group(consumers, n_remove, damp=0.01, max_steps=32, dtype=np.float64, re
     ``max_steps=None`` is the exact one-at-a-time greedy.  The structured engine is always exact
     one-at-a-time (it is cheap); if consumers mix engines, both follow the dense step size.
 
+    ``chosen`` (channel ids) skips the selection: those channels go in one joint step, and the kept
+    weights get the least-squares compensation for exactly that set (another criterion chose it).
+
     Returns ``(removed, W_news)``: channel ids in removal order and, per consumer, the compensated
     weight in the original ``[out, in]`` layout with the removed columns exactly zero.  With
     ``return_info`` a third item ``{"cost", "step_costs", "first_costs", "lam", "how"}`` is added
     (``first_costs``: every channel's single-removal cost before anything was removed).
     """
     states, where, C = _states(consumers, damp, dtype)
+    given = None if chosen is None else np.unique(np.asarray(chosen, np.int64))
+    if given is not None:
+        if len(given) and not (0 <= given[0] and given[-1] < C):
+            raise ValueError(f"chosen channels outside [0, {C})")
+        n_remove = len(given)
     n_remove = int(n_remove)
     if not 0 <= n_remove <= C:
         raise ValueError(f"n_remove={n_remove} outside [0, {C}]")
     all_block = all(isinstance(s, _Block) for s in states)
     k = 1 if (all_block or max_steps is None) else max(1, math.ceil(n_remove / max(int(max_steps), 1)))
+    if given is not None and not all_block:
+        k = max(n_remove, 1)                # one joint removal of the given set
     order = np.arange(C)                    # channel ids by storage position; alive = order[:na]
     na = C
     removed, step_costs, first_costs = [], [], None
@@ -356,6 +367,9 @@ def obs_group(consumers, n_remove, damp=0.01, max_steps=32, dtype=np.float64, re
         cost = np.where(np.isfinite(cost), cost, np.inf)
         if first_costs is None:
             first_costs = cost.copy()
+        if given is not None:               # the given set, cheapest first (the structured engine goes one by one)
+            left = np.isin(order[:na], given)
+            cost = np.where(left, cost, np.inf)
         pos = np.argpartition(cost, kk - 1)[:kk] if kk < na else np.arange(na)
         pos = pos[np.argsort(cost[pos], kind="stable")]
         chosen = order[pos].copy()

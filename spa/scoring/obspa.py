@@ -341,7 +341,7 @@ def hessians(an, consumers, source="auto", calib=None, *, n_batches=8, batch_siz
             hs.H[key], hs.mean[key], hs.source[key] = np.eye(n), np.zeros(n), "identity"
         hs.desc = "identity"
         return hs
-    synthetic = calib is None or str(calib) == "random"
+    synthetic = calib is None or str(calib) in ("random", "synthetic")
     if source == "auto":
         source = "bn" if synthetic else "synthetic"
     if source == "bn":
@@ -358,7 +358,7 @@ def hessians(an, consumers, source="auto", calib=None, *, n_batches=8, batch_siz
     data = "synthetic" if synthetic else "calibration"
     if wanted:
         if synthetic:
-            desc, feeds = synthetic_inputs.feeds(an, n_batches, seed, wanted=synthetic_kind)
+            desc, feeds = synthetic_inputs.feeds(an, n_batches, seed, wanted=synthetic_kind, progress=progress)
         else:
             desc, feeds = calib_mod.batches(an, calib, n_batches=n_batches, batch_size=batch_size, seed=seed)
         got = data_hessians(an, wanted, feeds, seed=seed, source=data, progress=progress)
@@ -459,8 +459,10 @@ def group_scores(an, per_group, hs, damp=DAMP):
     return out
 
 
-def prune_groups(an, per_group, hs, counts, *, damp=DAMP, progress=_quiet):
-    """Greedy OBS removal of ``counts[gid]`` channels per group, graph order, with compensation.
+def prune_groups(an, per_group, hs, counts, *, damp=DAMP, progress=_quiet, chosen=None):
+    """Greedy OBS removal of ``counts[gid]`` channels per group, graph order, with compensation;
+    with ``chosen`` ({gid: group-local unit ids}) exactly those units go and only the kept weights
+    are compensated.
 
     Returns ``(results {gid: GroupResult}, new weight values {name: array})``.
     """
@@ -479,7 +481,7 @@ def prune_groups(an, per_group, hs, counts, *, damp=DAMP, progress=_quiet):
         if not probs:
             continue
         removed, W_news, info = obs_group([p[:4] for p in probs], int(counts[g.id]), damp=damp, dtype=DTYPE,
-                                          return_info=True)
+                                          return_info=True, chosen=None if chosen is None else chosen[g.id])
         for (c, owner), p, W_new in zip(used, probs, W_news):
             _write_back(c, W_new, p[4], owner, removed, weights, gone)
         results[g.id] = GroupResult(removed, info["cost"], info["how"], sorted({hs.source[c.key] for c, _ in used}),
@@ -489,47 +491,56 @@ def prune_groups(an, per_group, hs, counts, *, damp=DAMP, progress=_quiet):
 
 
 class Compensation:
-    """What ``criterion='obspa'`` adds to the prune pipeline (``Scorer.compensation``): consumers and
-    Hessians of every group; with a global plan or a target (``ranked``), the groups' scores become
-    their single-removal OBS costs (a local ratio needs only counts: the greedy picks); ``apply`` lets
-    OBS choose which channels go, as many per group as the plan says, and compensates the kept
-    weights."""
+    """OBS compensation in the prune pipeline: consumers and Hessians of every group, and ``apply``,
+    which removes a plan's channels and compensates the kept weights of their consumers.
 
-    def __init__(self, an, scores, opts, ranked, progress=_quiet):
-        self.an, self.scores, self.hessian = an, scores, opts.hessian
+    ``choose=True`` is ``criterion='obspa'``: with a global plan or a target (``ranked``) the groups'
+    scores become their single-removal OBS costs (a local ratio needs only counts), and ``apply`` lets
+    OBS choose which channels go, as many per group as the plan says.  ``choose=False`` is
+    ``--compensate obs`` under another criterion: that criterion's channels go, and OBS only
+    compensates (the least-squares update of the kept weights for exactly that set).  ``damp``: the
+    ridge added to every Hessian, a multiple of its mean diagonal (``DAMP`` by default)."""
+
+    def __init__(self, an, scores, opts, ranked, progress=_quiet, choose=True):
+        self.an, self.scores, self.hessian, self.choose = an, scores, opts.hessian, choose
+        self.damp = DAMP if opts.damp is None else float(opts.damp)
         consumers, self.skipped = find_consumers(an)
         self.per_group = group_consumers(an, consumers)
         used = [c for items in self.per_group.values() for c, _ in items]
-        progress(f"obspa: {len(used)} consumer weights in {len(self.per_group)} groups; Hessians: {opts.hessian}")
+        progress(f"obs: {len(used)} consumer weights in {len(self.per_group)} groups; Hessians: {opts.hessian}")
         self.hs = hessians(an, used, opts.hessian, opts.calib, n_batches=opts.calib_batches,
                            batch_size=opts.calib_batch_size, seed=opts.seed, progress=progress,
                            synthetic_kind=opts.synthetic)
         self.results = {}
         for g in an.groups:
             if g.prunable and g.id not in self.per_group:
-                scores.notes[g.id] = "obspa: no consumer weight modelled; l2, not compensated"
-        if ranked:
+                scores.notes[g.id] = ("obspa: no consumer weight modelled; l2, not compensated" if choose
+                                      else "obs: no consumer weight modelled; not compensated")
+        if ranked and choose:
             progress("obspa: single-removal costs of every channel")
             groups = {g.id: g for g in an.groups}
-            for gid, s in group_scores(an, self.per_group, self.hs).items():
+            for gid, s in group_scores(an, self.per_group, self.hs, damp=self.damp).items():
                 scores.raw[groups[gid].units] = s
             scores.normalised = normalise(scores.raw, an.groups, scores.normalisation)
 
     def apply(self, removal, progress=_quiet):
-        """OBS's choice of channels (``removal`` is updated in place) and the model and channel model
-        carrying the compensated weights."""
+        """The model and channel model carrying the compensated weights; with ``choose``, OBS's choice
+        of channels (``removal`` is updated in place)."""
         import dataclasses
         import onnx
         an, sc = self.an, self.scores
-        counts = {gid: len(u) for gid, u in removal.items()}
-        self.results, new = prune_groups(an, self.per_group, self.hs, counts, progress=progress)
         groups = {g.id: g for g in an.groups}
-        for gid, r in self.results.items():
-            units = groups[gid].units
-            removal[gid] = units[r.removed]
-            if len(r.first_costs) == len(units):
-                sc.raw[units] = r.first_costs
-        sc.normalised = normalise(sc.raw, an.groups, sc.normalisation)
+        counts = {gid: len(u) for gid, u in removal.items()}
+        chosen = None if self.choose else {gid: np.searchsorted(groups[gid].units, u) for gid, u in removal.items()}
+        self.results, new = prune_groups(an, self.per_group, self.hs, counts, damp=self.damp, progress=progress,
+                                         chosen=chosen)
+        if self.choose:
+            for gid, r in self.results.items():
+                units = groups[gid].units
+                removal[gid] = units[r.removed]
+                if len(r.first_costs) == len(units):
+                    sc.raw[units] = r.first_costs
+            sc.normalised = normalise(sc.raw, an.groups, sc.normalisation)
         if not new:
             return an.model, an.channels
         model = onnx.ModelProto()
@@ -541,7 +552,8 @@ class Compensation:
         return model, dataclasses.replace(an.channels, consts=consts)
 
     def report(self) -> dict:
-        return {"hessian": self.hessian, "source": self.hs.desc, "damp": DAMP, "not_modelled": self.skipped}
+        return {"hessian": self.hessian, "source": self.hs.desc, "damp": self.damp,
+                "selection": "obs" if self.choose else "criterion", "not_modelled": self.skipped}
 
     def group_report(self, gid):
         r = self.results.get(gid)

@@ -10,6 +10,7 @@ import onnx
 import pytest
 
 import spa
+from exported import model_path
 from spa.verify.oracle import check_groups, check_joint
 
 EXACT = 1e-5
@@ -24,22 +25,6 @@ REAL = ["yolov8n", "ppocr_det"]
 MIN_PRUNABLE = {"resnet18": 12, "mobilenet_v2": 25, "efficientnet_b0": 40, "densenet121": 120,
                 "shufflenet_v2_x1_0": 21, "regnet_y_400mf": 69, "convnext_tiny": 22, "vit_b_16": 37,
                 "swin_t": 40, "yolov8n": 59, "ppocr_det": 36}
-
-_cache = {}
-
-
-def model_path(name):
-    if name not in _cache:
-        if name in TORCHVISION:
-            pytest.importorskip("torch")
-            pytest.importorskip("torchvision")
-            from export_torchvision import export
-            _cache[name] = str(export(name, size=64, init="calibrated"))
-        else:
-            from spa import zoo
-            _cache[name] = str(zoo.fetch(name))
-    return _cache[name]
-
 
 _analyses = {}
 

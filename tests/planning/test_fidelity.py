@@ -61,7 +61,7 @@ def test_fidelity_target_lands_just_above_the_asked_cosine_and_beats_a_uniform_r
     """--target fidelity=0.99 on a calibrated mobilenet_v2: the measured cosine on the search's inputs
     is >= 0.99 and close to it, it holds within 0.02 on held-out inputs (other synthetic batches), and
     it removes more MACs than the uniform ratio that keeps the same fidelity."""
-    from test_models import model_path
+    from exported import model_path
     from spa.planning.fidelity import compare
     from spa.runtime.synthetic import feeds as synthetic_feeds
     path = model_path("mobilenet_v2")

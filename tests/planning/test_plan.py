@@ -127,3 +127,44 @@ def test_cli_options(tmp_path):
     assert res.exit_code == 2 and "calib" in res.output
     res = run("prune", path, "-o", out, "--target", "flops=2")
     assert res.exit_code == 2 and "--target" in res.output
+
+
+@pytest.mark.parametrize("kind,factor", [("params", 1.3), ("macs", 1.6)])
+def test_uniform_allocation_cuts_every_exact_group_by_one_fraction(kind, factor):
+    """--allocate uniform: every exact group loses floor(f n) of its lowest-scored channels for one f,
+    the smallest that reaches the target."""
+    r = spa.prune(graphs.attention(n=6, d=32, heads=4), target=f"{kind}={factor}", allocate="uniform")
+    rep = r.report
+    assert rep["plan"]["allocation"] == "uniform" and rep["target_reachable"]
+    assert rep["after"][kind] <= rep["before"][kind] / factor + 1
+    f = rep["plan"]["fraction"]
+    exact = [g for g in rep["groups"] if g["prunable"] and not g["approximate"]]
+    assert len(exact) >= 3 and all(g["removed"] == min(int(np.floor(g["channels"] * f + 1e-9)), g["channels"] - 1)
+                                   for g in exact)
+    for g in exact:   # the lowest-scored channels went
+        kept = np.delete(np.asarray(g["scores"]), g["removed_channels"])
+        assert not g["removed"] or max(np.asarray(g["scores"])[g["removed_channels"]]) <= min(kept)
+    smaller = spa.prune(graphs.attention(n=6, d=32, heads=4), target=f"{kind}={factor * 0.9}", allocate="uniform")
+    assert smaller.report["plan"]["fraction"] < f
+
+
+@pytest.mark.torch
+def test_uniform_allocation_leaves_approximate_and_unscored_groups_whole():
+    """On a decoder: the RMSNorm'ed residual stream (approximate) and the rotary query/key dims, which
+    wanda cannot score (read only by Q.K^T; it falls back to l2), are not cut by a uniform share."""
+    from exported import transformers as export
+    path = export("llama_gqa")
+    r = spa.prune(path, target="params=1.2", allocate="uniform", criterion="wanda", calib="random")
+    rep = r.report
+    whole = set(rep["plan"]["kept_whole"])
+    approximate = {g["id"] for g in rep["groups"] if g["prunable"] and g["approximate"]}
+    unscored = {g["id"] for g in rep["groups"] if g["prunable"] and g.get("fallback")}
+    assert approximate and unscored and whole == approximate | unscored
+    assert all(g["removed"] == 0 for g in rep["groups"] if g["id"] in whole)
+    assert rep["target_reachable"] and rep["after"]["params"] <= rep["before"]["params"] / 1.2 + 1
+
+
+def test_uniform_allocation_needs_a_size_target():
+    for bad in ({}, {"target": "fidelity=0.9"}):
+        with pytest.raises(SpaError, match="--allocate uniform"):
+            spa.prune(graphs.residual_chain(), allocate="uniform", **bad)

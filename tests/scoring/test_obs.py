@@ -278,3 +278,28 @@ def test_float32_engine_agrees():
     assert sorted(r32.tolist()) == sorted(r64.tolist())
     assert c32 == pytest.approx(c64, rel=1e-3)
     np.testing.assert_allclose(W32, W64, atol=1e-3 * np.abs(W64).max())
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_chosen_channels_go_and_the_rest_is_the_least_squares_fit(structured):
+    """``chosen``: exactly those channels are removed and the kept weights are the damped
+    least-squares optimum for that set, W H[:, K] (H + lam)_KK^-1, whatever OBS would have chosen."""
+    rng = np.random.default_rng(4)
+    C, b = 12, 1
+    if structured:
+        H = hessian_from_bn(rng.uniform(0.2, 2, C), rng.normal(0, 1, C), activation="relu", structured=True)
+        Hd = H.dense()
+    else:
+        H = Hd = hessian_from_samples(correlated(rng, 500, C))
+    W = rng.standard_normal((6, C))
+    chosen = [7, 1, 3]
+    removed, (W_new,) = obs_group([(W, H, b)], 0, damp=0.05, chosen=chosen)
+    assert sorted(removed.tolist()) == [1, 3, 7]
+    K = np.setdiff1d(np.arange(C), chosen)
+    lam = 0.05 * np.mean(np.diag(Hd))
+    Hl = Hd + lam * np.eye(C)
+    want = np.zeros_like(W)
+    want[:, K] = W @ Hl[:, K] @ np.linalg.inv(Hl[np.ix_(K, K)])
+    np.testing.assert_allclose(W_new, want, atol=1e-8)
+    with pytest.raises(ValueError, match="chosen"):
+        obs_group([(W, H, b)], 0, chosen=[C])

@@ -112,7 +112,7 @@ def test_unknown_hessian_source():
 def test_real_model_obspa_is_valid_and_closer_than_l2():
     """YOLOv8n (PyTorch export, BN folded): obspa with synthetic Hessians writes a valid model with the
     same outputs' shapes, fewer params, and outputs closer to the dense model than l2 at the same plan."""
-    from test_models import model_path
+    from exported import model_path
     path = model_path("yolov8n")
     an = spa.analyze(path)
     feed = {k: np.random.default_rng(5).standard_normal(v.shape).astype(v.dtype) for k, v in an.probe.inputs.items()}
@@ -145,3 +145,23 @@ def test_synthetic_images_are_correlated_noise_and_auto_prefers_bn():
     assert right > 0.5 and across > 0.5          # white noise would give ~0 for both
     res = spa.prune(m, 0.5, criterion="obspa")   # hessian="auto", no data: BN where it feeds
     assert res.report["obspa"]["source"] == "bn"
+
+
+def test_compensate_obs_keeps_another_criterions_choice_and_compensates_it(tmp_path):
+    """--compensate obs under l2: the same channels go as without it (l2 chose them), the kept weights
+    of their consumers change, and the outputs on the calibration data get closer to the original's;
+    obspa itself refuses --compensate none."""
+    m = redundant_model()
+    calib = tmp_path / "calib.npy"
+    data = np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    np.save(calib, data)
+    plain = spa.prune(m, 0.34, criterion="l2")
+    comp = spa.prune(m, 0.34, criterion="l2", compensate="obs", calib=str(calib), damp=1e-4)
+    removed = lambda r: [g["removed_channels"] for g in r.report["groups"] if g["removed"]]  # noqa: E731
+    assert removed(plain) == removed(comp) and removed(plain)
+    assert comp.report["compensation"]["selection"] == "criterion" and comp.report["compensation"]["damp"] == 1e-4
+    feed = {"x": data[:2]}
+    err = {k: compare_outputs(m, r.model, feed) for k, r in (("plain", plain), ("comp", comp))}
+    assert err["comp"] < 0.5 * err["plain"]
+    with pytest.raises(spa.SpaError, match="compensate"):
+        spa.prune(m, 0.3, criterion="obspa", compensate="none")

@@ -1,0 +1,150 @@
+"""Text a language model writes itself: spa's inputs for a causal LM when the user gives no data.
+
+Random token ids are nothing like text: a decoder's activations on them have other statistics
+than on language, and every criterion or Hessian measured on them misleads (SmolLM2-135M at
+params=1.11, wanda, uniform allocation: perplexity 16x dense from statistics on random ids, 1.6x
+from text the model sampled itself; docs/llm_quality.md).  Data-free quantization does the same
+(LLM-QAT generates its calibration text from the model).
+
+A model is a causal LM here when one integer input indexes an embedding table (``shapes.integer_ranges``:
+the token ids) and one float output ends in that many logits, its leading dims those of the ids
+(``[batch, sequence, vocab]``).  Other inputs it may have: an attention mask (ones), position ids
+(0, 1, ...), a KV cache (empty: past 0).  Generation samples autoregressively in onnxruntime,
+temperature 1 and nucleus 0.95, from start tokens drawn from the model's average next-token
+distribution after random tokens (no tokenizer and no BOS id is needed).  Without a KV cache each
+step reruns the whole prefix: ``n * length**2 / 2`` token positions (32 sequences of 64: 66 k, ~50
+s for a 135M model on 2 cores).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import SpaError
+from .probing import output_runner, ort_reason
+from .shapes import integer_ranges
+
+#: tokens per generated sequence, and sequences per batch of a dynamic batch
+LENGTH = 64
+PER_BATCH = 4
+TOP_P = 0.95
+
+
+@dataclass(frozen=True)
+class CausalLM:
+    """The names a generation loop needs."""
+    ids: str                 # the token-id input
+    logits: str              # the [batch, sequence, vocab] output
+    vocab: int
+    dtype: object            # of the ids
+    others: tuple            # (input name, what to feed: "mask" | "positions" | "past")
+
+
+def causal_lm(an) -> CausalLM | None:
+    """The causal-LM reading of ``an``'s model (see the module doc), or None."""
+    ranges = integer_ranges(an.model)
+    inputs = an.probe.inputs
+    ids = [n for n, (lo, hi) in ranges.items() if n in inputs and hi > 4 and inputs[n].ndim == 2]
+    if len(ids) != 1:
+        return None
+    name, vocab = ids[0], ranges[ids[0]][1]
+    x = inputs[name]
+    logits = [o.name for o in an.model.graph.output
+              if tuple(an.probe.shapes.get(o.name, ())) == (x.shape[0], x.shape[1], vocab)]
+    if len(logits) != 1:
+        return None
+    others = []
+    for n, v in inputs.items():
+        if n == name:
+            continue
+        low = n.lower()
+        if "mask" in low and v.ndim == 2:
+            others.append((n, "mask"))
+        elif "position" in low and v.ndim == 2:
+            others.append((n, "positions"))
+        elif ("past" in low or "cache" in low) and np.issubdtype(v.dtype, np.floating) and v.ndim == 4:
+            others.append((n, "past"))
+        else:
+            return None
+    return CausalLM(name, logits[0], int(vocab), x.dtype, tuple(others))
+
+
+def _feed(lm: CausalLM, an, ids):
+    feed = {lm.ids: ids.astype(lm.dtype)}
+    b, t = ids.shape
+    for n, what in lm.others:
+        v = an.probe.inputs[n]
+        if what == "mask":
+            feed[n] = np.ones((b, t), v.dtype)
+        elif what == "positions":
+            feed[n] = np.broadcast_to(np.arange(t, dtype=v.dtype), (b, t)).copy()
+        else:
+            feed[n] = np.zeros((b, v.shape[1], 0, v.shape[3]), v.dtype)
+    return feed
+
+
+def _sample(logits, rng, top_p=TOP_P):
+    """One token per row from ``logits`` [rows, vocab]: temperature 1, nucleus ``top_p``."""
+    z = logits.astype(np.float64)
+    z -= z.max(1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(1, keepdims=True)
+    order = np.argsort(-p, axis=1)
+    sp = np.take_along_axis(p, order, 1)
+    keep = np.cumsum(sp, 1) - sp < top_p
+    sp = np.where(keep, sp, 0.0)
+    sp /= sp.sum(1, keepdims=True)
+    u = rng.random((len(p), 1))
+    pick = np.minimum((np.cumsum(sp, 1) < u).sum(1), sp.shape[1] - 1)
+    return order[np.arange(len(p)), pick]
+
+
+def generate(an, n: int, length: int = LENGTH, seed: int = 0, progress=None) -> np.ndarray:
+    """``n`` sequences of ``length`` token ids sampled from ``an``'s model (int64 [n, length]), kept
+    on the analysis's probe so that every stage of one prune that asks for the same text (the
+    calibration statistics, obspa's Hessians) pays for it once.  Raises SpaError when the model is
+    not a causal LM or onnxruntime refuses a step."""
+    key = (n, length, seed)
+    if key not in an.probe.generated:
+        an.probe.generated[key] = _generate(an, n, length, seed, progress)
+    return an.probe.generated[key]
+
+
+def _generate(an, n, length, seed, progress):
+    lm = causal_lm(an)
+    if lm is None:
+        raise SpaError("the model is not a causal language model (token ids in, [batch, sequence, vocab] logits "
+                       "out): spa cannot make it write text")
+    rng = np.random.default_rng(seed)
+    runner = output_runner(an.model, an.probe.consts, outputs=[lm.logits])
+
+    def step(ids):
+        try:
+            return runner.run(_feed(lm, an, ids))[lm.logits][:, -1]
+        except Exception as exc:
+            raise SpaError(f"generating text with the model failed at length {ids.shape[1]} "
+                           f"({ort_reason(exc)})") from None
+
+    first = step(rng.integers(0, lm.vocab, (max(n, 16), 1)))          # next-token logits after random tokens
+    after = np.exp(first - first.max(1, keepdims=True))
+    prior = (after / after.sum(1, keepdims=True)).mean(0)
+    ids = rng.choice(lm.vocab, size=(n, 1), p=prior / prior.sum())
+    for t in range(1, length):
+        if progress and t % 16 == 0:
+            progress(f"writing synthetic text: token {t}/{length} of {n} sequences")
+        ids = np.concatenate([ids, _sample(step(ids), rng)[:, None]], 1)
+    return ids.astype(np.int64)
+
+
+def text_feeds(an, n_batches: int, seed: int = 0, progress=None) -> list:
+    """``n_batches`` feeds of generated text: ``PER_BATCH`` sequences of ``LENGTH`` tokens each where
+    the batch is dynamic (else the probe's batch), with the mask, positions and empty cache the
+    model takes."""
+    lm = causal_lm(an)
+    b = an.probe.inputs[lm.ids].shape[0]
+    dynamic = an.probe.dynamic.get(lm.ids) or (False, False)
+    per = PER_BATCH if dynamic[0] else b
+    length = LENGTH if dynamic[1] else an.probe.inputs[lm.ids].shape[1]
+    ids = generate(an, n_batches * per, length, seed, progress)
+    return [_feed(lm, an, ids[i * per:(i + 1) * per]) for i in range(n_batches)]

@@ -1,0 +1,49 @@
+"""Text a causal language model writes itself (spa.runtime.textgen): what counts as a causal LM,
+the generation loop, and its use as spa's synthetic inputs and --calib synthetic."""
+import numpy as np
+import pytest
+
+import spa
+from exported import transformers as export
+from graphs import residual_chain
+from spa.runtime import synthetic, textgen
+
+pytestmark = pytest.mark.torch
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2_dynamo", "llama_gqa_kv"])
+def test_decoders_are_causal_lms_and_write_sequences_of_their_vocabulary(name):
+    an = spa.analyze(export(name))
+    lm = textgen.causal_lm(an)
+    assert lm is not None and lm.ids == "input_ids" and lm.vocab == 256 and lm.logits == "logits"
+    ids = textgen.generate(an, 3, 10, seed=1)
+    assert ids.shape == (3, 10) and ids.dtype == np.int64 and 0 <= ids.min() and ids.max() < 256
+    assert textgen.generate(an, 3, 10, seed=1) is ids                 # written once per analysis
+    assert not np.array_equal(textgen.generate(an, 3, 10, seed=2), ids)
+    desc, feeds = synthetic.feeds(an, 2, seed=0)
+    assert "wrote itself" in desc and len(feeds) == 2
+    runner = spa.runtime.probing.output_runner(an.model, an.probe.consts)
+    out = runner.run(feeds[0])["logits"]
+    assert out.shape == feeds[0]["input_ids"].shape + (256,) and np.isfinite(out).all()
+
+
+def test_other_models_are_not_causal_lms():
+    assert textgen.causal_lm(spa.analyze(residual_chain())) is None
+    assert textgen.causal_lm(spa.analyze(export("bert"))) is None      # hidden states out, not logits
+    with pytest.raises(spa.SpaError, match="not a causal language model"):
+        textgen.generate(spa.analyze(residual_chain()), 2, 4)
+
+
+def test_wanda_calibrated_on_text_the_model_wrote_compensated_by_obs():
+    """--calib synthetic: the statistics come from generated text (the report says so), obs compensates
+    wanda's choice, and the pruned decoder runs at other sizes."""
+    path = export("llama_gqa")
+    r = spa.prune(path, target="params=1.2", criterion="wanda", calib="synthetic", calib_batches=2,
+                  allocate="uniform", compensate="obs")
+    assert "wrote itself" in r.report["calibration"]["source"]
+    assert r.report["compensation"]["selection"] == "criterion"
+    assert "wrote itself" in r.report["fidelity"]["inputs"]
+    runner = spa.runtime.probing.output_runner(r.proto, spa.io.initializer_arrays(r.proto, r.weights))
+    for b, t in ((1, 5), (3, 17)):
+        ids = np.random.default_rng(b).integers(0, 256, (b, t))
+        assert runner.run({"input_ids": ids})["logits"].shape == (b, t, 256)
