@@ -258,25 +258,35 @@ def _substitute(tree, name, expr):
     return (tree[0],) + tuple(_substitute(t, name, expr) for t in tree[1:])
 
 
-def related_plans(plan: SizePlan, *, keep_given: bool = True) -> list:
+def related_plans(plan: SizePlan) -> list:
     """Plans in which one token symbol is the sum of two others (an attention mask's
     ``total_sequence_length = past + sequence`` under names that do not say so), most likely
-    first: tried when the model refuses independent sizes.  A symbol the user sized is never the
-    sum unless ``keep_given`` is False."""
+    first: tried when the model refuses independent sizes.  A symbol the user sized is the sum
+    only where the sizes the user gave agree (a mask of 24 after a past of 8 and 16 tokens): the
+    user's sizes never hide a relation the model has, nor make one they contradict."""
     out = []
-    names = [s for s in plan.symbols if s in plan.tokens and (s not in plan.given or not keep_given)]
+    names = [s for s in plan.symbols if s in plan.tokens]
     hint = re.compile(r"total|all|full|kv|mask", re.I)
     for t in sorted(names, key=lambda n: not hint.search(n)):
         others = [s for s in plan.symbols if s != t and s not in plan.batch]
         for i, a in enumerate(others):
             for b in others[i + 1:]:
+                if t in plan.given and plan.base[t] != plan.base[a] + plan.base[b]:
+                    continue
                 expr = ("+", ("sym", a), ("sym", b))
                 dims = {k: v if isinstance(v, int) else _substitute(v, t, expr) for k, v in plan.dims.items()}
                 base = {k: v for k, v in plan.base.items() if k != t}
                 out.append(SizePlan(dims=dims, ranks=plan.ranks, symbols=[s for s in plan.symbols if s != t],
-                                    batch=set(plan.batch), tokens=plan.tokens - {t}, steps=plan.steps - {t}, base=base,
-                                    given=set(plan.given)))
+                                    batch=set(plan.batch), tokens=plan.tokens - {t}, steps=plan.steps - {t},
+                                    base=base, given=plan.given - {t}))
     return out
+
+
+def fitting_plans(plan: SizePlan) -> list:
+    """The ``related_plans`` that size every input as ``plan`` does at its base: the relations the
+    sizes a model ran at satisfy (tried when it refuses every symbol moved at once)."""
+    sizes = plan.shapes(plan.base)
+    return [p for p in related_plans(plan) if p.shapes(p.base) == sizes]
 
 
 def fallback_bases(plan: SizePlan) -> list:
