@@ -150,9 +150,15 @@ def test_user_sizes_never_hide_a_sum_they_satisfy():
     plan = shapes.size_plan(ins, {"input_ids": [1, 16], "attention_mask": [1, 24], "past_key": [1, 2, 8, 8]})
     fits = shapes.fitting_plans(plan)
     assert [p.dims[("attention_mask", 1)] for p in fits] == [("+", ("sym", "seq"), ("sym", "past"))]
-    assert fits[0].shapes(fits[0].base) == plan.shapes(plan.base)
+    assert fits[0].shapes(fits[0].base) == plan.shapes(plan.base) and fits[0].caches == {"past"}
     other = shapes.size_plan(ins, {"input_ids": [1, 16], "attention_mask": [1, 30], "past_key": [1, 2, 8, 8]})
     assert shapes.fitting_plans(other) == [] and shapes.related_plans(other) == []
+    # a KV decoder is validated at a decode step and a second batch, whatever points the probe ran
+    sum_plan = fits[0]
+    short = sum_plan.bumped("short")
+    assert sum_plan.decode_point([sum_plan.base]) == short and short["seq"] == 1 and short["batch"] == 2
+    assert sum_plan.decode_point([sum_plan.base, short]) is None
+    assert shapes.size_plan(_inputs(input_ids=["batch", "seq"])).decode_point([{"batch": 1, "seq": 16}]) is None
 
 
 def test_regrouped_dims_are_refined_into_common_factors():
@@ -354,6 +360,37 @@ def test_kv_decoder_pruned_at_user_sizes_runs_a_decode_loop_that_equals_the_cut_
     for batch in (1, 2):
         assert [x.shape for x in _decode_loop(onnx.load(str(out)), 4, batch=batch, prompt=3)] == \
             [(batch, 3, 256)] + [(batch, 1, 256)] * 4
+
+
+def _frozen_at_probe_sizes(an):
+    """``an.model`` with every value computed from shapes folded at the probe's sizes (what the
+    probe folds where it sees nothing move): a model right at the probe's sizes only."""
+    import dataclasses
+    proto = onnx.ModelProto()
+    proto.CopyFrom(an.model)
+    pr = an.probe
+    frozen = dataclasses.replace(pr, shapes=dict(pr.shapes), values=dict(pr.values), dynamic=dict(pr.dynamic),
+                                 dtypes=dict(pr.dtypes), consts=dict(pr.consts), other_runs=[pr.values])
+    assert probing.fold_constants(proto, frozen) > 0
+    from spa.io.weights import full_model
+    return full_model(proto, frozen.consts)
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_validation_refuses_a_kv_decoder_frozen_at_the_probe_sizes():
+    """Validation runs a KV decoder at a decode step and a second batch whatever points the probe
+    ran at: a model frozen at the probe's sizes is refused with one line, even where the probe saw
+    nothing move."""
+    an = spa.analyze(export("llama_gqa_kv"), input_shapes=KV_SIZES)
+    frozen = _frozen_at_probe_sizes(an)
+    validate(frozen, an, every_size=False)  # right at the probe's sizes
+    with pytest.raises(SpaError, match="^pruned model"):
+        validate(frozen, an)
+    an.probe.points, an.probe.other_shapes = an.probe.points[:1], []  # a probe that moved nothing
+    with pytest.raises(SpaError, match=r"^pruned model.* at batch=2, sequence=1, past=16") as err:
+        validate(frozen, an)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.slow
