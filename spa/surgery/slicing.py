@@ -242,45 +242,50 @@ def rw_split(node, info, kept, new_size, probe, new):
 
 
 def rw_slice(node, info, kept, new_size, probe, new):
+    """New bounds for the sliced axes that lose channels; every other axis keeps the original's
+    bounds (written from the probe's sizes, ``[0:1e9]`` over a dynamic batch would become ``[0:1]``,
+    a frozen batch)."""
     x, y = node.inputs[0].name, node.outputs[0].name
-    axes_sliced = [a for a, ok in info["sliced"].items() if ok]
-    starts, ends = [], []
-    for a in axes_sliced:
-        n = probe.shapes[x][a]
-        # the first position the slice reads in the original input
-        first = _first_index(node, a, n, len(probe.shapes[x]))
+    rank = len(probe.shapes[x])
+    changed = {}
+    for a, ok in info["sliced"].items():
         kx = kept((x, a))
+        if not ok or (kx is None and kept((y, a)) is None):
+            continue
+        n = probe.shapes[x][a]
+        first = _bounds(node, rank).get(a, (0, n, 1))[0]   # the first position read in the original input
+        first = int(np.clip(first + n if first < 0 else first, 0, n))
         new_first = first if kx is None else int(np.searchsorted(kx, first))
-        starts.append(new_first)
-        ends.append(new_first + new_size(y, a))
-    if not axes_sliced:
+        changed[a] = (new_first, new_first + new_size(y, a), 1)
+    if not changed:
         return
+    bounds = {**_bounds(node, rank), **changed}
+    axes = sorted(bounds)
+    starts, ends, steps = ([int(bounds[a][i]) for a in axes] for i in range(3))
     if len(node.inputs) == 1:
-        node.attrs.update(starts=starts, ends=ends, axes=axes_sliced)
+        node.attrs.update(starts=starts, ends=ends, axes=axes)
         return
     while len(node.inputs) < 5:
         node.inputs.append(gs.Variable.empty())
     node.inputs[1] = new.const(node, "starts", starts)
     node.inputs[2] = new.const(node, "ends", ends)
-    node.inputs[3] = new.const(node, "axes", axes_sliced)
-    node.inputs[4] = new.const(node, "steps", [1] * len(axes_sliced))
+    node.inputs[3] = new.const(node, "axes", axes)
+    node.inputs[4] = new.const(node, "steps", steps)
 
 
-def _first_index(node, axis, n, rank):
+def _bounds(node, rank) -> dict:
+    """{axis: (start, end, step)} of a Slice with constant bounds, as the original gives them."""
     if len(node.inputs) == 1:
-        starts, axes = node.attrs["starts"], node.attrs.get("axes", list(range(len(node.attrs["starts"]))))
+        starts, ends = node.attrs["starts"], node.attrs["ends"]
+        axes = node.attrs.get("axes", list(range(len(starts))))
+        steps = [1] * len(starts)
     else:
-        starts = list(np.ravel(node.inputs[1].values))
-        axes = list(np.ravel(node.inputs[3].values)) if len(node.inputs) > 3 and isinstance(node.inputs[3], gs.Constant) \
-            else list(range(len(starts)))
-    for s, a in zip(starts, axes):
-        a = int(a)
-        if a < 0:
-            a += rank
-        if a == axis:
-            s = int(s)
-            return int(np.clip(s + n if s < 0 else s, 0, n))
-    return 0
+        starts, ends = list(np.ravel(node.inputs[1].values)), list(np.ravel(node.inputs[2].values))
+        given = [len(node.inputs) > i and isinstance(node.inputs[i], gs.Constant) for i in (3, 4)]
+        axes = list(np.ravel(node.inputs[3].values)) if given[0] else list(range(len(starts)))
+        steps = list(np.ravel(node.inputs[4].values)) if given[1] else [1] * len(starts)
+    return {int(a) + rank if int(a) < 0 else int(a): (int(s), int(e), int(st))
+            for s, e, a, st in zip(starts, ends, axes, steps)}
 
 
 def rw_gather(node, info, kept, new_size, probe, new):

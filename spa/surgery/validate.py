@@ -2,7 +2,9 @@
 
 ``onnx.checker``, then onnxruntime runs at every size the analysis ran the original at (the probe
 sizes and, for dynamic inputs, every symbol moved up and down: ``spa.runtime.shapes``), each with the
-original's output shapes, and a batch's first row equal to that row run alone.
+original's output shapes, and a batch's first row equal to that row run alone.  A decoder with a KV
+cache is always run at a decode step and a second batch (``SizePlan.decode_point``), whatever sizes
+the probe ran at.
 """
 from __future__ import annotations
 
@@ -78,8 +80,14 @@ def _resized(shapes: dict, changes: list) -> dict:
 
 
 def _validate_other_sizes(pruned, an, pr: probing.Probe, changes=()) -> None:
-    plan, points, ref = an.probe.plan, an.probe.points[1:], an.probe.other_shapes
-    if plan is None or not points:
+    plan, points, ref = an.probe.plan, list(an.probe.points[1:]), list(an.probe.other_shapes)
+    if plan is None:
+        return
+    decode = plan.decode_point(an.probe.points)
+    if decode is not None:  # a KV decoder is checked at a decode step and a second batch, whatever the probe ran
+        points.append(decode)
+        ref.append(_original_shapes(an, plan, decode))
+    if not points:
         return
     if changes:  # the pruned inputs' static dims
         dims = dict(plan.dims)
@@ -106,6 +114,18 @@ def _validate_other_sizes(pruned, an, pr: probing.Probe, changes=()) -> None:
         if not rows_checked:
             rows_checked = _check_batch_rows(runner, plan, point, feed, got, where,
                                              original=None if changes else (lambda: _original_runner(an)))
+
+
+def _original_shapes(an, plan, point) -> dict:
+    """{output: shape} of the original at ``point``; a one-line SpaError where it does not run there."""
+    feed = probing.input_feed(an.model, plan=plan, values=point, seed=1)
+    try:
+        got = _original_runner(an).run(feed)
+    except Exception as exc:
+        raise SpaError(f"spa cannot check the pruned decoder at a decode step and a second batch ({plan.describe(point)}): "
+                       f"the original does not run there ({probing.ort_reason(exc)}); spa would not write a decoder "
+                       "it cannot check: please report this model") from None
+    return {k: tuple(np.shape(v)) for k, v in got.items()}
 
 
 def _check_batch_rows(runner, plan, point, feed, got, where, original=None) -> bool:

@@ -30,7 +30,7 @@ import onnxruntime as ort
 from spa.errors import SpaError
 from spa.io import graph_inputs, zoo
 from spa.runtime.probing import input_feed
-from spa.runtime.shapes import fallback_bases, integer_ranges, related_plans, size_plan
+from spa.runtime.shapes import fallback_bases, fitting_plans, integer_ranges, size_plan
 
 
 # Models whose serialised protobuf reaches this size cannot be passed to ORT as bytes.
@@ -359,7 +359,7 @@ def _other_sizes(ref_proto, ref_sess, cand_sess, feeds, seed, atol, rtol) -> lis
     plan = size_plan(graph_inputs(ref_proto), given)
     if not plan.symbols:
         return []
-    plans = [plan] + [p for p in related_plans(plan, keep_given=False) if p.shapes(p.base) == given]
+    plans = [plan] + fitting_plans(plan)
     out = []
     for how in ("up", "short"):
         ref_out, why = None, ""

@@ -2,8 +2,8 @@
 
 torchvision architectures are exported by tools/export_torchvision.py (random, calibrated weights)
 at 64x64 so that onnxruntime runs stay fast; YOLOv8n (PyTorch export, in `nudenet`) and the PP-OCRv4
-detector (Paddle export, weights in Constant nodes, in `rapidocr-onnxruntime`) come from their PyPI
-packages through spa.zoo.  Models are cached outside git ($SPA_CACHE).
+detector (Paddle export, weights in Constant nodes, in `rapidocr-onnxruntime`) and Magika (a Keras/JAX
+file-type classifier, tf2onnx export, in `magika`) come from their PyPI packages through spa.zoo.  Models are cached outside git ($SPA_CACHE).
 """
 import numpy as np
 import onnx
@@ -17,14 +17,14 @@ EXACT = 1e-5
 
 # per-group oracle where a run is cheap; the joint oracle (all groups at once) everywhere
 PER_GROUP = {"resnet18", "mobilenet_v2", "shufflenet_v2_x1_0", "regnet_y_400mf", "efficientnet_b0",
-             "yolov8n", "ppocr_det"}
+             "yolov8n", "ppocr_det", "magika"}
 TORCHVISION = ["resnet18", "mobilenet_v2", "efficientnet_b0", "densenet121", "shufflenet_v2_x1_0",
                "regnet_y_400mf", "convnext_tiny", "vit_b_16", "swin_t"]
-REAL = ["yolov8n", "ppocr_det"]
+REAL = ["yolov8n", "ppocr_det", "magika"]
 # prunable groups each model must expose at least (coverage regressions fail here)
 MIN_PRUNABLE = {"resnet18": 12, "mobilenet_v2": 25, "efficientnet_b0": 40, "densenet121": 120,
                 "shufflenet_v2_x1_0": 21, "regnet_y_400mf": 69, "convnext_tiny": 22, "vit_b_16": 37,
-                "swin_t": 40, "yolov8n": 59, "ppocr_det": 36}
+                "swin_t": 40, "yolov8n": 59, "ppocr_det": 36, "magika": 3}
 
 _analyses = {}
 
@@ -77,3 +77,18 @@ def test_paddle_constant_weights_are_pruned():
     assert not raw.graph.initializer and any(n.op_type == "Constant" for n in raw.graph.node)
     res = spa.prune(model_path("ppocr_det"), 0.5, analysis=analysis("ppocr_det"))
     assert res.report["after"]["macs"] * 2.5 < res.report["before"]["macs"]
+
+
+def test_magika_prunes_and_a_batch_equals_its_rows_run_alone():
+    """tf2onnx names Magika's batch twice (input ``unk__214``, output ``unk__215``) and slices its
+    activations with full-range bounds on every axis ([0:1e9]): the pruned model keeps the dynamic
+    batch (it was frozen at the probe's batch of 1, and spa refused to write it)."""
+    from spa.runtime.probing import session
+    res = spa.prune(model_path("magika"), 0.3, analysis=analysis("magika"))
+    assert res.report["after"]["macs"] < 0.8 * res.report["before"]["macs"]
+    sess = session(res.model)
+    x = np.random.default_rng(0).integers(0, 257, (5, 2048)).astype(np.int32)  # bytes, 256 = padding
+    batch = sess.run(None, {"bytes": x})[0]
+    rows = np.concatenate([sess.run(None, {"bytes": x[i:i + 1]})[0] for i in range(5)])
+    assert batch.shape == (5, 214)
+    assert np.abs(batch - rows).max() <= 1e-4 * np.abs(rows).max()

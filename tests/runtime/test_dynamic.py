@@ -143,6 +143,24 @@ def test_an_unnamed_total_length_is_found_as_a_sum():
     assert first.symbols == ["batch", "seq", "past"]
 
 
+def test_user_sizes_never_hide_a_sum_they_satisfy():
+    """A mask the user sized to past + sequence may still be their sum (it was never tried: the
+    probe froze the past); a mask sized otherwise is not."""
+    ins = _inputs(input_ids=["batch", "seq"], attention_mask=["batch", "total"], past_key=["batch", 2, "past", 8])
+    plan = shapes.size_plan(ins, {"input_ids": [1, 16], "attention_mask": [1, 24], "past_key": [1, 2, 8, 8]})
+    fits = shapes.fitting_plans(plan)
+    assert [p.dims[("attention_mask", 1)] for p in fits] == [("+", ("sym", "seq"), ("sym", "past"))]
+    assert fits[0].shapes(fits[0].base) == plan.shapes(plan.base) and fits[0].caches == {"past"}
+    other = shapes.size_plan(ins, {"input_ids": [1, 16], "attention_mask": [1, 30], "past_key": [1, 2, 8, 8]})
+    assert shapes.fitting_plans(other) == [] and shapes.related_plans(other) == []
+    # a KV decoder is validated at a decode step and a second batch, whatever points the probe ran
+    sum_plan = fits[0]
+    short = sum_plan.bumped("short")
+    assert sum_plan.decode_point([sum_plan.base]) == short and short["seq"] == 1 and short["batch"] == 2
+    assert sum_plan.decode_point([sum_plan.base, short]) is None
+    assert shapes.size_plan(_inputs(input_ids=["batch", "seq"])).decode_point([{"batch": 1, "seq": 16}]) is None
+
+
 def test_regrouped_dims_are_refined_into_common_factors():
     from spa.ops.layout import refine
     # [N, heads*dim] -> [N*heads, dim] (a batch merged with the heads)
@@ -301,6 +319,78 @@ def test_prune_io_shrinks_the_kv_cache_and_a_decode_loop_equals_the_cut_original
     assert all(x.shape == (2, 5 if i == 0 else 1, 256) and np.isfinite(x).all() for i, x in enumerate(logits))
     # default: the interface never changes
     assert "interface" not in spa.prune(path, 0.5, analysis=spa.analyze(path)).report
+
+
+#: the sizes of issue 19: a prompt of 16 after a past of 8, the mask sized to their sum
+KV_SIZES = {"input_ids": [1, 16], "attention_mask": [1, 24],
+            **{f"past_key_values.{i}.{kv}": [1, 2, 8, 16] for i in (0, 1) for kv in ("key", "value")}}
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_kv_decoder_pruned_at_user_sizes_runs_a_decode_loop_that_equals_the_cut_original(tmp_path):
+    """--input-shapes for every input of a KV decoder (mask = past + sequence under the name
+    total_sequence): the probe still finds the sum, so the pruned model runs a prefill and decode
+    steps at batch 1 and 2 and equals the cut original step by step (it was frozen at past 8: a
+    decode step failed in an Add, batch 2 in a GatherND, and spa wrote it with exit 0)."""
+    from spa.surgery import slicing
+    from spa.verify.oracle import cut_model
+    path = export("llama_gqa_kv")
+    an = spa.analyze(path, input_shapes=KV_SIZES)
+    assert an.probe.plan.dims[("attention_mask", 1)] == ("+", ("sym", "sequence"), ("sym", "past"))
+    assert {(p["sequence"], p["batch"]) for p in an.probe.points[1:]} >= {(1, 2)}  # a decode step, another batch
+    rng = np.random.default_rng(3)
+    exact = [g for g in an.groups if g.prunable and not g.approximate]
+    units = np.sort(np.concatenate([rng.choice(g.units, size=max(1, g.channels // 2), replace=False) for g in exact]))
+    pruned = slicing.apply(an.model, an.channels, an.probe, units)
+    validate(pruned, an)
+    cut = cut_model(an, units)
+    for batch in (1, 2):
+        a, b = _decode_loop(pruned, 6, batch=batch), _decode_loop(cut, 6, batch=batch)
+        for step, (x, y) in enumerate(zip(a, b)):
+            assert x.shape == y.shape == (batch, 5 if step == 0 else 1, 256)
+            assert np.abs(x - y).max() <= 1e-5 * max(np.abs(y).max(), 1.0), (batch, step)
+    # the command line: the file it writes runs the same loop
+    from click.testing import CliRunner
+    from spa.cli import cli
+    out = tmp_path / "kv.onnx"
+    sizes = ",".join(f"{k}:[{','.join(map(str, v))}]" for k, v in KV_SIZES.items())
+    res = CliRunner().invoke(cli, ["prune", path, "-o", str(out), "--ratio", "0.3", "--input-shapes", sizes])
+    assert res.exit_code == 0, res.output
+    for batch in (1, 2):
+        assert [x.shape for x in _decode_loop(onnx.load(str(out)), 4, batch=batch, prompt=3)] == \
+            [(batch, 3, 256)] + [(batch, 1, 256)] * 4
+
+
+def _frozen_at_probe_sizes(an):
+    """``an.model`` with every value computed from shapes folded at the probe's sizes (what the
+    probe folds where it sees nothing move): a model right at the probe's sizes only."""
+    import dataclasses
+    proto = onnx.ModelProto()
+    proto.CopyFrom(an.model)
+    pr = an.probe
+    frozen = dataclasses.replace(pr, shapes=dict(pr.shapes), values=dict(pr.values), dynamic=dict(pr.dynamic),
+                                 dtypes=dict(pr.dtypes), consts=dict(pr.consts), other_runs=[pr.values])
+    assert probing.fold_constants(proto, frozen) > 0
+    from spa.io.weights import full_model
+    return full_model(proto, frozen.consts)
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_validation_refuses_a_kv_decoder_frozen_at_the_probe_sizes():
+    """Validation runs a KV decoder at a decode step and a second batch whatever points the probe
+    ran at: a model frozen at the probe's sizes is refused with one line, even where the probe saw
+    nothing move."""
+    an = spa.analyze(export("llama_gqa_kv"), input_shapes=KV_SIZES)
+    frozen = _frozen_at_probe_sizes(an)
+    validate(frozen, an, every_size=False)  # right at the probe's sizes
+    with pytest.raises(SpaError, match="^pruned model"):
+        validate(frozen, an)
+    an.probe.points, an.probe.other_shapes = an.probe.points[:1], []  # a probe that moved nothing
+    with pytest.raises(SpaError, match=r"^pruned model.* at batch=2, sequence=1, past=16") as err:
+        validate(frozen, an)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.slow
