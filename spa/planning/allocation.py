@@ -14,7 +14,7 @@ import numpy as np
 from ..graph.masks import insert_masks
 from ..io import initializer_arrays
 from ..runtime import probing
-from .fidelity import eval_feeds, fidelity_on
+from .fidelity import eval_feeds, fidelity_on, reference_runs
 from .plan import CostModel, all_units, n_remove, plan as local_plan, resolve_overrides, selectable
 
 
@@ -65,7 +65,7 @@ def sensitivity(an, scores, chosen, masked, feeds, reference, *, round_to=1, max
                 continue
             seen.add(k)
             units = np.sort(order[:k])
-            drift = 1.0 - fidelity_on(reference, [masked.run(fd, units) for fd in feeds])
+            drift = 1.0 - fidelity_on(reference, (masked.run(fd, units) for fd in feeds))
             levels.append((units, max(drift, 0.0)))
         table[g.id] = levels
     return table, orders
@@ -111,7 +111,7 @@ class Table:
         chosen = [g for g in selectable(an.groups, opts.exclude) if g.id not in fixed]
         self.feeds, self.inputs = eval_feeds(an, opts)
         original = probing.output_runner(an.model, an.probe.consts)
-        self.reference = [original.run(f) for f in self.feeds]
+        self.feeds, self.reference = reference_runs(original, self.feeds)
         few = SENSITIVITY_BATCHES
         say(f"sensitivity: {len(chosen)} groups x {len(FRACTIONS)} fractions on {min(few, len(self.feeds))} "
             "input batches, one onnxruntime session with channel masks")
@@ -148,7 +148,7 @@ class Table:
 
     def measure(self, proto, weights) -> float:
         runner = probing.output_runner(proto, initializer_arrays(proto, weights))
-        return fidelity_on(self.reference, [runner.run(f) for f in self.feeds])
+        return fidelity_on(self.reference, (runner.run(f) for f in self.feeds))
 
 
 #: batches the sensitivity table is measured on (the verification uses all of ``eval_feeds``)

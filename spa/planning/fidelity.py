@@ -22,44 +22,101 @@ CALIB_BATCHES = 8
 
 
 def cosine(a, b) -> float:
-    a, b = np.asarray(a), np.asarray(b)
-    if a.shape != b.shape:
-        return 0.0
-    if not np.issubdtype(a.dtype, np.floating):
-        return float(np.mean(a == b)) if a.size else 1.0
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na == 0.0 and nb == 0.0:
-        return 1.0
-    if na == 0.0 or nb == 0.0 or not (np.isfinite(na) and np.isfinite(nb)):
-        return 0.0
-    return float(np.dot(a, b) / (na * nb))
+    """The cosine of two arrays (flattened, float64); of integer ones, the fraction of equal elements."""
+    return _cosines([{"x": np.asarray(a)}], [{"x": b}])["x"]
 
 
 def compare(reference: dict, got: dict) -> dict:
     """``{"cosine": {output: c}, "min": smallest}`` of ``got`` against ``reference`` (output -> value)."""
-    per = {k: round(cosine(v, got.get(k)), 6) for k, v in reference.items()}
+    return compare_runs([reference], [got])
+
+
+#: elements cast to float64 at a time while comparing (bounds the temporaries: a decoder's logits
+#: over a batch of text are hundreds of MB)
+_CHUNK = 1 << 22
+#: the original's outputs the guard and the allocation keep to compare with (at least one batch):
+#: a batch of 4 x 256 tokens of a 49k-word decoder's logits is 200 MB, 8 of them were 1.6 GB
+REFERENCE_BYTES = 256 << 20
+
+
+def compare_runs(reference: list, outputs) -> dict:
+    """``{"cosine": {output: c}, "min": smallest}``: fidelity of ``outputs`` (runs: output name -> value, an iterable, consumed one run at a time)
+    to ``reference`` (the original's runs on the same feeds): per output, the cosine over every run
+    at once (the set as one tensor: steadier than the worst batch; an integer output counts the
+    fraction of equal elements), accumulated run by run in float64 chunks, never concatenated."""
+    per = {k: round(c, 6) for k, c in _cosines(reference, outputs).items()}
     return {"cosine": per, "min": min(per.values()) if per else 1.0}
 
 
+def _cosines(reference: list, outputs) -> dict:
+    names = list(reference[0]) if reference else []
+    sums = {k: np.zeros(3) for k in names}     # a.b, a.a, b.b  (integers: equal, total, -)
+    bad = set()
+    for ref, got in zip(reference, outputs):
+        for k in names:
+            a, b = np.asarray(ref[k]), got.get(k)
+            if b is None or np.shape(b) != a.shape:
+                bad.add(k)
+                continue
+            a, b = a.reshape(-1), np.asarray(b).reshape(-1)
+            if not np.issubdtype(a.dtype, np.floating):
+                sums[k] += (np.count_nonzero(a == b), a.size, 0)
+                continue
+            for i in range(0, a.size, _CHUNK):
+                x, y = a[i:i + _CHUNK].astype(np.float64), b[i:i + _CHUNK].astype(np.float64)
+                sums[k] += (x @ y, x @ x, y @ y)
+    per = {}
+    for k in names:
+        dot, aa, bb = sums[k]
+        if k in bad:
+            c = 0.0
+        elif not np.issubdtype(np.asarray(reference[0][k]).dtype, np.floating):
+            c = dot / aa if aa else 1.0
+        elif aa == 0.0 and bb == 0.0:
+            c = 1.0
+        elif aa == 0.0 or bb == 0.0 or not (np.isfinite(aa) and np.isfinite(bb)):
+            c = 0.0
+        else:
+            c = float(dot / np.sqrt(aa * bb))
+        per[k] = float(c)
+    return per
+
+
+def reference_runs(runner, feeds) -> tuple[list, list]:
+    """``(feeds, outputs)``: ``runner`` run on ``feeds`` while the outputs kept stay within
+    ``REFERENCE_BYTES`` (the first batch always)."""
+    kept, outputs, size = [], [], 0
+    for f in feeds:
+        out = runner.run(f)
+        size += sum(np.asarray(v).nbytes for v in out.values())
+        if outputs and size > REFERENCE_BYTES:
+            break
+        kept.append(f)
+        outputs.append(out)
+    return kept, outputs
+
+
 def reference(first, opts) -> tuple[list, list, str]:
-    """``(feeds, the original's outputs on them, what the feeds are)`` for the guard: ``eval_feeds`` (two batches of the
-    --calib data, or synthetic).  Run before surgery, while the original's weights are read anyway,
-    and their pages handed back: the guard then runs only the pruned model (running the original
-    after surgery would hold both models' weights at once: 1.5x a 1B decoder's size)."""
+    """``(feeds, the original's outputs on them, what the feeds are)`` for the guard: ``eval_feeds`` (up to
+    ``CALIB_BATCHES`` batches of the --calib data, or two synthetic ones, within ``REFERENCE_BYTES``).
+    Run before surgery, while the original's weights are read anyway, and their pages handed back: the
+    guard then runs only the pruned model (running the original after surgery would hold both models'
+    weights at once: 1.5x a 1B decoder's size)."""
     feeds, what = eval_feeds(first, opts)
     original = probing.output_runner(first.model, first.probe.consts)
-    outputs = [original.run(f) for f in feeds]
+    kept, outputs = reference_runs(original, feeds)
     del original
     release_pages(first.probe.consts.values())
-    return feeds, outputs, what
+    if len(kept) < len(feeds):
+        what = f"{what}; the first {len(kept)} of them (the outputs kept to compare with are bounded)"
+    return kept, outputs, what
 
 
 def guard(ref, pruned, weights, opts) -> dict:
     """The pruned model's fidelity on the ``reference`` feeds: the report's ``fidelity``."""
     feeds, outputs, what = ref
     runner = probing.output_runner(pruned, initializer_arrays(pruned, weights))
-    out = compare(_stacked(outputs), _stacked([runner.run(f) for f in feeds]))
+    out = compare_runs(outputs, (runner.run(f) for f in feeds))
     out["inputs"] = what
     return out
 
@@ -75,13 +132,6 @@ def eval_feeds(an, opts, n: int = 2) -> tuple[list, str]:
     return got, f"{what} at the probe's sizes"
 
 
-def fidelity_on(reference: list, outputs: list) -> float:
-    """Fidelity over a set of batches: each output's cosine over all of them at once (the set as one
-    tensor: steadier than the worst batch), the smallest over the outputs."""
-    return compare(_stacked(reference), _stacked(outputs))["min"]
-
-
-def _stacked(runs: list) -> dict:
-    if not runs:
-        return {}
-    return {k: np.concatenate([np.ravel(r[k]) for r in runs]) for k in runs[0]}
+def fidelity_on(reference: list, outputs) -> float:
+    """Fidelity over a set of batches (:func:`compare_runs`): the smallest over the outputs."""
+    return compare_runs(reference, outputs)["min"]

@@ -36,6 +36,27 @@ def test_cosine_of_outputs():
     assert compare({"y": a, "z": a}, {"y": a, "z": 2 * a})["min"] == 1.0
 
 
+def test_fidelity_over_runs_is_the_cosine_of_the_whole_set_and_the_reference_is_bounded(monkeypatch):
+    """Runs are compared one at a time in chunks (no concatenated copy of a decoder's logits), and the
+    result is the cosine of everything at once; the original's outputs kept are bounded (first batch always)."""
+    from spa.planning import fidelity
+    rng = np.random.default_rng(0)
+    ref = [{"y": rng.standard_normal((3, 50)).astype(np.float32)} for _ in range(4)]
+    got = [{"y": r["y"] + rng.standard_normal((3, 50)).astype(np.float32)} for r in ref]
+    monkeypatch.setattr(fidelity, "_CHUNK", 7)
+    whole = fidelity.cosine(np.concatenate([r["y"] for r in ref]), np.concatenate([g["y"] for g in got]))
+    assert fidelity.compare_runs(ref, iter(got))["cosine"]["y"] == pytest.approx(whole, abs=1e-6)
+    assert fidelity.compare_runs(ref, [{"y": g["y"][:1]} for g in got])["min"] == 0.0   # a shape changed
+
+    class Runner:
+        def run(self, feed):
+            return {"y": np.zeros(feed["n"], np.float32)}
+    monkeypatch.setattr(fidelity, "REFERENCE_BYTES", 100)
+    feeds, outputs = fidelity.reference_runs(Runner(), [{"n": 10}, {"n": 10}, {"n": 30}])
+    assert len(feeds) == len(outputs) == 2
+    assert len(fidelity.reference_runs(Runner(), [{"n": 1000}, {"n": 1}])[0]) == 1
+
+
 def test_the_masked_model_is_the_pruned_model_for_exact_groups():
     """One session with channel masks fed at run time gives the pruned model's outputs (the
     sensitivity table measures what surgery would make, without surgery)."""
