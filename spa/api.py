@@ -23,7 +23,7 @@ from .planning.plan import (CostModel, all_units, load_overrides, parse_target, 
 from .runtime import calib as calib_mod, probing, synthetic
 from .runtime.synthetic import KINDS
 from .scoring import COMPENSATE, CRITERIA, compensation, score
-from .scoring.obspa import HESSIANS
+from .scoring.obspa import HESSIANS, moment_axes
 from .surgery import slicing
 from .surgery.validate import interface_changes, validate
 
@@ -351,20 +351,23 @@ def _score(step: Step, scorer, opts: PruneOptions, k: int, tag: str, ranked: boo
     """Calibration statistics (calibrated criteria), scores, and the criterion's compensation
     (``ranked``: the plan compares scores across groups, a global rank or a target)."""
     an = step.analysis
+    stage = compensation(scorer, opts.compensate)
     if scorer.needs_calib:
         desc, feeds = synthetic.calibration(an, opts.calib, n_batches=opts.calib_batches,
                                             batch_size=opts.calib_batch_size, seed=opts.seed, wanted=opts.synthetic,
                                             progress=progress)
-        progress(f"calibrating on {desc}")
-        step.stats = calib_mod.collect(an, feeds, progress=progress, source=desc)
+        # an OBS compensation of the same data takes its Hessians from this pass (hessians(stats=))
+        moments = moment_axes(an) if stage is not None and opts.hessian == "auto" else ()
+        progress(f"calibrating on {desc}" + (f" (with the second moments of {len(moments)} weight inputs)"
+                                             if moments else ""))
+        step.stats = calib_mod.collect(an, feeds, progress=progress, source=desc, moments=moments)
     progress(f"{tag}scoring {sum(g.channels for g in an.groups if g.prunable)} channels in "
              f"{sum(g.prunable for g in an.groups)} prunable groups ({opts.criterion}, {opts.reduction})")
     step.scores = score(an, opts.criterion, stats=step.stats, reduction=opts.reduction,
                         normalisation=opts.normalisation, seed=opts.seed + k - 1,
                         grads=opts.grads if scorer.needs_grads else None)
-    stage = compensation(scorer, opts.compensate)
     if stage is not None:
-        step.compensation = stage(an, step.scores, opts, ranked, progress)
+        step.compensation = stage(an, step.scores, opts, ranked, progress, stats=step.stats)
 
 
 def _compensated(step: Step, removal: dict, progress=_quiet):

@@ -51,6 +51,7 @@ class ActStats:
     axes: dict = field(default_factory=dict)
     source: str = ""
     samples: int = 0
+    moments: dict = field(default_factory=dict)   # axis -> (E[x x^T], E[x]) where collect was asked for them
     batches: int = 0
 
     def get(self, axis):
@@ -168,13 +169,17 @@ def exposing_session(an, tensors):
     return runner, [t for t in tensors if t in set(runner.outputs)]
 
 
-def collect(an, feeds, *, axes=None, progress=_quiet, source: str = "") -> ActStats:
-    """Run ``feeds`` through the model and keep per-channel running sums on ``axes`` (default: sinks)."""
+def collect(an, feeds, *, axes=None, progress=_quiet, source: str = "", moments=()) -> ActStats:
+    """Run ``feeds`` through the model and keep per-channel running sums on ``axes`` (default: sinks),
+    and on ``moments`` (axes) the full second moment ``E[x x^T]`` and mean too, in the same pass: what
+    an OBS compensation of the same data needs (``stats.moments``), without a second run over it."""
     axes = sink_axes(an) if axes is None else list(axes)
+    moments = [m for m in dict.fromkeys(moments)]
     stats = ActStats(source=source)
-    if not axes or not feeds:
+    if not (axes or moments) or not feeds:
         return stats
-    tensors = sorted({ax[0] for ax in axes})
+    tensors = sorted({ax[0] for ax in axes} | {ax[0] for ax in moments})
+    outer = {}
     runner, wanted = exposing_session(an, tensors)
     for i, feed in enumerate(feeds):
         progress(f"calibration batch {i + 1}/{len(feeds)}")
@@ -197,8 +202,20 @@ def collect(an, feeds, *, axes=None, progress=_quiet, source: str = "") -> ActSt
             got.abs_sum += np.abs(x).sum(0)
             got.sum += x.sum(0)
             got.sq_sum += np.einsum("ij,ij->j", x, x)
+        for axis in moments:
+            v = values.get(axis[0])
+            if v is None or not is_float(v.dtype) or axis[1] >= v.ndim:
+                continue
+            x = np.moveaxis(v, axis[1], -1).reshape(-1, v.shape[axis[1]]).astype(np.float32)
+            acc = outer.setdefault(axis, [np.zeros((x.shape[1], x.shape[1])), np.zeros(x.shape[1]), 0])
+            acc[0] += x.T @ x                 # float32 GEMM, float64 running sum (as obspa's own pass)
+            acc[1] += x.sum(0, dtype=np.float64)
+            acc[2] += len(x)
+        del values
         stats.samples += next(iter(feed.values())).shape[0] if feed else 0
         stats.batches += 1
+    for axis, (S, total, n) in outer.items():
+        stats.moments[axis] = (S / max(n, 1), total / max(n, 1))
     return stats
 
 

@@ -321,9 +321,18 @@ def _bn_feeding(an, tensor, producer):
     return gamma, beta, act
 
 
+def moment_axes(an) -> list:
+    """The input axes of every modelled consumer whose Hessian is the plain second moment of one
+    tensor (Gemm, MatMul; a Conv's is over patches): what ``calib.collect`` can gather in the pass
+    that makes a calibrated criterion's statistics (``hessians(..., stats=)``)."""
+    return list(dict.fromkeys(c.axis for c in find_consumers(an)[0] if c.conv is None))
+
+
 def hessians(an, consumers, source="auto", calib=None, *, n_batches=8, batch_size=None, seed=0,
-             progress=_quiet, synthetic_kind="auto") -> Hessians:
+             progress=_quiet, synthetic_kind="auto", stats=None) -> Hessians:
     """The Hessian of every consumer input in ``consumers`` from ``source`` (see module doc).
+    ``stats``: calibration statistics gathered on the very feeds this would run (the same ``calib``,
+    batches and seed) with ``moments``; the Hessians found there are taken instead of a second pass.
 
     ``bn`` uses the BN feeding each consumer and falls back to ``synthetic`` (or ``calib``) for
     the others; ``auto`` is ``bn`` without calibration data (the data-free combination that measured
@@ -356,6 +365,15 @@ def hessians(an, consumers, source="auto", calib=None, *, n_batches=8, batch_siz
             hs.H[key], hs.mean[key], hs.source[key] = H, np.repeat(bn_moments(gamma, beta, act)[0], kh * kw), "bn"
             del wanted[key]
     data = "synthetic" if synthetic else "calibration"
+    shared = {key: c for key, c in wanted.items() if stats is not None and c.conv is None and c.axis in stats.moments}
+    for key, c in shared.items():
+        H, mean = stats.moments[c.axis]
+        hs.H[key], hs.mean[key], hs.source[key] = H.copy(), mean, data
+        if synthetic:
+            hs.H[key][np.diag_indices_from(H)] += SYNTHETIC_RIDGE * max(float(np.mean(np.diag(H))), 1e-12)
+        del wanted[key]
+    if shared:
+        hs.desc = stats.source
     if wanted:
         if synthetic:
             desc, feeds = synthetic_inputs.feeds(an, n_batches, seed, wanted=synthetic_kind, progress=progress)
@@ -369,7 +387,7 @@ def hessians(an, consumers, source="auto", calib=None, *, n_batches=8, batch_siz
         hs.mean.update(got.mean)
         hs.source.update(got.source)
         hs.desc = desc if source != "bn" else f"bn, else {desc}"
-    else:
+    elif not shared:
         hs.desc = "bn"
     return hs
 
@@ -501,7 +519,7 @@ class Compensation:
     compensates (the least-squares update of the kept weights for exactly that set).  ``damp``: the
     ridge added to every Hessian, a multiple of its mean diagonal (``DAMP`` by default)."""
 
-    def __init__(self, an, scores, opts, ranked, progress=_quiet, choose=True):
+    def __init__(self, an, scores, opts, ranked, progress=_quiet, choose=True, stats=None):
         self.an, self.scores, self.hessian, self.choose = an, scores, opts.hessian, choose
         self.damp = DAMP if opts.damp is None else float(opts.damp)
         consumers, self.skipped = find_consumers(an)
@@ -510,7 +528,7 @@ class Compensation:
         progress(f"obs: {len(used)} consumer weights in {len(self.per_group)} groups; Hessians: {opts.hessian}")
         self.hs = hessians(an, used, opts.hessian, opts.calib, n_batches=opts.calib_batches,
                            batch_size=opts.calib_batch_size, seed=opts.seed, progress=progress,
-                           synthetic_kind=opts.synthetic)
+                           synthetic_kind=opts.synthetic, stats=stats)
         self.results = {}
         for g in an.groups:
             if g.prunable and g.id not in self.per_group:

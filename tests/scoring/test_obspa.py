@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import spa
-from graphs import PATTERNS, G
+from graphs import PATTERNS, G, attention
 from spa import io
 from spa.runtime import probing
 from spa.verify.oracle import compare_outputs
@@ -165,3 +165,26 @@ def test_compensate_obs_keeps_another_criterions_choice_and_compensates_it(tmp_p
     assert err["comp"] < 0.5 * err["plain"]
     with pytest.raises(spa.SpaError, match="compensate"):
         spa.prune(m, 0.3, criterion="obspa", compensate="none")
+
+
+def test_calibration_pass_gathers_the_hessians_obs_would_measure(tmp_path):
+    """One pass over the calibration data: the second moments gathered with a calibrated criterion's
+    statistics are the Hessians obspa's own pass measures (MatMul/Gemm consumers), and a prune that
+    shares them gives the same compensated model."""
+    from spa.runtime import calib
+    m = attention(n=6, d=32, heads=4)
+    an = spa.analyze(m)
+    data = np.random.default_rng(3).standard_normal((8,) + tuple(an.probe.inputs["x"].shape[1:])).astype(np.float32)
+    np.save(tmp_path / "c.npy", data)
+    spec = str(tmp_path / "c.npy")
+    _, feeds = calib.batches(an, spec, n_batches=8)
+    stats = calib.collect(an, feeds, moments=obspa.moment_axes(an))
+    consumers = [c for c in obspa.find_consumers(an)[0] if c.conv is None]
+    assert consumers and all(c.axis in stats.moments for c in consumers)
+    own = obspa.hessians(an, consumers, "auto", spec)
+    shared = obspa.hessians(an, consumers, "auto", spec, stats=stats)
+    for key in own.H:
+        np.testing.assert_allclose(shared.H[key], own.H[key], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(shared.mean[key], own.mean[key], rtol=1e-4, atol=1e-6)
+    r = spa.prune(m, target="params=1.3", criterion="wanda", calib=spec, compensate="obs", allocate="uniform")
+    assert r.report["compensation"]["source"] == r.report["calibration"]["source"]
