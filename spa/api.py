@@ -217,12 +217,9 @@ class PruneOptions:
         target = parse_target(self.target)
         if self.allocate not in ALLOCATIONS:
             raise SpaError(f"--allocate must be one of {', '.join(ALLOCATIONS)}, got {self.allocate!r}")
-        if self.allocate == "sensitivity" and (target is None or target[0] != "macs"):
-            raise SpaError("--allocate sensitivity spreads a MACs target by measured drift: use it with --target macs=F "
-                           "(--target fidelity=C always allocates by sensitivity)")
-        if self.allocate == "uniform" and (target is None or target[0] not in ("macs", "params")):
-            raise SpaError("--allocate uniform finds the one fraction of every group that reaches a size: use it with "
-                           "--target macs=F or params=F (--ratio R is already uniform)")
+        if self.allocate in ("sensitivity", "uniform") and (target is None or target[0] not in ("macs", "params")):
+            raise SpaError(f"--allocate {self.allocate} spreads a size over the groups: use it with --target macs=F or "
+                           "params=F (--ratio R is already uniform; --target fidelity=C always allocates by sensitivity)")
         if self.compensate not in COMPENSATE:
             raise SpaError(f"--compensate must be one of {', '.join(COMPENSATE)}, got {self.compensate!r}")
         if self.compensate == "none" and scorer.compensation is not None:
@@ -408,8 +405,8 @@ def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progr
             step.removal, step.plan = plan_target(an.groups, step.scores.normalised, CostModel(an), (kind, rel),
                                                   overrides=step.overrides, **common)
         if opts.allocate == "sensitivity":
-            step.removal, sens = allocation.allocate_macs(an, step.scores.normalised, int(goal), opts,
-                                                        lambda removal: _cut(step, removal), step.removal, progress)
+            step.removal, sens = allocation.allocate(an, step.scores.normalised, kind, int(goal), opts,
+                                                     lambda removal: _cut(step, removal), step.removal, progress)
             step.plan = {**sens, "global_plan": step.plan}
     else:
         r = 1.0 - (1.0 - opts.ratio) ** (1.0 / n)

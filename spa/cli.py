@@ -187,9 +187,8 @@ def _criteria():
                    "'past_key_values|present': KV heads and head dims, a smaller cache); the report lists each change")
 @click.option("--allocate", type=click.Choice(list(ALLOCATIONS)), default="global", show_default=True,
               help="how --target spreads over the groups: one global score threshold; uniform, the one fraction "
-                   "of every exact group that reaches the target (macs= or params=); or, with macs=F, per-group "
-                   "amounts chosen by the output drift each group causes, measured in onnxruntime (--target "
-                   "fidelity=C always does the latter)")
+                   "of every exact group that reaches the target; or sensitivity, per-group amounts chosen by the output "
+                   "drift each group causes, measured in onnxruntime (--target fidelity=C always does the latter)")
 @click.option("--compensate", type=click.Choice(list(COMPENSATE)), default="auto", show_default=True,
               help="update the weights that read removed channels: obs = the least-squares (OBS) update of the kept "
                    "weights from --calib (else synthetic) Hessians, for any criterion; auto = the criterion's own "

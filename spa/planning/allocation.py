@@ -5,7 +5,7 @@ The drift (1 - fidelity, ``spa.planning.fidelity``) of removing the lowest-score
 group alone is measured in one onnxruntime session with channel masks (``MaskedModel``); a greedy
 path deepens the group that buys the most MACs per unit of drift (``greedy_path``); ``search``
 bisects along it, pruning each candidate for real, to the longest prefix that keeps fidelity >= C,
-and ``allocate_macs`` spends a MACs budget along it.
+and ``allocate`` spends a MACs or params budget along it.
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ class Table:
     channels first), the MACs each level saves (``spa.planning.plan.CostModel``), the removal fixed by
     ``--overrides``, and the evaluation inputs with the original's outputs on them."""
 
-    def __init__(self, an, scores, opts, progress=None):
+    def __init__(self, an, scores, opts, progress=None, kind: str = "macs"):
         say = progress or (lambda msg: None)
         fixed = resolve_overrides(an.groups, opts.overrides)
         self.base = local_plan(an.groups, scores, 0.0, overrides=fixed, round_to=opts.round_to,
@@ -119,9 +119,9 @@ class Table:
                                               self.reference[:few], round_to=opts.round_to,
                                               max_ratio=opts.max_ratio, progress=say)
         self.round_to, self.max_ratio = opts.round_to, opts.max_ratio
-        self.cost = CostModel(an)
-        self.macs = an.macs
-        self.saved = {gid: [an.macs - self.cost.estimate(units)["macs"] for units, _ in lv]
+        self.cost, self.kind = CostModel(an), kind
+        self.base_cost = an.macs if kind == "macs" else an.params
+        self.saved = {gid: [self.base_cost - self.cost.estimate(units)[kind] for units, _ in lv]
                       for gid, lv in self.levels.items()}
 
         self.path = greedy_path(self.levels, self.saved)
@@ -144,7 +144,8 @@ class Table:
         return before, len(self.levels[gid][j][0])
 
     def estimate(self, removal) -> int:
-        return self.cost.estimate(all_units(removal))["macs"]
+        """The cost (``kind``: MACs or params) left after ``removal``."""
+        return self.cost.estimate(all_units(removal))[self.kind]
 
     def measure(self, proto, weights) -> float:
         runner = probing.output_runner(proto, initializer_arrays(proto, weights))
@@ -169,7 +170,7 @@ def search(an, scores, target: float, opts, attempt, progress=None):
         mid = (lo + hi + 1) // 2
         removal = t.removal(mid)
         fid = t.measure(*attempt({k: np.array(v) for k, v in removal.items()}))
-        saved = an.macs - t.estimate(removal)
+        saved = t.base_cost - t.estimate(removal)
         tried.append({"steps": mid, "fidelity": round(fid, 6), "macs_saved": int(saved)})
         say(f"fidelity: {mid}/{len(t.path)} steps of the greedy path -> fidelity {fid:.4f}, "
             f"{saved / max(an.macs, 1):.1%} of the MACs removed")
@@ -186,7 +187,7 @@ def search(an, scores, target: float, opts, attempt, progress=None):
             removal = t.removal(lo, partial=k)
             fid = t.measure(*attempt({g: np.array(v) for g, v in removal.items()}))
             tried.append({"steps": lo, "partial": int(k), "fidelity": round(fid, 6),
-                          "macs_saved": int(an.macs - t.estimate(removal))})
+                          "macs_saved": int(t.base_cost - t.estimate(removal))})
             say(f"fidelity: {lo} steps and {k} units of the next -> fidelity {fid:.4f}")
             if fid >= target:
                 a, best = k, (removal, fid)
@@ -194,18 +195,19 @@ def search(an, scores, target: float, opts, attempt, progress=None):
                 b = k
     removal, fid = best
     return removal, {"target": f"fidelity={target:g}", "measured": round(fid, 6), "reachable": True,
-                     "steps": lo, "path": len(t.path), "macs_saved_estimate": int(an.macs - t.estimate(removal)),
+                     "steps": lo, "path": len(t.path), "macs_saved_estimate": int(t.base_cost - t.estimate(removal)),
                      "rounds": tried, "inputs": t.inputs}
 
 
-def allocate_macs(an, scores, goal_macs: int, opts, attempt, alternative: dict, progress=None):
-    """``--allocate sensitivity`` with a MACs target: the shortest prefix of the greedy path (least
-    drift for the MACs) whose estimated MACs reach the goal, the last step taken in part.  Drift
-    does not add up exactly (removals interact), so the result is pruned and measured beside
-    ``alternative`` (the global threshold's removal for the same target) and the closer one wins;
-    the report says which.  Returns ``(removal, plan report)``."""
-    t = Table(an, scores, opts, progress)
-    steps = next((n for n in range(len(t.path) + 1) if t.estimate(t.removal(n)) <= goal_macs), len(t.path))
+def allocate(an, scores, kind: str, goal: int, opts, attempt, alternative: dict, progress=None):
+    """``--allocate sensitivity`` with a MACs or params target (``kind``, ``goal``: what may be left):
+    the shortest prefix of the greedy path (least drift for the MACs or params saved) whose estimate
+    reaches the goal, the last step taken in part.  Drift does not add up exactly (removals
+    interact), so the result is pruned and measured beside ``alternative`` (the global threshold's
+    or the uniform fraction's removal for the same target) and the closer one wins; the report says
+    which.  Returns ``(removal, plan report)``."""
+    t = Table(an, scores, opts, progress, kind)
+    steps = next((n for n in range(len(t.path) + 1) if t.estimate(t.removal(n)) <= goal), len(t.path))
     removal = t.removal(steps)
     if 0 < steps:   # the last step may overshoot: as few of its group's units as reach the goal
         a, b = t.partial_range(steps - 1)
@@ -213,7 +215,7 @@ def allocate_macs(an, scores, goal_macs: int, opts, attempt, alternative: dict, 
             k = _kept_multiple((a + b) // 2, t.round_to, t.order[t.path[steps - 1][0]].size, t.max_ratio)
             if k <= a or k >= b:
                 break
-            if t.estimate(t.removal(steps - 1, partial=k)) <= goal_macs:
+            if t.estimate(t.removal(steps - 1, partial=k)) <= goal:
                 b = k
             else:
                 a = k
@@ -224,10 +226,10 @@ def allocate_macs(an, scores, goal_macs: int, opts, attempt, alternative: dict, 
         measured[name] = t.measure(*attempt({k: np.array(v) for k, v in r.items()})) if r else 1.0
     chosen = "sensitivity" if measured["sensitivity"] >= measured["global"] else "global"
     if progress:
-        progress(f"allocation: sensitivity -> fidelity {measured['sensitivity']:.4f}, global threshold -> "
+        progress(f"allocation: sensitivity -> fidelity {measured['sensitivity']:.4f}, the plain plan -> "
                  f"{measured['global']:.4f}: {chosen}")
     final = removal if chosen == "sensitivity" else alternative
-    macs = t.estimate(final)
+    left = t.estimate(final)
     return final, {"allocation": chosen, "fidelity_by_allocation": {k: round(v, 6) for k, v in measured.items()},
-                   "steps": steps, "path": len(t.path), "macs_estimate": int(macs),
-                   "reachable": macs <= goal_macs, "inputs": t.inputs}
+                   "steps": steps, "path": len(t.path), f"{kind}_estimate": int(left),
+                   "reachable": left <= goal, "inputs": t.inputs}
