@@ -303,6 +303,10 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
     fid = rep.get("fidelity", {})
     if "min" in fid:
         click.echo(f"fidelity {fid['min']:.4f} (the outputs' cosine to the original's on {fid['inputs']})")
+    if "language_model" in fid:
+        lm = fid["language_model"]
+        click.echo(f"language model: perplexity {lm['perplexity_ratio']:.3f}x the original's on those "
+                   f"{lm['tokens']} tokens, next token as the original's {lm['next_token_agreement']:.1%}")
     for line in describe_all(rep.get("layers", [])):
         click.echo(line)
     for c in rep.get("interface", []):

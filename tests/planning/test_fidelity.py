@@ -130,3 +130,17 @@ def test_fidelity_options_are_checked():
             spa.prune(residual_chain(), allocate="sensitivity", **bad)
     with pytest.raises(spa.SpaError, match="--steps 1"):
         spa.prune(residual_chain(), target="fidelity=0.9", steps=2)
+
+
+def test_token_agreement_is_the_next_token_likelihood():
+    from spa.planning.fidelity import token_agreement
+    ids = np.array([[1, 2, 3], [0, 0, 1]])
+    flat = np.zeros((2, 3, 5), np.float32)
+    nll, n, top = token_agreement(flat, ids)
+    assert n == 4 and nll == pytest.approx(4 * np.log(5)) and top.shape == (2, 2)
+    sure = np.full((2, 3, 5), -30.0, np.float32)
+    for b in range(2):
+        for t in range(2):
+            sure[b, t, ids[b, t + 1]] = 30.0
+    nll, _, top = token_agreement(sure, ids)
+    assert nll < 1e-20 and (top == ids[:, 1:]).all()
