@@ -3,7 +3,7 @@
 spa at 10, 20 and 30% of its parameters, with and without calibration text, measured by perplexity on
 held-out text spa never saw.
 
-    python tools/bench_llm_quality.py run --out docs/llm_quality.md          # every config x target
+    python tools/bench_llm_quality.py run --out docs/llm_quality_table.md    # every config x target
     python tools/bench_llm_quality.py run --configs wanda_uniform_obs --targets params=1.11
     python tools/bench_llm_quality.py one wanda_uniform_obs params=1.11      # one prune, JSON on stdout
 
@@ -141,7 +141,7 @@ def write(rows: list, out_md: pathlib.Path) -> None:
         "One fresh process per prune (seconds and peak memory are the prune's: `spa.prune`, written to a",
         "file) on this project's 2-core, 24 GiB box, shared with other work while it ran.",
         "",
-        "    python tools/bench_llm_quality.py run --out docs/llm_quality.md",
+        "    python tools/bench_llm_quality.py run --out docs/llm_quality_table.md",
         "",
         "| config | target | params | licences ppl (x dense) | release notes ppl (x dense) | seconds | peak GB |",
         "|---|---|---|---|---|---|---|",
