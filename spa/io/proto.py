@@ -1,8 +1,8 @@
 """Plain operations on a loaded ModelProto: normalisation, tensors as numpy, serialisation.
 
 Everything later in the pipeline works on a *normalised* model: weights held in `Constant` nodes
-(PaddlePaddle exports) become initializers and initializers listed as graph inputs are weights, not
-inputs.  Running models (the probe, constant folding) lives in ``spa.runtime.probing``.
+(PaddlePaddle exports) become initializers, initializers listed as graph inputs are weights, not
+inputs, and every node has a name of its own.  Running models (the probe, constant folding) lives in ``spa.runtime.probing``.
 
 ``skeleton`` serialises a graph whose big initializers are typed inputs (no weight bytes) for
 onnx.checker and for probe sessions fed from numpy.
@@ -44,6 +44,30 @@ def constants_to_initializers(proto: onnx.ModelProto) -> int:
         del proto.graph.node[:]
         proto.graph.node.extend(keep)
     return moved
+
+
+def name_nodes(proto: onnx.ModelProto) -> int:
+    """Give every main-graph node without a name, or with a name an earlier node took, a name of its
+    own (``{op}__{first output}``, made unique): spa finds nodes by name (the channel model's sinks,
+    the masks of the fidelity search and the oracle, surgery), and onnxruntime refuses a graph
+    where two nodes share one, as the masked copy of a graph of unnamed nodes did (issue 19:
+    ``--target fidelity=C`` failing with "two nodes with same node name").  Returns how many were named."""
+    taken = {n.name for n in proto.graph.node if n.name}
+    seen, renamed = set(), 0
+    for node in proto.graph.node:
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = f"{node.op_type}__{next((o for o in node.output if o), 'out')}"
+        name, k = base, 1
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        node.name = name
+        taken.add(name)
+        seen.add(name)
+        renamed += 1
+    return renamed
 
 
 def _constant_value(attr):

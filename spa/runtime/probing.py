@@ -26,7 +26,7 @@ from . import shapes
 from ..io import weights
 from ..io.weights import is_float
 from ..errors import SpaError
-from ..io import (FEED_LIMIT, ONNX_TO_NUMPY, constants_to_initializers, drop_initializer_inputs, graph_inputs,
+from ..io import (FEED_LIMIT, ONNX_TO_NUMPY, constants_to_initializers, drop_initializer_inputs, graph_inputs, name_nodes,
                  graph_refs, initializer_arrays, load_lazily, remove_dead, serialize, skeleton,
                  tensor_array)
 
@@ -605,6 +605,7 @@ def prepare(model, input_shapes=None, arrays=None):
     proto, arrays = load_lazily(model, arrays)
     drop_initializer_inputs(proto)
     constants_to_initializers(proto)
+    name_nodes(proto)
     del proto.graph.value_info[:]
     consts = initializer_arrays(proto, arrays)
     pr = None
