@@ -19,11 +19,13 @@ from ..errors import SpaError
 #: ONNX Runtime 1.2x reads IR versions up to this.
 MAX_IR_VERSION = 10
 
+#: every numeric ONNX element type spa reads and feeds, as numpy dtypes (``spa.runtime.feeds``)
 ONNX_TO_NUMPY = {
     onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
     onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
-    onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8,
-    onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.BOOL: np.bool_,
+    onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT16: np.int16, onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT64: np.uint64, onnx.TensorProto.UINT32: np.uint32,
+    onnx.TensorProto.UINT16: np.uint16, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.BOOL: np.bool_,
     **({onnx.TensorProto.BFLOAT16: weights_mod.BFLOAT16} if weights_mod.BFLOAT16 is not None else {}),
 }
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import probing
+from .feeds import random_value
 from ..io.weights import is_float
 from ..errors import SpaError
 from .shapes import integer_ranges
@@ -85,12 +86,7 @@ def batches(an, spec, *, n_batches: int = 8, batch_size: int | None = None, seed
         for _ in range(n_batches):
             feed = {}
             for name, v in ref.items():
-                if is_float(v.dtype):
-                    feed[name] = rng.standard_normal(v.shape).astype(v.dtype)
-                elif v.dtype == np.bool_:
-                    feed[name] = rng.integers(0, 2, v.shape).astype(np.bool_)
-                else:
-                    feed[name] = rng.integers(*ranges.get(name, (0, 4)), v.shape).astype(v.dtype)
+                feed[name] = random_value(rng, v.shape, v.dtype, ranges.get(name))
             feeds.append(feed)
         return f"random ({n_batches} batches)", feeds
     path = Path(spec)
