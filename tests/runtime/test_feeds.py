@@ -8,37 +8,14 @@ import onnx
 import onnx.utils
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto as T, helper, numpy_helper
+from onnx import TensorProto as T, helper
 
 from spa.cli import cli
+from graphs import small_mlp, typed_input
 from spa.runtime import feeds
 
 NUMERIC = ["INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64", "BOOL",
            "FLOAT16", "BFLOAT16", "FLOAT", "DOUBLE"]
-
-
-def _mlp(front, inputs, outputs=(), opsets=()):
-    """``front`` nodes make ``x`` [1, 4] from ``inputs``; then Gemm(8) -> Relu -> Gemm(3) = ``y``:
-    one prunable group of 8 hidden units."""
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
-             for n, s in (("w1", (8, 4)), ("b1", (8,)), ("w2", (3, 8)), ("b2", (3,)))]
-    nodes = list(front) + [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1, name="g1"),
-                           helper.make_node("Relu", ["h"], ["r"], name="relu"),
-                           helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1, name="g2")]
-    g = helper.make_graph(nodes, "g", list(inputs),
-                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 3]), *outputs], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), *opsets], ir_version=10)
-    onnx.checker.check_model(m)
-    return m
-
-
-def typed_input(elem_type):
-    """x0 float [1, 4] + Cast(aux of ``elem_type``) -> the MLP."""
-    return _mlp([helper.make_node("Cast", ["aux"], ["auxf"], to=T.FLOAT, name="cast"),
-                 helper.make_node("Add", ["x0", "auxf"], ["x"], name="add")],
-                [helper.make_tensor_value_info("x0", T.FLOAT, [1, 4]),
-                 helper.make_tensor_value_info("aux", elem_type, [1, 4])])
 
 
 def run(*args):
@@ -79,7 +56,7 @@ def test_random_values_hold_their_dtype_and_range(kind):
 
 def _string_to_ids():
     """s: string [1, 4] -> LabelEncoder -> ids (int64) -> Cast -> + x0 -> the MLP."""
-    return _mlp([helper.make_node("LabelEncoder", ["s"], ["ids"], domain="ai.onnx.ml", keys_strings=["a", "b"],
+    return small_mlp([helper.make_node("LabelEncoder", ["s"], ["ids"], domain="ai.onnx.ml", keys_strings=["a", "b"],
                                   values_int64s=[1, 2], default_int64=0, name="le"),
                  helper.make_node("Cast", ["ids"], ["idf"], to=T.FLOAT, name="cast"),
                  helper.make_node("Add", ["x0", "idf"], ["x"], name="add")],
@@ -89,7 +66,7 @@ def _string_to_ids():
 
 def _string_aside():
     """x -> the MLP; s: string [2] -> Identity -> a string output of its own."""
-    return _mlp([helper.make_node("Identity", ["x1"], ["x"], name="x_id"), helper.make_node("Identity", ["s"], ["s_out"], name="s_id")],
+    return small_mlp([helper.make_node("Identity", ["x1"], ["x"], name="x_id"), helper.make_node("Identity", ["s"], ["s_out"], name="s_id")],
                 [helper.make_tensor_value_info("x1", T.FLOAT, [1, 4]), helper.make_tensor_value_info("s", T.STRING, [2])],
                 outputs=[helper.make_tensor_value_info("s_out", T.STRING, [2])])
 
@@ -97,7 +74,7 @@ def _string_aside():
 def _optional():
     """o: optional(float [1, 4]) -> OptionalGetElement -> + x0 -> the MLP."""
     opt = helper.make_value_info("o", helper.make_optional_type_proto(helper.make_tensor_type_proto(T.FLOAT, [1, 4])))
-    return _mlp([helper.make_node("OptionalGetElement", ["o"], ["of"], name="get"),
+    return small_mlp([helper.make_node("OptionalGetElement", ["o"], ["of"], name="get"),
                  helper.make_node("Add", ["x0", "of"], ["x"], name="add")],
                 [helper.make_tensor_value_info("x0", T.FLOAT, [1, 4]), opt])
 
