@@ -162,3 +162,27 @@ PATTERNS = {
     "attention": lambda: attention(layernorm=False, mlp=False),
     "transformer_block": attention,
 }
+
+
+def small_mlp(front, inputs, outputs=(), opsets=()):
+    """``front`` nodes make ``x`` [1, 4] from ``inputs``; then Gemm(8) -> Relu -> Gemm(3) = ``y``:
+    one prunable group of 8 hidden units."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (8, 4)), ("b1", (8,)), ("w2", (3, 8)), ("b2", (3,)))]
+    nodes = list(front) + [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1, name="g1"),
+                           helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                           helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1, name="g2")]
+    g = helper.make_graph(nodes, "g", list(inputs),
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3]), *outputs], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), *opsets], ir_version=10)
+    onnx.checker.check_model(m)
+    return m
+
+
+def typed_input(elem_type):
+    """x0 float [1, 4] + Cast(aux of ``elem_type``) -> the MLP."""
+    return small_mlp([helper.make_node("Cast", ["aux"], ["auxf"], to=TensorProto.FLOAT, name="cast"),
+                      helper.make_node("Add", ["x0", "auxf"], ["x"], name="add")],
+                     [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [1, 4]),
+                      helper.make_tensor_value_info("aux", elem_type, [1, 4])])

@@ -4,6 +4,7 @@ against uniform ratios and the global threshold, measured on held-out inputs tha
 
     python tools/bench_fidelity.py --out docs/fidelity_bench.md [--models ppocr_rec ppocr_cls yolov8n ppocr_det]
     python tools/bench_fidelity.py --curves docs/fidelity_curves.png --json docs/fidelity_curves.json
+    python tools/bench_fidelity.py --models ppocr_rec --score rec.onnx   # a model `spa prune` wrote
 
 ``--curves``: held-out fidelity against MACs removed, uniform ratios against fidelity targets (and, for
 the recogniser, fidelity targets with obspa), one panel per model (docs/criteria.md shows them).
@@ -149,7 +150,11 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", nargs="*", default=None, help="run only the configurations with these labels")
     ap.add_argument("--keep", type=pathlib.Path,
                     help="with --curves: an earlier --json whose rows of models not swept now are kept and plotted")
+    ap.add_argument("--score", type=pathlib.Path, metavar="FILE",
+                    help="measure FILE, a model of the first of --models pruned by `spa prune`, on the held-out inputs")
     args = ap.parse_args(argv)
+    if args.score:
+        return score(args)
     if args.curves:
         return curves(args)
     configs = [("ratio 0.05", dict(ratio=0.05)), ("ratio 0.1", dict(ratio=0.1)), ("ratio 0.2", dict(ratio=0.2)), ("ratio 0.3", dict(ratio=0.3)),
@@ -212,26 +217,43 @@ def _reference(an, feeds, texts) -> dict:
 def _measure(name, an, kw, feeds, ref) -> dict:
     """Prune ``name`` with options ``kw`` and measure the result on the held-out ``feeds`` against
     ``ref`` (``_reference``): MACs, fidelity (spa's own and held out), character accuracy."""
-    import onnxruntime as ort
     import spa
-    from spa.planning.fidelity import cosine
     t0 = time.perf_counter()
     res = spa.prune(name, analysis=an, **kw)
-    sess = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = [sess.run(None, f)[0] for f in feeds]
     before, after = res.report["before"]["macs"], res.report["after"]["macs"]
     row = {"model": name, "kw": kw, "seconds": round(time.perf_counter() - t0, 1),
            "macs_factor": round(before / max(after, 1), 3), "macs_removed": round(1 - after / before, 4),
-           "fidelity_synthetic": res.report["fidelity"]["min"],
-           "fidelity_held_out": round(cosine(np.concatenate([a.ravel() for a in ref["outputs"]]),
-                                             np.concatenate([b.ravel() for b in got])), 4)}
+           "fidelity_synthetic": res.report["fidelity"]["min"]}
     if "target_reached" in res.report and "fidelity" in kw.get("target", ""):
         row["target_measured"] = res.report["target_reached"]
+    return {**row, **_held_out_scores(res.model.SerializeToString(), feeds, ref)}
+
+
+def _held_out_scores(model, feeds, ref) -> dict:
+    """A pruned ``model`` (bytes or a path) on the held-out ``feeds`` against ``ref``: the output
+    cosine over all the inputs at once and, for a recogniser, the character accuracy."""
+    import onnxruntime as ort
+    from spa.planning.fidelity import cosine
+    sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    got = [sess.run(None, f)[0] for f in feeds]
+    row = {"fidelity_held_out": round(cosine(np.concatenate([a.ravel() for a in ref["outputs"]]),
+                                             np.concatenate([b.ravel() for b in got])), 4)}
     if ref["dense_acc"] is not None:
         acc = float(np.mean([char_accuracy(ctc_decode(g[0], ref["chars"]), t) for g, t in zip(got, ref["texts"])]))
         row.update(dense_char_acc=round(ref["dense_acc"], 4), char_acc=round(acc, 4),
                    char_acc_rel=round(acc / max(ref["dense_acc"], 1e-9), 4))
     return row
+
+
+def score(args) -> int:
+    """``--score FILE``: a model pruned elsewhere (``spa prune NAME -o FILE ...``) of the first of
+    ``--models``, measured on the same held-out inputs as the table's rows."""
+    name = args.models[0]
+    an = _analysis(name, args)
+    feeds, texts = held_out(name, an, args.held_out if name in ("ppocr_rec", "ppocr_cls") else 4)
+    row = {"model": name, "scored": str(args.score), **_held_out_scores(str(args.score), feeds, _reference(an, feeds, texts))}
+    print(json.dumps(row), flush=True)
+    return 0
 
 
 def curves(args) -> int:

@@ -13,6 +13,6 @@
 from .load import external_data_files, load_lazily, load_model, uses_external_data  # noqa: F401
 from .proto import (FEED_LIMIT, MAX_IR_VERSION, ONNX_TO_NUMPY, check_model, constants_to_initializers,  # noqa: F401
                     copy_field, copy_fields, drop_initializer_inputs, graph_inputs, graph_refs,
-                    initializer_arrays, remove_dead, serialize, skeleton, tensor_array)
+                    initializer_arrays, name_nodes, remove_dead, serialize, skeleton, tensor_array)
 from .save import DATA_ALIGN, EXTERNAL_DATA_ABOVE, model_size, save_model  # noqa: F401
 from .writer import check_target, write_atomic, write_files, write_text  # noqa: F401

@@ -1,8 +1,8 @@
 """Plain operations on a loaded ModelProto: normalisation, tensors as numpy, serialisation.
 
 Everything later in the pipeline works on a *normalised* model: weights held in `Constant` nodes
-(PaddlePaddle exports) become initializers and initializers listed as graph inputs are weights, not
-inputs.  Running models (the probe, constant folding) lives in ``spa.runtime.probing``.
+(PaddlePaddle exports) become initializers, initializers listed as graph inputs are weights, not
+inputs, and every node has a name of its own.  Running models (the probe, constant folding) lives in ``spa.runtime.probing``.
 
 ``skeleton`` serialises a graph whose big initializers are typed inputs (no weight bytes) for
 onnx.checker and for probe sessions fed from numpy.
@@ -19,11 +19,13 @@ from ..errors import SpaError
 #: ONNX Runtime 1.2x reads IR versions up to this.
 MAX_IR_VERSION = 10
 
+#: every numeric ONNX element type spa reads and feeds, as numpy dtypes (``spa.runtime.feeds``)
 ONNX_TO_NUMPY = {
     onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
     onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
-    onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8,
-    onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.BOOL: np.bool_,
+    onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT16: np.int16, onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT64: np.uint64, onnx.TensorProto.UINT32: np.uint32,
+    onnx.TensorProto.UINT16: np.uint16, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.BOOL: np.bool_,
     **({onnx.TensorProto.BFLOAT16: weights_mod.BFLOAT16} if weights_mod.BFLOAT16 is not None else {}),
 }
 
@@ -44,6 +46,30 @@ def constants_to_initializers(proto: onnx.ModelProto) -> int:
         del proto.graph.node[:]
         proto.graph.node.extend(keep)
     return moved
+
+
+def name_nodes(proto: onnx.ModelProto) -> int:
+    """Give every main-graph node without a name, or with a name an earlier node took, a name of its
+    own (``{op}__{first output}``, made unique): spa finds nodes by name (the channel model's sinks,
+    the masks of the fidelity search and the oracle, surgery), and onnxruntime refuses a graph
+    where two nodes share one, as the masked copy of a graph of unnamed nodes did (issue 19:
+    ``--target fidelity=C`` failing with "two nodes with same node name").  Returns how many were named."""
+    taken = {n.name for n in proto.graph.node if n.name}
+    seen, renamed = set(), 0
+    for node in proto.graph.node:
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = f"{node.op_type}__{next((o for o in node.output if o), 'out')}"
+        name, k = base, 1
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        node.name = name
+        taken.add(name)
+        seen.add(name)
+        renamed += 1
+    return renamed
 
 
 def _constant_value(attr):

@@ -18,7 +18,6 @@ recommended export settings.
 """
 from __future__ import annotations
 
-import json
 import mmap
 import zipfile
 from dataclasses import dataclass, field
@@ -30,9 +29,8 @@ from .. import io
 from ..io import safetensors
 from ..errors import SpaError
 from .layers import describe_all, layer_report, module_of
+from .schema import FORMAT, VERSION, check_map, check_names, read_json
 
-FORMAT = "spa-map"
-VERSION = 1
 #: how many names a summary line shows before "... and N more"
 SHOW = 8
 
@@ -220,32 +218,15 @@ def _channel_axis(node):
 
 
 def load_map(path) -> dict:
-    """The map document, checked (one-line errors)."""
-    doc = _read_json(path, "MAP")
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("tensors"), dict):
-        raise SpaError(f"MAP {path}: not a map written by `spa prune --map`")
-    if doc.get("version") != VERSION:
-        raise SpaError(f"MAP {path}: map version {doc.get('version')!r}; this spa reads version {VERSION}")
-    return doc
-
-
-def _read_json(path, what):
-    p = Path(path)
-    if not p.is_file():
-        raise SpaError(f"{what} {p}: no such file")
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SpaError(f"{what} {p}: not a JSON file ({exc})") from None
+    """The map document, checked against the schema before any work (one-line errors:
+    ``spa.mapping.schema``)."""
+    return check_map(read_json(path, "MAP"), path)
 
 
 def _load_names(path) -> dict:
     if path is None:
         return {}
-    names = _read_json(path, "--names")
-    if not isinstance(names, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in names.items()):
-        raise SpaError(f"--names {path}: expected a JSON object {{ONNX initializer name: checkpoint name}}")
-    return names
+    return check_names(read_json(path, "--names"), path)
 
 
 @dataclass
@@ -293,7 +274,9 @@ def plan(doc: dict, shapes: dict, names: dict | None = None) -> Plan:
             raise SpaError(f"checkpoint tensor '{ck}' has the shape {list(shapes[ck])}, the map's '{source}' "
                            f"{entry['shape']}: is this the checkpoint the ONNX model was exported from? "
                            "(--names maps names that differ)")
-        cuts = [(axes[int(d)], np.asarray(k, np.int64)) for d, k in (entry.get("kept") or {}).items()]
+        # a kept axis of size 1 that the checkpoint does not have (``-1``) keeps its one position
+        cuts = [(axes[int(d)], np.asarray(k, np.int64)) for d, k in (entry.get("kept") or {}).items()
+                if axes[int(d)] >= 0]
         new = list(shapes[ck])
         for a, k in cuts:
             new[a] = len(k)
@@ -338,7 +321,7 @@ def _axis_map(onnx_shape, ck_shape, transposed=False):
     axes = [-1] * len(a)
     for da, db in zip(big_a, big_b):
         axes[da] = db
-    return axes   # a size-1 axis is never sliced: -1 is never used
+    return axes   # -1: a size-1 axis the checkpoint does not have (nothing to slice there)
 
 
 def apply_map(map_file, checkpoint, output, *, names=None, inputs=(), progress=None) -> dict:

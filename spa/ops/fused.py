@@ -85,8 +85,8 @@ hidden axis and the weight's QKV axis, (MultiHeadAttention) the query's hidden a
 output's hidden axis: first order, as the recurrent ops'; the counts in a prune report come from the
 pruned model's shapes and are exact.
 
-Virtual axes and rewrites are keyed by the node's name: an unnamed attention or rotary node
-blocks.  Whatever a rule cannot read (unknown ranks, sizes that disagree with the attributes,
+Virtual axes and rewrites are keyed by the node's name: a node without one (which loading names,
+``spa.io.proto.name_nodes``) blocks.  Whatever a rule cannot read (unknown ranks, sizes that disagree with the attributes,
 optional inputs it does not model) fixes every axis of the node: blocking is always safe.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ import numpy as np
 from ..graph.masks import insert_masks
 from ..io import initializer_arrays
 from ..runtime import probing
-from .fidelity import eval_feeds, fidelity_on, reference_runs
+from .fidelity import eval_feeds, fidelity_on, meets, reference_runs
 from .plan import CostModel, all_units, n_remove, plan as local_plan, resolve_overrides, selectable
 
 
@@ -174,7 +174,7 @@ def search(an, scores, target: float, opts, attempt, progress=None):
         tried.append({"steps": mid, "fidelity": round(fid, 6), "macs_saved": int(saved)})
         say(f"fidelity: {mid}/{len(t.path)} steps of the greedy path -> fidelity {fid:.4f}, "
             f"{saved / max(an.macs, 1):.1%} of the MACs removed")
-        if fid >= target:
+        if meets(fid, target):
             lo, best = mid, (removal, fid)
         else:
             hi = mid - 1
@@ -189,7 +189,7 @@ def search(an, scores, target: float, opts, attempt, progress=None):
             tried.append({"steps": lo, "partial": int(k), "fidelity": round(fid, 6),
                           "macs_saved": int(t.base_cost - t.estimate(removal))})
             say(f"fidelity: {lo} steps and {k} units of the next -> fidelity {fid:.4f}")
-            if fid >= target:
+            if meets(fid, target):
                 a, best = k, (removal, fid)
             else:
                 b = k

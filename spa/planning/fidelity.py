@@ -26,9 +26,21 @@ def cosine(a, b) -> float:
     return _cosines([{"x": np.asarray(a)}], [{"x": b}])["x"]
 
 
-def compare(reference: dict, got: dict) -> dict:
-    """``{"cosine": {output: c}, "min": smallest}`` of ``got`` against ``reference`` (output -> value)."""
-    return compare_runs([reference], [got])
+#: ``--target fidelity=1`` (or any C above it): the outputs must stay the original's to the exactness
+#: oracle's tolerance, 1 - cosine <= 1e-10 (a relative L2 error of 1.4e-5; float32 rounding of a
+#: removal that changes nothing, a dead channel, is ~1e-14): only such channels go
+EXACT = 1.0 - 1e-10
+
+
+def meets(fid: float, target: float) -> bool:
+    """Whether a measured (unrounded) fidelity reaches ``target`` (``EXACT`` for a target of 1)."""
+    return fid >= min(target, EXACT)
+
+
+def compare(reference: dict, got: dict, digits: int | None = 6) -> dict:
+    """``{"cosine": {output: c}, "min": smallest}`` of ``got`` against ``reference`` (output -> value),
+    rounded to ``digits`` (the report's; None: unrounded, what a search compares with its target)."""
+    return compare_runs([reference], [got], digits)
 
 
 #: elements cast to float64 at a time while comparing (bounds the temporaries: a decoder's logits
@@ -39,12 +51,15 @@ _CHUNK = 1 << 22
 REFERENCE_BYTES = 256 << 20
 
 
-def compare_runs(reference: list, outputs) -> dict:
-    """``{"cosine": {output: c}, "min": smallest}``: fidelity of ``outputs`` (runs: output name -> value, an iterable, consumed one run at a time)
-    to ``reference`` (the original's runs on the same feeds): per output, the cosine over every run
-    at once (the set as one tensor: steadier than the worst batch; an integer output counts the
-    fraction of equal elements), accumulated run by run in float64 chunks, never concatenated."""
-    per = {k: round(c, 6) for k, c in _cosines(reference, outputs).items()}
+def compare_runs(reference: list, outputs, digits: int | None = 6) -> dict:
+    """``{"cosine": {output: c}, "min": smallest}``: fidelity of ``outputs`` (runs: output name -> value,
+    an iterable, consumed one run at a time) to ``reference`` (the original's runs on the same feeds):
+    per output, the cosine over every run at once (the set as one tensor: steadier than the worst
+    batch; an integer output counts the fraction of equal elements), accumulated run by run in
+    float64 chunks, never concatenated; rounded to ``digits`` (None: unrounded)."""
+    per = _cosines(reference, outputs)
+    if digits is not None:
+        per = {k: round(c, digits) for k, c in per.items()}
     return {"cosine": per, "min": min(per.values()) if per else 1.0}
 
 
@@ -173,5 +188,6 @@ def eval_feeds(an, opts, n: int = 2) -> tuple[list, str]:
 
 
 def fidelity_on(reference: list, outputs) -> float:
-    """Fidelity over a set of batches (:func:`compare_runs`): the smallest over the outputs."""
-    return compare_runs(reference, outputs)["min"]
+    """Fidelity over a set of batches (:func:`compare_runs`): the smallest over the outputs, unrounded
+    (``meets`` compares it with a target)."""
+    return compare_runs(reference, outputs, digits=None)["min"]

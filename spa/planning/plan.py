@@ -104,11 +104,13 @@ def parse_target(target):
         raise SpaError(f"--target: unknown quantity {kind!r}; use macs=F, params=F or fidelity=C")
     try:
         factor = float(factor)
-    except ValueError:
-        raise SpaError(f"--target: the reduction factor must be a number, got {factor!r}") from None
+    except (TypeError, ValueError):
+        what = "the cosine C" if kind == "fidelity" else "the reduction factor"
+        raise SpaError(f"--target {kind}=: {what} must be a number, got {factor!r}") from None
     if kind == "fidelity":
-        if not 0.0 < factor <= 1.0:
-            raise SpaError(f"--target fidelity=C: C is the outputs' cosine to the original's, in (0, 1], got {factor}")
+        if not 0.0 < factor <= 1.0:   # nan and inf too
+            raise SpaError(f"--target fidelity=C: C is the outputs' cosine to the original's, in (0, 1] "
+                           f"(0.99 keeps it close; 1 removes only channels that change nothing), got {factor}")
         return kind, factor
     if not 1.0 <= factor < float("inf"):
         raise SpaError(f"--target: the reduction factor must be a finite number >= 1 (2 halves the {kind}), got {factor}")

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from . import probing
-from ..io.weights import is_float
+from .feeds import random_value
+from ..io.weights import BFLOAT16, is_float
 from ..errors import SpaError
 from .shapes import integer_ranges
 
@@ -86,12 +87,7 @@ def batches(an, spec, *, n_batches: int = 8, batch_size: int | None = None, seed
         for _ in range(n_batches):
             feed = {}
             for name, v in ref.items():
-                if is_float(v.dtype):
-                    feed[name] = rng.standard_normal(v.shape).astype(v.dtype)
-                elif v.dtype == np.bool_:
-                    feed[name] = rng.integers(0, 2, v.shape).astype(np.bool_)
-                else:
-                    feed[name] = rng.integers(*ranges.get(name, (0, 4)), v.shape).astype(v.dtype)
+                feed[name] = random_value(rng, v.shape, v.dtype, ranges.get(name))
             feeds.append(feed)
         return f"random ({n_batches} batches)", feeds
     path = Path(spec)
@@ -121,8 +117,7 @@ def batches(an, spec, *, n_batches: int = 8, batch_size: int | None = None, seed
                 raise SpaError(f"--calib: {path}: member '{k}' cannot be read ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
     for k, a in arrays.items():
-        if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
-            raise SpaError(f"--calib: input '{k}' holds {a.dtype} data; calibration data must be numbers")
+        check_values(k, a, ref[k].dtype)
     n = None
     for name, v in ref.items():
         a = arrays[name]
@@ -146,6 +141,48 @@ def batches(an, spec, *, n_batches: int = 8, batch_size: int | None = None, seed
         feeds.append({name: np.ascontiguousarray(arrays[name][start:start + b]).astype(v.dtype, copy=False)
                       for name, v in ref.items()})
     return f"{path.name} ({len(feeds) * b} samples)", feeds
+
+
+def check_values(name, a, dtype) -> None:
+    """A one-line :class:`SpaError` unless array ``a`` can feed input ``name`` of ``dtype`` as it is:
+    real numbers (or bools), finite, and in the input's range (a float64 1e39 would be inf as float32,
+    a 300 would wrap as int8, a 2.5 would be cut to 2 as a token id)."""
+    where = f"--calib: input '{name}'"
+    fix = "calibration data must be finite real numbers the input's type holds: fix or drop those samples"
+    if np.issubdtype(a.dtype, np.complexfloating):
+        raise SpaError(f"{where} holds complex ({a.dtype}) data; the model reads {np.dtype(dtype)}: pass the real part")
+    if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+        raise SpaError(f"{where} holds {a.dtype} data; calibration data must be numbers")
+    if a.size == 0 or a.dtype == np.bool_ or np.issubdtype(a.dtype, np.integer) and np.dtype(dtype) == a.dtype:
+        return
+    flat = a.reshape(len(a), -1) if a.ndim > 1 else a.reshape(-1, 1)
+
+    def first(bad, what):
+        rows = np.flatnonzero(bad.any(axis=1))
+        if rows.size:
+            raise SpaError(f"{where} holds {what} (in {rows.size} of {len(flat)} samples, the first is sample "
+                           f"{int(rows[0])}); {fix}")
+
+    if is_float(a.dtype):
+        first(np.isnan(flat), "NaN")
+        first(np.isinf(flat), "inf")
+    target = np.dtype(dtype)
+    if is_float(target) and a.dtype != target and _largest(a.dtype) > _largest(target):
+        top = _largest(target)
+        first(np.abs(flat) > top, f"values beyond {target}'s range (+-{top:.3g})")
+    elif np.issubdtype(target, np.integer):
+        info = np.iinfo(target)
+        if is_float(a.dtype):
+            first(flat != np.round(flat), f"fractions, and the input is {target}")
+        first((flat < info.min) | (flat > info.max), f"values outside {target}'s range [{info.min}, {info.max}]")
+
+
+def _largest(dtype) -> float:
+    """The largest finite value of a real dtype."""
+    dtype = np.dtype(dtype)
+    if dtype == BFLOAT16:
+        return 3.389e38
+    return float(np.finfo(dtype).max if is_float(dtype) else np.iinfo(dtype).max)
 
 
 def _fits(got, probed, moving) -> bool:

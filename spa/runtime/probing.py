@@ -22,11 +22,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import shapes
+from . import feeds, shapes
 from ..io import weights
-from ..io.weights import is_float
 from ..errors import SpaError
-from ..io import (FEED_LIMIT, ONNX_TO_NUMPY, constants_to_initializers, drop_initializer_inputs, graph_inputs,
+from ..io import (FEED_LIMIT, ONNX_TO_NUMPY, constants_to_initializers, drop_initializer_inputs, graph_inputs, name_nodes,
                  graph_refs, initializer_arrays, load_lazily, remove_dead, serialize, skeleton,
                  tensor_array)
 
@@ -67,7 +66,9 @@ class Probe:
 def input_feed(proto, input_shapes=None, seed=0, *, plan=None, values=None):
     """Random inputs from the declared inputs: dynamic dims from ``input_shapes`` or the size plan's
     defaults (``values``: symbol sizes to use instead); integer inputs span what the model can read
-    (see ``shapes.integer_ranges``), floats are standard normal."""
+    (see ``shapes.integer_ranges``), floats are standard normal, each in its own dtype
+    (``spa.runtime.feeds``)."""
+    feeds.check_feedable(proto)
     plan = plan or shapes.size_plan(graph_inputs(proto), input_shapes)
     sizes = plan.shapes(plan.base if values is None else values)
     ranges = shapes.integer_ranges(proto)
@@ -75,17 +76,11 @@ def input_feed(proto, input_shapes=None, seed=0, *, plan=None, values=None):
     feed = {}
     for inp in graph_inputs(proto):
         dims = sizes[inp.name]
-        dtype = ONNX_TO_NUMPY.get(inp.type.tensor_type.elem_type, np.float32)
+        dtype = feeds.numpy_dtype(inp.type.tensor_type.elem_type)
         if np.prod(dims, dtype=np.float64) * np.dtype(dtype).itemsize > INPUT_LIMIT:
             raise SpaError(f"input '{inp.name}' of shape {dims} would take more than {INPUT_LIMIT >> 30} GiB; "
                            "give smaller sizes with --input-shapes")
-        if is_float(dtype):
-            feed[inp.name] = rng.standard_normal(dims).astype(dtype)
-        elif dtype == np.bool_:
-            feed[inp.name] = rng.integers(0, 2, dims).astype(np.bool_)
-        else:
-            lo, hi = ranges.get(inp.name, (0, 4))
-            feed[inp.name] = rng.integers(lo, hi, dims).astype(dtype)
+        feed[inp.name] = feeds.random_value(rng, dims, dtype, ranges.get(inp.name))
     return feed
 
 
@@ -375,6 +370,7 @@ def _probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
     the initializers as arrays (computed when not given); ``dynamic=False`` skips the runs at
     other sizes (validation runs its own); they are also skipped when nothing would read them."""
     consts = initializer_arrays(proto) if consts is None else consts
+    feeds.check_feedable(proto)
     plan = shapes.size_plan(graph_inputs(proto), input_shapes)
     exposed = _exposed(proto)
     cands = fold_candidates(proto)
@@ -605,6 +601,7 @@ def prepare(model, input_shapes=None, arrays=None):
     proto, arrays = load_lazily(model, arrays)
     drop_initializer_inputs(proto)
     constants_to_initializers(proto)
+    name_nodes(proto)
     del proto.graph.value_info[:]
     consts = initializer_arrays(proto, arrays)
     pr = None

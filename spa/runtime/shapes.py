@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from ..errors import SpaError
+from .feeds import CUT_OUT, unfeedable
 
 #: default sizes: the batch (a symbol used as dim 0), token dims (used by an integer input), others
 BATCH_SIZE, TOKEN_SIZE, OTHER_SIZE = 1, 16, 224
@@ -210,7 +211,8 @@ def size_plan(inputs, input_shapes=None) -> SizePlan:
     dims, ranks, symbols, uses = {}, {}, [], {}
     for inp in inputs:
         if not inp.type.HasField("tensor_type"):
-            raise SpaError(f"input '{inp.name}' is not a tensor; spa supports tensor inputs only")
+            raise SpaError(f"input '{inp.name}' is {unfeedable(inp)}: {CUT_OUT}; cut out the numeric part "
+                           "with onnx.utils.extract_model and prune that")
         tt = inp.type.tensor_type
         ranks[inp.name] = len(tt.shape.dim)
         for d, dim in enumerate(tt.shape.dim):

@@ -12,8 +12,9 @@ sensitivity table and the fidelity search all run on these inputs.
   0.5)/0.5``, zero padding on the right).  Noise is nothing like a text line: on the PP-OCRv4
   recogniser a 1.3x MACs prune measured on pink noise keeps 9% of the dense character accuracy on
   real lines, measured on these lines 98% (docs/fidelity_bench.md).  The lines use Pillow's
-  built-in font (no system fonts needed) and the printable ASCII part of the dictionary; without
-  Pillow the images fall back to pink noise and the description says so.  A dynamic batch carries
+  built-in font (no system fonts needed) and the printable ASCII part of the dictionary; Pillow is a
+  dependency of spa, and where it cannot render (a build without FreeType) the images fall back to
+  pink noise and the description says so.  A dynamic batch carries
   several lines (:func:`lines_per_batch`: the images are small, more lines make steadier statistics).
   ``--synthetic text`` asks for lines (of Latin characters) for any image model that does not list
   its characters: a text direction classifier, a recogniser exported without its dictionary; an
@@ -155,7 +156,8 @@ def kind(an, wanted: str = "auto") -> str:
     return "1/f noise"
 
 
-NO_PILLOW = "1/f noise (install Pillow to render text lines: pip install 'spa-prune[text]')"
+#: a Pillow that cannot render (a dependency of spa, so only a broken or FreeType-less build)
+NO_PILLOW = "1/f noise (Pillow could not render text lines: reinstall it, pip install --force-reinstall 'pillow>=10.1')"
 
 
 def _pillow() -> bool:

@@ -27,6 +27,7 @@ import onnxruntime as ort
 from spa.verify.check import CheckError, input_specs, load_proto, one_line, cuda_available, \
     make_inputs, parse_input_shapes, session
 from spa.errors import SpaError
+from spa.runtime.feeds import for_ort
 from spa.io import write_atomic, zoo
 
 # --provider name -> ORT providers to request (in order of preference).
@@ -100,8 +101,8 @@ def _runner(sess, used, inputs):
     """A no-argument callable that runs the model once. On a GPU, inputs are copied to the
     device once and outputs stay there (IO binding), so host/device copies are not timed."""
     if used == "cpu":
-        feeds = {i.name: inputs[i.name] for i in sess.get_inputs()}
-        return lambda: sess.run(None, feeds)
+        feed = for_ort({i.name: inputs[i.name] for i in sess.get_inputs()})
+        return lambda: sess.run(None, feed)
     binding = sess.io_binding()
     for i in sess.get_inputs():
         binding.bind_ortvalue_input(i.name, ort.OrtValue.ortvalue_from_numpy(inputs[i.name],

@@ -29,6 +29,7 @@ import onnxruntime as ort
 
 from spa.errors import SpaError
 from spa.io import graph_inputs, zoo
+from spa.runtime.feeds import for_ort, numpy_dtype, random_value
 from spa.runtime.probing import input_feed
 from spa.runtime.shapes import fallback_bases, fitting_plans, integer_ranges, size_plan
 
@@ -136,17 +137,15 @@ def _graph_outputs(model: onnx.ModelProto):
 
 
 def _random_array(rng, shape, elem_type, name, int_range=(0, 4)):
-    try:
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
-    except Exception as e:  # noqa: BLE001
-        raise CheckError(f"input {name!r}: unsupported element type {elem_type}") from e
-    if dtype == np.bool_:
-        return rng.random(shape) < 0.5
-    if np.issubdtype(dtype, np.floating):
-        return rng.standard_normal(shape).astype(dtype)
-    if np.issubdtype(dtype, np.integer):
-        return rng.integers(*int_range, size=shape).astype(dtype)
-    raise CheckError(f"input {name!r}: cannot make random data of type {dtype} (pass --inputs)")
+    """Random values for input ``name`` of ONNX type ``elem_type`` (``spa.runtime.feeds``)."""
+    dtype = numpy_dtype(elem_type)
+    if dtype is None:
+        try:
+            kind = onnx.TensorProto.DataType.Name(elem_type).lower()
+        except ValueError:
+            kind = str(elem_type)
+        raise CheckError(f"input {name!r}: spa cannot make random {kind} data; pass --inputs FILE.npz with its values")
+    return random_value(rng, shape, dtype, int_range)
 
 
 def make_inputs(model_or_path, input_shapes=None, seed=0, batch=None, values=None) -> dict:
@@ -290,7 +289,7 @@ def _run(sess, inputs):
     quiet = ort.RunOptions()
     quiet.log_severity_level = 4  # a failure comes back as the exception below, not as a log line too
     try:
-        values = sess.run(outputs, {n: inputs[n] for n in names}, quiet)
+        values = sess.run(outputs, for_ort({n: inputs[n] for n in names}), quiet)
     except Exception as e:  # noqa: BLE001
         raise CheckError(f"onnxruntime failed to run the model: {one_line(e)}") from e
     return dict(zip(outputs, values))

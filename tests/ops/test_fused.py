@@ -280,11 +280,15 @@ def test_bias_activations_and_simplified_norms():
     assert sorted((g.channels, g.approximate) for g in prunable(an)) == [(12, True), (20, False), (24, False), (24, False)]
 
 
-def test_an_unnamed_attention_node_blocks():
-    """Virtual axes and rewrites are keyed by node name: without one, nothing is guessed."""
+def test_an_unnamed_attention_node_is_named_when_loaded_and_prunes_exactly():
+    """Virtual axes and rewrites are keyed by node name: loading gives a node without one a name of
+    its own (``spa.io.proto.name_nodes``), so an unnamed Attention prunes as a named one does."""
     model = attention_block()
     next(n for n in model.graph.node if n.op_type == "Attention").name = ""
-    assert not prunable(spa.analyze(model))
+    an = spa.analyze(model)
+    assert next(n for n in an.model.graph.node if n.op_type == "Attention").name
+    assert_exact(an, 3)
+    assert {g.channels for g in prunable(an)} == {4, 8, 6}
 
 
 # ----------------------------------------------------------------------------------------------

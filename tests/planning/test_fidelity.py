@@ -144,3 +144,73 @@ def test_token_agreement_is_the_next_token_likelihood():
             sure[b, t, ids[b, t + 1]] = 30.0
     nll, _, top = token_agreement(sure, ids)
     assert nll < 1e-20 and (top == ids[:, 1:]).all()
+
+
+def _dead_channel_model():
+    """x -> Conv(3->8)+Relu -> Conv(8->4) -> GlobalAveragePool -> Flatten: channel 2 of the first conv
+    is dead (its filter, bias and the second conv's column are zero), so removing it changes nothing."""
+    from graphs import G
+    from onnx import numpy_helper
+    g = G(seed=3)
+    h = g.conv("x", 3, 8)
+    y = g.conv(h, 8, 4, act=None)
+    out = g.op("Flatten", [g.op("GlobalAveragePool", [y])])
+    m = g.model([("x", [1, 3, 8, 8])], [out])
+    inits = {t.name: t for t in m.graph.initializer}
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    for name, axis in ((convs[0].input[1], 0), (convs[0].input[2], 0), (convs[1].input[1], 1)):
+        a = numpy_helper.to_array(inits[name]).copy()
+        np.moveaxis(a, axis, 0)[2] = 0
+        inits[name].CopyFrom(numpy_helper.from_array(a, name))
+    return m
+
+
+def _max_rel(a, b):
+    import onnxruntime as ort
+    feed = {"x": np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    ya, yb = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+              for m in (a, b))
+    return float(np.abs(ya - yb).max() / np.abs(ya).max())
+
+
+def test_fidelity_1_removes_only_channels_that_change_nothing():
+    """``--target fidelity=1``: a dead channel goes, nothing else (the measured cosine is compared
+    unrounded, with the exactness oracle's tolerance: ``spa.planning.fidelity.EXACT``)."""
+    m = _dead_channel_model()
+    exact = spa.prune(m, target="fidelity=1")
+    group = next(g for g in exact.report["groups"] if g["removed"])
+    assert [g["removed"] for g in exact.report["groups"] if g["removed"]] == [1] and group["removed_channels"] == [2]
+    assert _max_rel(m, exact.model) < 1e-5
+    # a channel whose removal changes the outputs by a cosine of 1 - 1e-7 (which rounds to 1.0) stays
+    from spa.planning.fidelity import meets
+    assert meets(1.0 - 1e-11, 1.0) and not meets(1.0 - 1e-7, 1.0) and meets(0.99, 0.99)
+    # nothing is exact in the residual chain: nothing goes, and the model is written as it was
+    rc = spa.prune(residual_chain(), target="fidelity=1")
+    assert rc.report["after"] == rc.report["before"] and rc.report["target_reached"] == 1.0
+
+
+def test_fidelity_target_on_a_graph_of_unnamed_nodes(tmp_path):
+    """Nodes without names (or sharing one) get names of their own when the model is loaded: the
+    fidelity search's masked copy used to hold two nodes named ``__cut0_1`` and onnxruntime refused it."""
+    for blank in ("", "same"):
+        m = residual_chain()
+        for n in m.graph.node:
+            n.name = blank
+        path = tmp_path / f"m{blank}.onnx"
+        onnx.save(m, str(path))
+        for target in ("fidelity=1", "fidelity=0.99"):
+            res = CliRunner().invoke(cli, ["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--target", target])
+            assert res.exit_code == 0, res.output
+            names = [n.name for n in onnx.load(str(tmp_path / "p.onnx")).graph.node]
+            assert all(names) and len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize("value", ["0", "-0.5", "1.5", "1.0000001", "nan", "inf", "-inf", "abc", ""])
+def test_fidelity_targets_outside_0_1_are_refused_in_one_line(tmp_path, value):
+    path = tmp_path / "m.onnx"
+    onnx.save(residual_chain(), str(path))
+    res = CliRunner().invoke(cli, ["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--target", f"fidelity={value}"])
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("spa: error: --target fidelity") and "Traceback" not in res.output
+    assert not (tmp_path / "p.onnx").exists()
