@@ -489,7 +489,8 @@ def prune_groups(an, per_group, hs, counts, *, damp=DAMP, progress=_quiet, chose
     todo = [g for g in an.groups if counts.get(g.id, 0) > 0 and per_group.get(g.id)]
     for i, g in enumerate(todo):
         items = per_group[g.id]
-        progress(f"obspa: group {g.id} ({i + 1}/{len(todo)}): removing {counts[g.id]} of {g.channels} channels")
+        if i % max(1, len(todo) // 10) == 0:     # ten lines at most, however many groups
+            progress(f"obs: group {g.id} ({i + 1}/{len(todo)}): removing {counts[g.id]} of {g.channels} channels")
         probs, used = [], []
         for c, owner in items:
             p = _problem(c, owner, len(g.units), weights, gone, hs)
