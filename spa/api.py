@@ -22,6 +22,7 @@ from .planning.plan import (CostModel, all_units, load_overrides, parse_target, 
                             plan_uniform, resolve_overrides)
 from .runtime import calib as calib_mod, probing, synthetic
 from .runtime.synthetic import KINDS
+from .planning.agreement import METRICS
 from .scoring import COMPENSATE, CRITERIA, compensation, score
 from .scoring.obspa import HESSIANS, moment_axes
 from .surgery import slicing
@@ -197,6 +198,7 @@ class PruneOptions:
     compensate: str = "auto"       # the criterion's own (obspa), "none", or "obs" (OBS update of the kept weights)
     damp: float | None = None      # OBS: ridge on each Hessian, a multiple of its mean diagonal (None: obspa's DAMP)
     synthetic: str = "auto"        # without --calib: what synthetic images look like (spa.runtime.synthetic.KINDS)
+    fidelity_metric: str = "auto"  # what fidelity measures per output (spa.planning.agreement.METRICS)
 
     def checked(self):
         """The criterion's Scorer and the parsed target; one-line errors for bad values."""
@@ -247,6 +249,8 @@ class PruneOptions:
             _check_regex(self.prune_io, "--prune-io")
         if self.synthetic not in KINDS:
             raise SpaError(f"--synthetic must be one of {', '.join(KINDS)}, got {self.synthetic!r}")
+        if self.fidelity_metric not in METRICS:
+            raise SpaError(f"--fidelity-metric must be one of {', '.join(METRICS)}, got {self.fidelity_metric!r}")
         if self.hessian not in HESSIANS:
             raise SpaError(f"unknown Hessian source {self.hessian!r}; choose one of {', '.join(HESSIANS)}")
         return scorer, target

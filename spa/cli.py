@@ -14,6 +14,7 @@ from .errors import SpaError
 from .io import check_target, external_data_files, write_text, zoo
 from .mapping import mapfile
 from .mapping.layers import describe_all
+from .planning.agreement import METRICS
 from .planning.fidelity import WARN_BELOW
 from .scoring import COMPENSATE, CRITERIA
 
@@ -40,14 +41,40 @@ def _peak_gb() -> float:
     return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
 
 
+#: how the summary names each fidelity metric (spa.planning.agreement)
+METRIC_WORDS = {"cosine": "the outputs' cosine to the original's", "top1": "top-1 agreement with the original",
+                "ctc": "agreement of the decoded text with the original's", "mask": "IoU of the map with the original's",
+                "neighbours": "nearest-neighbour agreement with the original", "tokens": "next-token agreement with the "
+                "original"}
+
+
+def _fidelity_line(fid) -> str:
+    """The summary's fidelity line: the task metric of the worst output, on which inputs, with the
+    figures beside it (the cosine, a language model's perplexity over the original's)."""
+    values = fid.get("agreement", fid["cosine"])
+    worst = min(values, key=values.get)
+    metric = fid.get("metric", {}).get(worst, "cosine")
+    extra = [] if metric == "cosine" else [f"cosine {fid['cosine'][worst]:.4f}"]
+    more = fid.get("details", {}).get(worst, {})
+    if "perplexity_ratio" in more:
+        extra.insert(0, f"perplexity {more['perplexity_ratio']:.3f}x the original's on those {more['tokens']} tokens")
+    if "kl" in more:
+        extra.append(f"KL {more['kl']:.4f}")
+    name = f" of '{worst}'" if len(values) > 1 else ""
+    return (f"fidelity {fid['min']:.4f} ({METRIC_WORDS[metric]}{name} on {fid['inputs']}"
+            + (f"; {', '.join(extra)}" if extra else "") + ")")
+
+
 def _fidelity_warning(rep) -> None:
     """One line on stderr when the pruned model strays far from the original on the probe's inputs."""
     fid = rep.get("fidelity", {})
     low = fid.get("min")
     if low is None or low >= WARN_BELOW:
         return
-    worst = min(fid["cosine"], key=fid["cosine"].get)
-    click.echo(f"spa: warning: the pruned model's output '{worst}' has cosine {low:.3f} to the original's on "
+    values = fid.get("agreement", fid["cosine"])
+    worst = min(values, key=values.get)
+    what = METRIC_WORDS[fid.get("metric", {}).get(worst, "cosine")]
+    click.echo(f"spa: warning: the pruned model's output '{worst}': {what} is {low:.3f} on "
                f"{'calibration' if 'calibration' in fid.get('inputs', '') else 'synthetic'} inputs (below {WARN_BELOW}); "
                "it may be useless without fine-tuning: try a smaller --ratio, --target fidelity=0.99, or "
                "--criterion obspa --allocate sensitivity with --target macs=F", err=True)
@@ -171,6 +198,11 @@ def _criteria():
               help="without --calib, what spa's synthetic images look like: text = rendered text (lines for a "
                    "line-shaped input such as a direction classifier's, pages for a detector's); auto = lines for "
                    "a recogniser that lists its characters, else 1/f noise")
+@click.option("--fidelity-metric", type=click.Choice(list(METRICS)), default="auto", show_default=True,
+              help="what fidelity (the guard, --target fidelity=C, --allocate sensitivity) measures per output: "
+                   "auto chooses from the output's form (next-token agreement for a language model, top-1 for "
+                   "class scores, decoded-text agreement for a CTC recogniser, IoU for a probability map, "
+                   "nearest-neighbour agreement for embeddings, else the cosine)")
 @click.option("--blas-threads", type=click.IntRange(min=0), default=1, show_default=True,
               help="threads of numpy's BLAS while pruning (obspa's inverses); 0 leaves BLAS's own default")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of --criterion random and --calib random")
@@ -222,7 +254,8 @@ def _criteria():
 @click.option("--bench-iters", type=click.IntRange(min=1), default=20, show_default=True,
               help="timed runs per model for --bench")
 def prune(model, output, ratio, target, criterion, reduction, normalisation, calib, calib_batches, calib_batch_size,
-          hessian, synthetic, blas_threads, seed, global_rank, max_ratio, overrides, steps, round_to, exclude, prune_io,
+          hessian, synthetic, fidelity_metric, blas_threads, seed, global_rank, max_ratio, overrides, steps, round_to,
+          exclude, prune_io,
           allocate, compensate, damp,
           grads, map_path, report, as_json, input_shapes, force,
           do_check, atol, rtol, do_bench, bench_provider, bench_warmup, bench_iters):
@@ -261,7 +294,8 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                            target=target, overrides=overrides, steps=steps, calib=calib, calib_batches=calib_batches,
                            calib_batch_size=calib_batch_size, seed=seed, hessian=hessian, input_shapes=shapes,
                            blas_threads=blas_threads, prune_io=prune_io, grads=grads, map_path=map_path,
-                           allocate=allocate, compensate=compensate, damp=damp, synthetic=synthetic)
+                           allocate=allocate, compensate=compensate, damp=damp, synthetic=synthetic,
+                           fidelity_metric=fidelity_metric)
     options.checked()  # every option before the load and probe
     an = analyze(src, input_shapes=shapes, progress=_progress, prune_io=prune_io)
     result = do_prune(src, options=options, progress=_progress, analysis=an)
@@ -302,11 +336,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                f"{pruned_groups} groups pruned, {rep['seconds']:.1f}s")
     fid = rep.get("fidelity", {})
     if "min" in fid:
-        click.echo(f"fidelity {fid['min']:.4f} (the outputs' cosine to the original's on {fid['inputs']})")
-    if "language_model" in fid:
-        lm = fid["language_model"]
-        click.echo(f"language model: perplexity {lm['perplexity_ratio']:.3f}x the original's on those "
-                   f"{lm['tokens']} tokens, next token as the original's {lm['next_token_agreement']:.1%}")
+        click.echo(_fidelity_line(fid))
     for line in describe_all(rep.get("layers", [])):
         click.echo(line)
     for c in rep.get("interface", []):

@@ -14,7 +14,7 @@ import numpy as np
 from ..graph.masks import insert_masks
 from ..io import initializer_arrays
 from ..runtime import probing
-from .fidelity import eval_feeds, fidelity_on, meets, reference_runs
+from .fidelity import compare_runs, eval_feeds, fidelity_on, meets, metrics_for, reference_runs
 from .plan import CostModel, all_units, n_remove, plan as local_plan, resolve_overrides, selectable
 
 
@@ -49,7 +49,13 @@ def _kept_multiple(k, round_to, n, max_ratio) -> int:
     return n_remove(n, k, round_to, max_ratio)
 
 
-def sensitivity(an, scores, chosen, masked, feeds, reference, *, round_to=1, max_ratio=0.9, progress=None):
+#: the cosine's weight in a sensitivity table's drift beside the task agreement: a tie-breaker (on a
+#: few samples, top-1 or CTC agreement stays at 1 for many removals that do move the outputs)
+COSINE_TIE = 0.01
+
+
+def sensitivity(an, scores, chosen, masked, feeds, reference, *, round_to=1, max_ratio=0.9, progress=None,
+                metrics=None):
     """``({group id: [(units removed, drift)] per level}, {group id: units lowest-scored first})``:
     the drift (1 - fidelity) of removing the lowest-scored ``FRACTIONS`` of each group alone."""
     table, orders = {}, {}
@@ -65,7 +71,8 @@ def sensitivity(an, scores, chosen, masked, feeds, reference, *, round_to=1, max
                 continue
             seen.add(k)
             units = np.sort(order[:k])
-            drift = 1.0 - fidelity_on(reference, (masked.run(fd, units) for fd in feeds))
+            got = compare_runs(reference, (masked.run(fd, units) for fd in feeds), None, metrics, feeds)
+            drift = (1.0 - got["min"]) + COSINE_TIE * (1.0 - min(got["cosine"].values(), default=1.0))
             levels.append((units, max(drift, 0.0)))
         table[g.id] = levels
     return table, orders
@@ -112,12 +119,13 @@ class Table:
         self.feeds, self.inputs = eval_feeds(an, opts)
         original = probing.output_runner(an.model, an.probe.consts)
         self.feeds, self.reference = reference_runs(original, self.feeds)
+        self.metrics = metrics_for(an, opts, self.reference[0])
         few = SENSITIVITY_BATCHES
         say(f"sensitivity: {len(chosen)} groups x {len(FRACTIONS)} fractions on {min(few, len(self.feeds))} "
             "input batches, one onnxruntime session with channel masks")
         self.levels, self.order = sensitivity(an, scores, chosen, MaskedModel(an), self.feeds[:few],
                                               self.reference[:few], round_to=opts.round_to,
-                                              max_ratio=opts.max_ratio, progress=say)
+                                              max_ratio=opts.max_ratio, progress=say, metrics=self.metrics)
         self.round_to, self.max_ratio = opts.round_to, opts.max_ratio
         self.cost, self.kind = CostModel(an), kind
         self.base_cost = an.macs if kind == "macs" else an.params
@@ -149,7 +157,7 @@ class Table:
 
     def measure(self, proto, weights) -> float:
         runner = probing.output_runner(proto, initializer_arrays(proto, weights))
-        return fidelity_on(self.reference, (runner.run(f) for f in self.feeds))
+        return fidelity_on(self.reference, (runner.run(f) for f in self.feeds), self.metrics, self.feeds)
 
 
 #: batches the sensitivity table is measured on (the verification uses all of ``eval_feeds``)

@@ -14,6 +14,7 @@ import numpy as np
 from ..io import initializer_arrays
 from ..io.weights import release_pages
 from ..runtime import calib, probing, synthetic, textgen
+from . import agreement
 
 #: the CLI warns below this fidelity
 WARN_BELOW = 0.9
@@ -51,16 +52,51 @@ _CHUNK = 1 << 22
 REFERENCE_BYTES = 256 << 20
 
 
-def compare_runs(reference: list, outputs, digits: int | None = 6) -> dict:
-    """``{"cosine": {output: c}, "min": smallest}``: fidelity of ``outputs`` (runs: output name -> value,
-    an iterable, consumed one run at a time) to ``reference`` (the original's runs on the same feeds):
-    per output, the cosine over every run at once (the set as one tensor: steadier than the worst
-    batch; an integer output counts the fraction of equal elements), accumulated run by run in
-    float64 chunks, never concatenated; rounded to ``digits`` (None: unrounded)."""
-    per = _cosines(reference, outputs)
-    if digits is not None:
-        per = {k: round(c, digits) for k, c in per.items()}
-    return {"cosine": per, "min": min(per.values()) if per else 1.0}
+def compare_runs(reference: list, outputs, digits: int | None = 6, metrics: dict | None = None,
+                 feeds: list | None = None) -> dict:
+    """Fidelity of ``outputs`` (runs: output name -> value, an iterable, consumed one run at a time)
+    to ``reference`` (the original's runs on the same ``feeds``): ``{"cosine": {output: c}, "min":
+    smallest}``, where per output the cosine is over every run at once (the set as one tensor:
+    steadier than the worst batch; an integer output counts the fraction of equal elements),
+    accumulated run by run in float64 chunks, never concatenated.  With ``metrics`` ({output:
+    metric}, ``agreement.plan``) also ``metric``, ``agreement`` ({output: value in [0, 1]}) and
+    ``details`` (KL, perplexity ratio...), and ``min`` is the smallest agreement (the cosine where an
+    output's metric is ``cosine``).  Rounded to ``digits`` (None: unrounded)."""
+    tallies = {k: agreement.Tally(m, lm=metrics.get("_lm")) for k, m in (metrics or {}).items()
+               if k != "_lm" and m != "cosine"}
+
+    def tallied():
+        for i, (ref, got) in enumerate(zip(reference, outputs)):
+            for k, t in tallies.items():
+                if got.get(k) is not None and np.shape(got[k]) == np.shape(ref[k]):
+                    t.add(ref[k], got[k], feeds[i] if feeds else None)
+                else:
+                    t.broken = True
+            yield got
+    per = _cosines(reference, tallied())
+    rnd = (lambda x: x) if digits is None else (lambda x: round(x, digits))  # noqa: E731
+    out = {"cosine": {k: rnd(c) for k, c in per.items()}}
+    if metrics:
+        measured = {k: t.value() for k, t in tallies.items()}
+        used = {k: m for k, m in metrics.items() if k in per and measured.get(k) is not None}
+        agree = {k: measured[k] if k in used and k in tallies else per[k] for k in per}
+        out["metric"] = {k: used.get(k, "cosine") for k in per}
+        out["agreement"] = {k: rnd(v) for k, v in agree.items()}
+        details = {k: t.extra() for k, t in tallies.items() if k in used and t.extra()}
+        if details:
+            out["details"] = details
+        out["min"] = min(out["agreement"].values()) if agree else 1.0
+    else:
+        out["min"] = min(out["cosine"].values()) if per else 1.0
+    return out
+
+
+def metrics_for(an, opts, first_run: dict) -> dict:
+    """``{output: metric}`` for the guard and the allocation (``agreement.plan``, ``--fidelity-metric``),
+    with the causal-LM reading under ``_lm`` for the ``tokens`` metric."""
+    got = agreement.plan(an, first_run, getattr(opts, "fidelity_metric", "auto"))
+    got["_lm"] = textgen.causal_lm(an)
+    return got
 
 
 def _cosines(reference: list, outputs) -> dict:
@@ -111,33 +147,13 @@ def reference_runs(runner, feeds) -> tuple[list, list]:
     return kept, outputs
 
 
-def token_agreement(logits, ids) -> tuple[float, int, np.ndarray]:
-    """``(sum of next-token negative log-likelihoods, tokens, argmax)`` of a causal LM's ``logits``
-    [batch, sequence, vocab] on the token ``ids`` [batch, sequence] it read (each position predicts
-    the next token), computed in float64 a row at a time."""
-    nll, count, top = 0.0, 0, []
-    for row, x in zip(logits, ids):
-        z = np.asarray(row[:-1], np.float64)
-        m = z.max(1)
-        lse = m + np.log(np.exp(z - m[:, None]).sum(1))
-        nll += float((lse - z[np.arange(len(z)), x[1:]]).sum())
-        count += len(z)
-        top.append(z.argmax(1))
-    return nll, count, np.stack(top) if top else np.zeros((0, 0), np.int64)
-
-
-def _lm_figures(lm, feeds, outputs) -> list:
-    return [token_agreement(o[lm.logits], f[lm.ids]) for f, o in zip(feeds, outputs)]
-
-
 def reference(first, opts) -> tuple:
-    """``(feeds, the original's outputs on them, what the feeds are, its next-token figures)`` for the
-    guard: ``eval_feeds`` (up to ``CALIB_BATCHES`` batches of the --calib data, or two synthetic ones,
-    within ``REFERENCE_BYTES``); the last item, for a causal language model (``textgen.causal_lm``),
-    is ``(lm, token_agreement per batch)``, else None.  Run before surgery, while the original's
-    weights are read anyway, and their pages handed back: the guard then runs only the pruned model
-    (running the original after surgery would hold both models' weights at once: 1.5x a 1B decoder's
-    size)."""
+    """``(feeds, the original's outputs on them, what the feeds are, {output: metric})`` for the guard:
+    ``eval_feeds`` (up to ``CALIB_BATCHES`` batches of the --calib data, or two synthetic ones, within
+    ``REFERENCE_BYTES``) and the task metric of each output (``metrics_for``).  Run before surgery,
+    while the original's weights are read anyway, and their pages handed back: the guard then runs
+    only the pruned model (running the original after surgery would hold both models' weights at
+    once: 1.5x a 1B decoder's size)."""
     feeds, what = eval_feeds(first, opts)
     original = probing.output_runner(first.model, first.probe.consts)
     kept, outputs = reference_runs(original, feeds)
@@ -145,34 +161,19 @@ def reference(first, opts) -> tuple:
     release_pages(first.probe.consts.values())
     if len(kept) < len(feeds):
         what = f"{what}; the first {len(kept)} of them (the outputs kept to compare with are bounded)"
-    lm = textgen.causal_lm(first)
-    return kept, outputs, what, (lm, _lm_figures(lm, kept, outputs)) if lm is not None else None
+    return kept, outputs, what, metrics_for(first, opts, outputs[0])
 
 
 def guard(ref, pruned, weights, opts) -> dict:
-    """The pruned model's fidelity on the ``reference`` feeds: the report's ``fidelity``.  For a causal
-    language model also what a reader of its text would see (``language_model``): the pruned model's
-    perplexity on those tokens over the original's, and how often its next-token choice is the
-    original's; the outputs' cosine says little there (0.99 on a model at 1.3x dense perplexity,
-    0.91 on one at 13x)."""
-    feeds, outputs, what, lm_ref = ref
+    """The pruned model's fidelity on the ``reference`` feeds: the report's ``fidelity``: per output the
+    agreement its task would measure (``spa.planning.agreement``: next-token agreement for a language
+    model, top-1 for class scores, greedy CTC decoding for a recogniser...), the cosine beside it, and
+    which inputs it was measured on.  The cosine alone says little: 0.99 on a decoder at 1.3x dense
+    perplexity, 0.91 on one at 13x."""
+    feeds, outputs, what, metrics = ref
     runner = probing.output_runner(pruned, initializer_arrays(pruned, weights))
-    runs = []       # the next-token figures of each run (a run's logits are not kept)
-
-    def pruned_runs():
-        for f in feeds:
-            got = runner.run(f)
-            if lm_ref is not None:
-                runs.append(token_agreement(got[lm_ref[0].logits], f[lm_ref[0].ids]))
-            yield got
-    out = compare_runs(outputs, pruned_runs())
+    out = compare_runs(outputs, (runner.run(f) for f in feeds), metrics=metrics, feeds=feeds)
     out["inputs"] = what
-    if lm_ref is not None and len(runs) == len(lm_ref[1]):
-        (nll0, n, top0), (nll1, _, top1) = [(sum(r[0] for r in rs), sum(r[1] for r in rs),
-                                             np.concatenate([r[2].ravel() for r in rs]))
-                                            for rs in (lm_ref[1], runs)]
-        out["language_model"] = {"perplexity_ratio": round(float(np.exp((nll1 - nll0) / max(n, 1))), 4),
-                                 "next_token_agreement": round(float(np.mean(top0 == top1)), 4), "tokens": int(n)}
     return out
 
 
@@ -187,7 +188,7 @@ def eval_feeds(an, opts, n: int = 2) -> tuple[list, str]:
     return got, f"{what} at the probe's sizes"
 
 
-def fidelity_on(reference: list, outputs) -> float:
-    """Fidelity over a set of batches (:func:`compare_runs`): the smallest over the outputs, unrounded
-    (``meets`` compares it with a target)."""
-    return compare_runs(reference, outputs, digits=None)["min"]
+def fidelity_on(reference: list, outputs, metrics: dict | None = None, feeds: list | None = None) -> float:
+    """Fidelity over a set of batches (:func:`compare_runs`): the smallest agreement over the outputs
+    (the cosine without ``metrics``), unrounded (``meets`` compares it with a target)."""
+    return compare_runs(reference, outputs, digits=None, metrics=metrics, feeds=feeds)["min"]

@@ -133,7 +133,7 @@ def test_fidelity_options_are_checked():
 
 
 def test_token_agreement_is_the_next_token_likelihood():
-    from spa.planning.fidelity import token_agreement
+    from spa.planning.agreement import token_agreement
     ids = np.array([[1, 2, 3], [0, 0, 1]])
     flat = np.zeros((2, 3, 5), np.float32)
     nll, n, top = token_agreement(flat, ids)

@@ -49,12 +49,14 @@ def test_wanda_calibrated_on_text_the_model_wrote_compensated_by_obs():
         assert runner.run({"input_ids": ids})["logits"].shape == (b, t, 256)
 
 
-def test_the_guard_of_a_language_model_reports_perplexity_and_next_token_agreement():
-    """A prune of a causal LM reports what its reader would see: perplexity over the original's on
-    the guard's tokens (1 for an unchanged model) and next-token agreement."""
+def test_the_guard_of_a_language_model_reports_next_token_agreement_and_perplexity():
+    """A prune of a causal LM is judged by what its reader would see: next-token agreement with the
+    original (the fidelity), perplexity over the original's on the guard's tokens (1 unchanged)."""
     path = export("llama_gqa")
-    same = spa.prune(path, 0.0).report["fidelity"]["language_model"]
-    assert same["perplexity_ratio"] == pytest.approx(1.0, abs=1e-4) and same["next_token_agreement"] == 1.0
-    cut = spa.prune(path, 0.6, criterion="random").report["fidelity"]["language_model"]
-    assert cut["next_token_agreement"] < 1.0 and cut["perplexity_ratio"] != 1.0 and cut["tokens"] > 0
-    assert "language_model" not in spa.prune(residual_chain(), 0.3).report["fidelity"]
+    same = spa.prune(path, 0.0).report["fidelity"]
+    assert same["metric"]["logits"] == "tokens" and same["min"] == 1.0
+    assert same["details"]["logits"]["perplexity_ratio"] == pytest.approx(1.0, abs=1e-4)
+    cut = spa.prune(path, 0.6, criterion="random").report["fidelity"]
+    assert cut["min"] == cut["agreement"]["logits"] < 1.0 and cut["details"]["logits"]["tokens"] > 0
+    assert cut["details"]["logits"]["perplexity_ratio"] != 1.0
+    assert "details" not in spa.prune(residual_chain(), 0.3).report["fidelity"]
