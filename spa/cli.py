@@ -337,6 +337,8 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
     fid = rep.get("fidelity", {})
     if "min" in fid:
         click.echo(_fidelity_line(fid))
+        if fid.get("caution"):
+            click.echo(f"  note: {fid['caution']}")
     for line in describe_all(rep.get("layers", [])):
         click.echo(line)
     for c in rep.get("interface", []):

@@ -96,3 +96,15 @@ def test_real_models_are_measured_by_their_task(name, output, metric):
     assert fid["metric"] == {output: metric}, fid
     assert 0.0 <= fid["min"] <= 1.0
     assert spa.prune("ppocr_cls", 0.1).report["fidelity"]["metric"] == {"save_infer_model/scale_0.tmp_1": "cosine"}
+
+
+def test_the_guard_says_when_its_inputs_are_unlike_the_models_data(tmp_path):
+    """1/f noise for a text direction classifier, integer ranges for a byte classifier: a caution that
+    asks for --calib; rendered lines for a recogniser that lists its characters, or real data: none."""
+    assert "--calib" in spa.prune("ppocr_cls", 0.1).report["fidelity"]["caution"]
+    assert "caution" not in spa.prune("ppocr_rec", 0.1).report["fidelity"]
+    an = spa.analyze("ppocr_cls")
+    x = np.random.default_rng(0).standard_normal((4,) + tuple(an.probe.inputs["x"].shape[1:])).astype(np.float32)
+    np.save(tmp_path / "real.npy", x)
+    assert "caution" not in spa.prune("ppocr_cls", 0.1, analysis=an, calib=str(tmp_path / "real.npy"),
+                                      criterion="wanda").report["fidelity"]
