@@ -10,6 +10,7 @@ A model is a causal LM here when one integer input indexes an embedding table (`
 the token ids) and one float output ends in that many logits, its leading dims those of the ids
 (``[batch, sequence, vocab]``).  Other inputs it may have: an attention mask (ones), position ids
 (0, 1, ...), a KV cache (empty: past 0).  Generation samples autoregressively in onnxruntime,
+with the model's own KV cache where it has one (each step feeds one token and the cache),
 temperature 1 and nucleus 0.95, from start tokens drawn from the model's average next-token
 distribution after random tokens (no tokenizer and no BOS id is needed).  Without a KV cache each
 step reruns the whole prefix: ``n * length**2 / 2`` token positions (32 sequences of 64: 66 k, ~50
@@ -111,20 +112,50 @@ def generate(an, n: int, length: int = LENGTH, seed: int = 0, progress=None) -> 
     return an.probe.generated[key]
 
 
+def cache_pairs(an, lm: CausalLM) -> dict:
+    """``{past input: present output}`` when every past input of ``lm`` has its present output (the
+    names of optimum's and torch's exports: ``past_key_values.*`` / ``past.*`` -> ``present.*``), else {}."""
+    outputs = {o.name for o in an.model.graph.output}
+    pairs = {}
+    for n, what in lm.others:
+        if what != "past":
+            continue
+        match = [n.replace(p, "present", 1) for p in ("past_key_values", "past") if n.startswith(p)]
+        if not match or match[0] not in outputs:
+            return {}
+        pairs[n] = match[0]
+    return pairs
+
+
 def _generate(an, n, length, seed, progress):
     lm = causal_lm(an)
     if lm is None:
         raise SpaError("the model is not a causal language model (token ids in, [batch, sequence, vocab] logits "
                        "out): spa cannot make it write text")
     rng = np.random.default_rng(seed)
-    runner = output_runner(an.model, an.probe.consts, outputs=[lm.logits])
+    pairs = cache_pairs(an, lm)
+    runner = output_runner(an.model, an.probe.consts, outputs=[lm.logits, *pairs.values()])
+    past = {}
 
-    def step(ids):
+    def step(ids, cached=False):
+        """The next-token logits after ``ids``; with a KV cache (``cached``) only the last token is
+        fed, with the cache of the steps before (a step then costs one token, not the prefix)."""
+        feed = _feed(lm, an, ids[:, -1:] if cached else ids)
+        if cached:
+            feed.update(past)
+            for name, what in lm.others:
+                if what == "mask":
+                    feed[name] = np.ones(ids.shape, feed[name].dtype)
+                elif what == "positions":
+                    feed[name] = np.full((len(ids), 1), ids.shape[1] - 1, feed[name].dtype)
         try:
-            return runner.run(_feed(lm, an, ids))[lm.logits][:, -1]
+            got = runner.run(feed)
         except Exception as exc:
             raise SpaError(f"generating text with the model failed at length {ids.shape[1]} "
                            f"({ort_reason(exc)})") from None
+        past.clear()
+        past.update({p: got[q] for p, q in pairs.items()})
+        return got[lm.logits][:, -1]
 
     first = step(rng.integers(0, lm.vocab, (max(n, 16), 1)))          # next-token logits after random tokens
     after = np.exp(first - first.max(1, keepdims=True))
@@ -132,8 +163,9 @@ def _generate(an, n, length, seed, progress):
     ids = rng.choice(lm.vocab, size=(n, 1), p=prior / prior.sum())
     for t in range(1, length):
         if progress and t % 16 == 0:
-            progress(f"writing synthetic text: token {t}/{length} of {n} sequences")
-        ids = np.concatenate([ids, _sample(step(ids), rng)[:, None]], 1)
+            progress(f"writing synthetic text: token {t}/{length} of {n} sequences"
+                     + (" (with the KV cache)" if pairs else ""))
+        ids = np.concatenate([ids, _sample(step(ids, cached=bool(pairs) and t > 1), rng)[:, None]], 1)
     return ids.astype(np.int64)
 
 

@@ -60,3 +60,15 @@ def test_the_guard_of_a_language_model_reports_next_token_agreement_and_perplexi
     assert cut["min"] == cut["agreement"]["logits"] < 1.0 and cut["details"]["logits"]["tokens"] > 0
     assert cut["details"]["logits"]["perplexity_ratio"] != 1.0
     assert "details" not in spa.prune(residual_chain(), 0.3).report["fidelity"]
+
+
+def test_a_kv_cache_export_writes_with_its_cache_and_the_text_is_the_same(monkeypatch):
+    """With past/present tensors each step feeds one token and the cache; the sequences equal those
+    written by rerunning the whole prefix (same seed, the same logits up to rounding)."""
+    an = spa.analyze(export("llama_gqa_kv"))
+    lm = textgen.causal_lm(an)
+    assert textgen.cache_pairs(an, lm) == {f"past_key_values.{i}.{kv}": f"present.{i}.{kv}"
+                                           for i in range(2) for kv in ("key", "value")}
+    cached = textgen.generate(an, 3, 12, seed=5)
+    monkeypatch.setattr(textgen, "cache_pairs", lambda an, lm: {})
+    assert np.array_equal(textgen.generate(spa.analyze(export("llama_gqa_kv")), 3, 12, seed=5), cached)
