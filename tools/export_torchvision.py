@@ -46,6 +46,8 @@ import tempfile
 import time
 import warnings
 
+from spa.io.writer import plain_mode
+
 ARCHS = [
     "resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121",
     "shufflenet_v2_x1_0", "regnet_y_400mf", "convnext_tiny", "vit_b_16", "swin_t",
@@ -69,6 +71,7 @@ def checked_export(out: pathlib.Path):
     try:
         yield tmp
         onnx.checker.check_model(tmp, full_check=True)
+        plain_mode(tmp)   # 0644 under umask 022, not mkstemp's 0600
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -131,9 +131,9 @@ def _generate(an, n, length, seed, progress):
     after = np.exp(first - first.max(1, keepdims=True))
     prior = (after / after.sum(1, keepdims=True)).mean(0)
     ids = rng.choice(lm.vocab, size=(n, 1), p=prior / prior.sum())
-    step = stepper(progress, length - 1, f"writing synthetic text ({n} sequences): token")
+    tick = stepper(progress, length - 1, f"writing synthetic text ({n} sequences): token")
     for t in range(1, length):
-        step(t - 1)
+        tick(t - 1)
         ids = np.concatenate([ids, _sample(step(ids), rng)[:, None]], 1)
     return ids.astype(np.int64)
 
