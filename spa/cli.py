@@ -81,6 +81,7 @@ def _shapes(values):
 
 class _Group(click.Group):
     def invoke(self, ctx):
+        _QUIET["on"] = False   # each command starts with its progress lines on (prune --quiet turns them off)
         try:
             return super().invoke(ctx)
         except SpaError as exc:

@@ -464,15 +464,16 @@ class GroupResult:
     first_costs: np.ndarray
 
 
-def group_scores(an, per_group, hs, damp=DAMP):
+def group_scores(an, per_group, hs, damp=DAMP, progress=_quiet):
     """Single-removal OBS costs of every unit of each modelled group (higher = keep), original
     weights; ``{group id: scores}``."""
     out = {}
     weights, gone = an.channels.consts, {}
-    for g in an.groups:
-        items = per_group.get(g.id)
-        if not g.prunable or not items:
-            continue
+    todo = [g for g in an.groups if g.prunable and per_group.get(g.id)]
+    tick = stepper(progress, len(todo), "obspa: single-removal costs, group")
+    for i, g in enumerate(todo):
+        items = per_group[g.id]
+        tick(i, f"{g.channels} channels")
         probs = [p for p in (_problem(c, owner, len(g.units), weights, gone, hs) for c, owner in items) if p]
         if probs:
             out[g.id] = obs_scores([p[:4] for p in probs], damp=damp, dtype=DTYPE)
@@ -538,9 +539,8 @@ class Compensation:
                 scores.notes[g.id] = ("obspa: no consumer weight modelled; l2, not compensated" if choose
                                       else "obs: no consumer weight modelled; not compensated")
         if ranked and choose:
-            progress("obspa: single-removal costs of every channel")
             groups = {g.id: g for g in an.groups}
-            for gid, s in group_scores(an, self.per_group, self.hs, damp=self.damp).items():
+            for gid, s in group_scores(an, self.per_group, self.hs, damp=self.damp, progress=progress).items():
                 scores.raw[groups[gid].units] = s
             scores.normalised = normalise(scores.raw, an.groups, scores.normalisation)
 
