@@ -93,15 +93,13 @@ def first_run(proto, run, input_shapes=None, *, plan=None, seed=0, batch=None, g
     the plans in which one token symbol is the sum of two others (``shapes.related_plans``: a KV
     cache's mask of past + sequence), each at its base and then at smaller sizes
     (``shapes.fallback_bases``).  Every command sizes a model so (the probe, ``spa check``, ``spa
-    bench``): what one runs, the others run.  ``batch`` fixes every symbol used as a first dim;
+    bench``): what one runs, the others run.  ``batch`` fixes every symbol used as a first dim
+    (``SizePlan.fix_batch``);
     ``run`` raises where the model refuses a feed, and the first error (at the defaults) is raised
     when it refuses them all; ``given`` inputs are fed as they are (``input_feed``)."""
     plan = plan or shapes.size_plan(graph_inputs(proto), input_shapes)
     if batch is not None:
-        for (_, d), v in plan.dims.items():
-            if d == 0 and not isinstance(v, int) and v[0] == "sym":
-                plan.base[v[1]] = int(batch)
-                plan.given.add(v[1])
+        plan.fix_batch(batch)
     first_error = None
     for p in [plan] + shapes.related_plans(plan):
         for base in [p.base] + shapes.fallback_bases(p):

@@ -143,7 +143,7 @@ def make_inputs(model_or_path, input_shapes=None, seed=0, batch=None, values=Non
     model = load_proto(model_or_path)
     plan = input_plan(model, input_shapes)
     if batch is not None:
-        first_run(model, lambda feed: None, plan=plan, batch=batch)  # sets the batch symbols
+        plan.fix_batch(batch)
     return _feed(model, plan, seed, values=values)
 
 
