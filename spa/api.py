@@ -11,30 +11,24 @@ import onnx
 
 from . import io
 from .errors import SpaError
+from .progress import quiet
 from .graph.channels import ChannelModel, build
 from .io import weights as weight_store, zoo
 from .io.weights import is_float
 from .mapping import mapfile
 from .mapping.layers import layer_report
-from .planning import allocation, fidelity
+from .planning import ALLOCATIONS, METRICS, allocation, fidelity
 from .planning.counting import count_macs, count_params, mac_axes, node_macs
 from .planning.plan import (CostModel, all_units, load_overrides, parse_target, plan as make_plan, plan_target,
                             plan_uniform, resolve_overrides)
 from .runtime import calib as calib_mod, probing, synthetic
 from .runtime.synthetic import KINDS
-from .planning.agreement import METRICS
 from .scoring import COMPENSATE, CRITERIA, compensation, score
 from .scoring.obspa import HESSIANS, moment_axes
 from .surgery import slicing
 from .surgery.validate import interface_changes, validate
 
 
-def _quiet(msg):
-    pass
-
-
-#: --allocate: how a target is spread over the groups
-ALLOCATIONS = ("global", "uniform", "sensitivity")
 
 
 @dataclass
@@ -79,7 +73,7 @@ class Analysis:
         }
 
 
-def analyze(model, *, input_shapes=None, progress=_quiet, weights=None, prune_io: str | None = None) -> Analysis:
+def analyze(model, *, input_shapes=None, progress=quiet, weights=None, prune_io: str | None = None) -> Analysis:
     """Load, normalise and probe ``model`` (a path, a zoo model's name such as ``"yolov8n"``, or a
     ModelProto) and find its channel groups.  A model read from a file keeps its big weights out of
     ``Analysis.model`` (``spa.io.weights`` stubs; the arrays are ``Analysis.weights``, read-only views
@@ -268,13 +262,16 @@ class Step:
     plan: dict = field(default_factory=dict)      # what a target plan reports
 
 
-def prune(model, ratio: float = 0.3, *, options: PruneOptions | None = None, output=None, progress=_quiet,
+def prune(model, ratio: float = 0.3, *, options: PruneOptions | None = None, output=None, progress=quiet,
           analysis: Analysis | None = None, **kwargs) -> PruneResult:
     """Remove channels from ``model`` and return the smaller model with a report: analyse, then per
     step score, plan, compensate, cut and validate, then report (and write to ``output``).
 
     Options come as a :class:`PruneOptions` or as its fields by keyword (``spa.prune(m, 0.3,
-    criterion="obspa")``); ``analysis`` reuses an earlier ``spa.analyze`` of the same model."""
+    criterion="obspa")``); ``analysis`` reuses an earlier ``spa.analyze`` of the same model.
+    ``progress``: a callable of one line of text, called as each stage starts and, on long stages,
+    with the step and the time left (``spa.prune(m, progress=print)``; ``spa.progress``); silent by
+    default."""
     opts = options or PruneOptions(ratio=ratio, **kwargs)
     scorer, target = opts.checked()
     with blas_threads(opts.blas_threads):
@@ -371,7 +368,7 @@ def _score(step: Step, scorer, opts: PruneOptions, k: int, tag: str, ranked: boo
         step.compensation = stage(an, step.scores, opts, ranked, progress, stats=step.stats)
 
 
-def _compensated(step: Step, removal: dict, progress=_quiet):
+def _compensated(step: Step, removal: dict, progress=quiet):
     """``(model, channel model)`` that surgery cuts ``removal`` from: the criterion's compensation
     (obspa rewrites the kept weights, and may choose other units: ``removal`` is updated), or the
     analysis as it is."""
@@ -387,7 +384,7 @@ def _cut(step: Step, removal: dict):
     return slicing.cut(source, channels, step.analysis.probe, all_units(removal))
 
 
-def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progress=_quiet) -> None:
+def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progress=quiet) -> None:
     """Which units go: a ratio per group (or global), or the threshold that reaches a target; with
     several steps each reaches its share."""
     an, n = step.analysis, opts.steps

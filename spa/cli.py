@@ -1,4 +1,8 @@
-"""The ``spa`` command line: thin click wrappers over the library (no logic lives only here)."""
+"""The ``spa`` command line: thin click wrappers over the library (no logic lives only here).
+
+Only click, the standard library and spa's import-free modules are loaded at start (``spa --help`` and
+a usage error answer in a fraction of a second); the library (onnx, onnxruntime, numpy) is imported
+by the command that runs."""
 from __future__ import annotations
 
 import json
@@ -7,38 +11,25 @@ import time
 from pathlib import Path
 
 import click
-import numpy as np
 
-from .api import ALLOCATIONS, PruneOptions, analyze, prune as do_prune
 from .errors import SpaError
-from .io import check_target, external_data_files, write_text, zoo
-from .mapping import mapfile
-from .mapping.layers import describe_all
-from .planning.agreement import METRICS
-from .planning.fidelity import WARN_BELOW
+from .planning import ALLOCATIONS, METRICS
+from .progress import printer
 from .scoring import COMPENSATE, CRITERIA
-
-# spa.verify's check and bench are imported where they are used: _register_optional adds their
-# commands only if they import
-
+from .verify.commands import bench_command, check_command
+from .verify.flags import parse_input_shapes
 
 _STARTED = time.perf_counter()
+_say = printer(_STARTED)
+#: ``spa prune --quiet`` turns the progress lines off
+_QUIET = {"on": False}
 
 
 def _progress(msg):
     """A progress line on stderr, with the seconds since the command started and the process's peak
-    memory so far (what a big model costs, stage by stage)."""
-    click.echo(f"spa: [{time.perf_counter() - _STARTED:6.1f}s {_peak_gb():5.2f} GB] {msg}", err=True)
-
-
-def _peak_gb() -> float:
-    """Peak resident memory of this process so far, in GB (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    try:
-        import resource
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    except (ImportError, OSError):
-        return 0.0
-    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
+    memory so far (what a big model costs, stage by stage); none with --quiet."""
+    if not _QUIET["on"]:
+        _say(msg)
 
 
 #: how the summary names each fidelity metric (spa.planning.agreement)
@@ -67,6 +58,7 @@ def _fidelity_line(fid) -> str:
 
 def _fidelity_warning(rep) -> None:
     """One line on stderr when the pruned model strays far from the original on the probe's inputs."""
+    from .planning.fidelity import WARN_BELOW
     fid = rep.get("fidelity", {})
     low = fid.get("min")
     if low is None or low >= WARN_BELOW:
@@ -89,12 +81,14 @@ def _human(n: float) -> str:
 
 def _resolve_model(model: str, input_shapes=()):
     """(path, input shapes): a path, or the name of a zoo model (``spa.zoo.resolve``)."""
+    from .io import zoo
     return zoo.resolve(model, _shapes(input_shapes), progress=_progress)
 
 
 def _run_inputs(model, targets, *files) -> list:
     """The files a run reads that a write must never replace: the model, its external data (looked
     up only when a target is an existing file in the model's folder), and option files."""
+    from .io import external_data_files
     out = [str(Path(model).resolve())] + [str(Path(f).resolve()) for f in files if f and Path(str(f)).is_file()]
     folder = Path(model).resolve().parent
     if any(t and Path(t).exists() and Path(t).resolve().parent == folder for t in targets):
@@ -105,7 +99,6 @@ def _run_inputs(model, targets, *files) -> list:
 def _shapes(values):
     if not values:
         return None
-    from .verify.check import parse_input_shapes
     try:
         return parse_input_shapes(values)
     except ValueError as exc:
@@ -114,6 +107,7 @@ def _shapes(values):
 
 class _Group(click.Group):
     def invoke(self, ctx):
+        _QUIET["on"] = False   # each command starts with its progress lines on (prune --quiet turns them off)
         try:
             return super().invoke(ctx)
         except SpaError as exc:
@@ -139,6 +133,10 @@ SHAPES_HELP = "shape of a dynamic input, e.g. 'x:[1,3,224,224]' (repeatable)"
               help="also write the operator graph with each tensor's channel groups (.graphml or .dot)")
 def inspect(model, as_json, show_all, input_shapes, graph_file):
     """List the coupled channel groups of MODEL and whether each can be pruned."""
+    import numpy as np
+
+    from .api import analyze
+    from .io import check_target
     path, shapes = _resolve_model(model, input_shapes)
     if graph_file:
         if not str(graph_file).lower().endswith((".graphml", ".dot", ".gv")):
@@ -179,9 +177,10 @@ def _criteria():
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="where to write the pruned model")
 @click.option("--ratio", type=float, default=0.3, show_default=True, help="fraction of each group's channels to remove")
 @click.option("--target", default=None, metavar="KIND=F",
-              help="reach a reduction factor instead of a ratio: macs=2 halves MACs, params=1.5 (global threshold)")
+              help="reach a reduction factor instead of a ratio: macs=2 halves MACs, params=1.5 (global threshold); "
+                   "fidelity=C (0 < C <= 1) removes the most MACs that keep the outputs' cosine to the original's >= C")
 @click.option("--criterion", type=click.Choice(_criteria()), default="l2", show_default=True,
-              help="act_mean, wanda and flap need --calib")
+              help="act_mean, wanda and flap need --calib; taylor, snip and fisher need --grads")
 @click.option("--reduction", type=click.Choice(["sum", "mean", "max"]), default="sum", show_default=True,
               help="how a channel's parameter slices (or consumers) are combined")
 @click.option("--normalisation", type=click.Choice(["mean", "max", "none"]), default=None,
@@ -253,17 +252,27 @@ def _criteria():
               help="untimed runs per model for --bench")
 @click.option("--bench-iters", type=click.IntRange(min=1), default=20, show_default=True,
               help="timed runs per model for --bench")
+@click.option("-q", "--quiet", is_flag=True, help="print nothing but errors and warnings (no progress, no summary)")
+@click.option("-v", "--verbose", is_flag=True, help="also print the table of every prunable group (kept, removed, scores)")
 def prune(model, output, ratio, target, criterion, reduction, normalisation, calib, calib_batches, calib_batch_size,
           hessian, synthetic, fidelity_metric, blas_threads, seed, global_rank, max_ratio, overrides, steps, round_to,
           exclude, prune_io,
           allocate, compensate, damp,
           grads, map_path, report, as_json, input_shapes, force,
-          do_check, atol, rtol, do_bench, bench_provider, bench_warmup, bench_iters):
+          do_check, atol, rtol, do_bench, bench_provider, bench_warmup, bench_iters, quiet, verbose):
     """Remove channels from MODEL and write the smaller model to OUTPUT.
 
     Exit code 0 on success (--check only reports unless --atol/--rtol is given), 1 when --atol/--rtol
     is given and an output is out of tolerance (the model is written all the same), 2 on errors.
     """
+    import numpy as np
+
+    from .api import PruneOptions, analyze, prune as do_prune
+    from .io import check_target, write_text
+    from .mapping.layers import describe_all
+    if quiet and verbose:
+        raise SpaError("--quiet and --verbose: choose one")
+    _QUIET["on"] = quiet
     src, shapes = _resolve_model(model, input_shapes)
     do_check = do_check or atol is not None or rtol is not None
     if Path(src).resolve() == Path(output).resolve():
@@ -276,6 +285,9 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
     # the work, and again at each write)
     protect = _run_inputs(src, [output, report, map_path], calib, overrides, grads)
     check_target(output, [p for p in protect if not (force and p == src)])
+    for target_file in (output, report, map_path):
+        if target_file and not Path(target_file).parent.exists():
+            _progress(f"{target_file}: the folder {Path(target_file).parent} does not exist; spa will create it")
     if report:
         if Path(report).resolve() == Path(output).resolve():
             raise SpaError(f"--report {report}: is the output model's path; choose another file for the report")
@@ -313,21 +325,25 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
     if report:
         write_text(report, json.dumps(rep, indent=1), inputs=protect + [output], what="--report")
     failed = do_check and rep["check"]["passed"] is False
-    if as_json:
-        click.echo(json.dumps(rep, indent=1))
+    if as_json or quiet:
+        if as_json:
+            click.echo(json.dumps(rep, indent=1))
+        else:
+            _fidelity_warning(rep)
         if failed:
             sys.exit(1)
         return
     b, a = rep["before"], rep["after"]
     pruned_groups = sum(1 for g in rep["groups"] if g.get("removed"))
-    click.echo(f"{'id':>4} {'kept':>6} {'removed':>7}  {'score range':<17} ops")
-    for g in rep["groups"]:
-        if not g["prunable"]:
-            continue
-        sc = g.get("scores") or [0.0]
-        note = "  (" + g["fallback"] + ")" if g.get("fallback") else ""
-        click.echo(f"{g['id']:>4} {g['kept']:>6} {g['removed']:>7}  {min(sc):>7.3f}..{max(sc):<8.3f} "
-                   f"{','.join(g['ops'])[:60]}{note}")
+    if verbose:
+        click.echo(f"{'id':>4} {'kept':>6} {'removed':>7}  {'score range':<17} ops")
+        for g in rep["groups"]:
+            if not g["prunable"]:
+                continue
+            sc = g.get("scores") or [0.0]
+            note = "  (" + g["fallback"] + ")" if g.get("fallback") else ""
+            click.echo(f"{g['id']:>4} {g['kept']:>6} {g['removed']:>7}  {min(sc):>7.3f}..{max(sc):<8.3f} "
+                       f"{','.join(g['ops'])[:60]}{note}")
     click.echo(f"criterion {rep['criterion']} (reduction {rep['reduction']}, normalisation {rep['normalisation']})"
                + (f", target {rep['target']}" + ("" if rep.get("target_reachable", True) else " (not reachable)")
                   if rep.get("target") else ""))
@@ -339,6 +355,8 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
         click.echo(_fidelity_line(fid))
         if fid.get("caution"):
             click.echo(f"  note: {fid['caution']}")
+    elif fid.get("skipped"):
+        click.echo(f"fidelity not measured: {fid['skipped']}")
     for line in describe_all(rep.get("layers", [])):
         click.echo(line)
     for c in rep.get("interface", []):
@@ -462,19 +480,6 @@ def _format_bench(b) -> str:
             f"({_fmt(b['speedup'], '.2f')}x speedup)")
 
 
-def _register_optional():
-    try:
-        from .verify.check import check_command
-        cli.add_command(check_command)
-    except ImportError:
-        pass
-    try:
-        from .verify.bench import bench_command
-        cli.add_command(bench_command)
-    except ImportError:
-        pass
-
-
 @cli.command("apply-map")
 @click.argument("map_file", metavar="MAP", type=click.Path(dir_okay=False))
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
@@ -487,6 +492,7 @@ def apply_map(map_file, checkpoint, output, names, as_json):
     """Slice a framework CHECKPOINT (.safetensors, .npz, or a PyTorch state_dict .pt/.pth) with the MAP
     that `spa prune --map` wrote, so that the model rebuilt with the new widths loads it (for
     fine-tuning in the framework)."""
+    from .mapping import mapfile
     summary = mapfile.apply_map(map_file, checkpoint, output, names=names,
                                 inputs=[p for p in (map_file, checkpoint, names) if p], progress=_progress)
     if as_json:
@@ -497,7 +503,8 @@ def apply_map(map_file, checkpoint, output, names, as_json):
     click.echo(f"wrote {output}")
 
 
-_register_optional()
+cli.add_command(check_command)
+cli.add_command(bench_command)
 
 
 def main():

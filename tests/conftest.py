@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 import tempfile
@@ -10,6 +11,10 @@ os.environ.setdefault("SPA_CACHE", os.path.join(tempfile.gettempdir(), "spa-test
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tools"))
+
+if importlib.util.find_spec("torchvision") is not None:   # beside a CPU torch too (export_torchvision)
+    from export_torchvision import import_torchvision
+    import_torchvision()
 
 #: the exactness bar of DESIGN.md
 EXACT = 1e-5

@@ -101,6 +101,9 @@ def export(name: str) -> pathlib.Path:
         del program, module, model
         if out.parent.exists():
             shutil.rmtree(out.parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)   # mkdtemp's folder is 0700: make it a plain folder
         os.replace(tmp, out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -142,6 +142,8 @@ import tempfile
 import time
 import warnings
 
+from spa.io.writer import plain_mode
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from export_torchvision import cache_dir, checked_export, unshare_initializers  # noqa: E402
 
@@ -527,6 +529,7 @@ def _ort_checked_export(out: pathlib.Path):
     try:
         yield tmp
         ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        plain_mode(tmp)   # 0644 under umask 022, not mkstemp's 0600
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -32,7 +32,8 @@ DeprecationWarning, silenced here) and gives classic graphs: weights as initiali
 constants folded (``do_constant_folding=True``), no Shape/Gather chains for static shapes, a few
 seconds per model, one self-contained file. The dynamo exporter (the default since torch 2.9) is
 slower, and emits a different style of graph; it is not used. Needs torch and torchvision (dev-only
-dependencies, e.g. ``pip install torch==2.14.1 torchvision==0.29.1``) and onnx.
+dependencies: the test extra, ``pip install -e '.[test]'``, torch 2.13.0 and torchvision 0.28.0; with a CPU torch,
+``import_torchvision`` works around torchvision's CUDA-built ops) and onnx.
 """
 
 from __future__ import annotations
@@ -46,11 +47,36 @@ import tempfile
 import time
 import warnings
 
+from spa.io.writer import plain_mode
+
 ARCHS = [
     "resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121",
     "shufflenet_v2_x1_0", "regnet_y_400mf", "convnext_tiny", "vit_b_16", "swin_t",
 ]
 OPSET = 17
+
+
+def import_torchvision():
+    """torchvision, importable beside a CPU build of torch too.  PyPI's torchvision wheels for x86-64
+    Linux are CUDA builds: their C++ ops (nms, roi_align...) do not load beside torch's CPU wheel, and
+    torchvision 0.28 then fails at import, registering fake kernels for two of them (``RuntimeError:
+    operator torchvision::nms does not exist``).  The architectures spa exports are plain Python: where
+    the import fails so, the two schemas are defined and the import tried again (the detection ops
+    stay unusable; nothing here uses them).  tests/conftest.py calls this before any test imports
+    torchvision."""
+    try:
+        import torchvision
+        return torchvision
+    except RuntimeError as exc:
+        if "torchvision::" not in str(exc):
+            raise
+    import torch
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+    for op in ("nms", "qnms"):
+        torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import torchvision
+    return torchvision
 
 
 def cache_dir() -> pathlib.Path:
@@ -69,6 +95,7 @@ def checked_export(out: pathlib.Path):
     try:
         yield tmp
         onnx.checker.check_model(tmp, full_check=True)
+        plain_mode(tmp)   # 0644 under umask 022, not mkstemp's 0600
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -135,7 +162,7 @@ def calibrate_parameters(model):
 def build(arch: str, size: int = 224, init: str = "torchvision"):
     """The eval-mode torchvision model with seeded random weights (see the module docstring)."""
     import torch
-    import torchvision
+    torchvision = import_torchvision()
 
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
@@ -205,9 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--out needs exactly one architecture")
     try:
         import torch  # noqa: F401
-        import torchvision  # noqa: F401
+        import_torchvision()
     except ImportError:
-        print("error: torch and torchvision are needed: pip install torch==2.14.1 torchvision==0.29.1", file=sys.stderr)
+        print("error: torch and torchvision are needed: pip install torch==2.13.0 torchvision==0.28.0 (the test "
+              "extra's)", file=sys.stderr)
         return 1
     failed = 0
     for arch in archs:

@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError:
-        print("error: torch and transformers are needed: pip install torch==2.14.1 transformers onnxscript",
+        print("error: torch and transformers are needed: pip install -e '.[test]' (torch, transformers, onnxscript)",
               file=sys.stderr)
         return 1
     failed = 0

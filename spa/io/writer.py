@@ -86,9 +86,15 @@ def _finish(tmp) -> None:
     """fsync the written file and give it the mode a plain open() would (0666 less the umask)."""
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    plain_mode(tmp)
+
+
+def plain_mode(path) -> None:
+    """Give ``path`` the mode a plain ``open()`` would (0666 less the umask: 0644 under 022), not the
+    0600 of ``tempfile.mkstemp``: for every file spa or its tools write through a temporary file."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _sync_dir(folder) -> None:

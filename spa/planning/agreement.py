@@ -32,8 +32,8 @@ import numpy as np
 
 from ..errors import SpaError
 from ..runtime import textgen
+from . import METRICS
 
-METRICS = ("auto", "cosine", "top1", "ctc", "mask", "neighbours", "tokens")
 #: samples (lines for ctc) a discrete agreement needs to say anything; with fewer the cosine stands in
 #: (top-1 agreement over the two images a static-batch classifier's guard runs is 0, 0.5 or 1)
 MIN_SAMPLES = {"top1": 16, "ctc": 8, "neighbours": 8}

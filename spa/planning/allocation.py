@@ -13,6 +13,7 @@ import numpy as np
 
 from ..graph.masks import insert_masks
 from ..io import initializer_arrays
+from ..progress import stepper
 from ..runtime import probing
 from .fidelity import compare_runs, eval_feeds, fidelity_on, meets, metrics_for, reference_runs
 from .plan import CostModel, all_units, n_remove, plan as local_plan, resolve_overrides, selectable
@@ -59,9 +60,9 @@ def sensitivity(an, scores, chosen, masked, feeds, reference, *, round_to=1, max
     """``({group id: [(units removed, drift)] per level}, {group id: units lowest-scored first})``:
     the drift (1 - fidelity) of removing the lowest-scored ``FRACTIONS`` of each group alone."""
     table, orders = {}, {}
+    step = stepper(progress, len(chosen), "sensitivity: group")
     for i, g in enumerate(chosen):
-        if progress and i % 10 == 0:
-            progress(f"fidelity: sensitivity of group {i + 1}/{len(chosen)}")
+        step(i, f"{g.channels} channels")
         order = g.units[np.argsort(scores[g.units], kind="stable")]
         orders[g.id] = order
         levels, seen = [], set()

@@ -17,6 +17,7 @@ from . import probing
 from .feeds import random_value
 from ..io.weights import BFLOAT16, is_float
 from ..errors import SpaError
+from ..progress import stepper
 from .shapes import integer_ranges
 
 
@@ -218,8 +219,9 @@ def collect(an, feeds, *, axes=None, progress=_quiet, source: str = "", moments=
     tensors = sorted({ax[0] for ax in axes} | {ax[0] for ax in moments})
     outer = {}
     runner, wanted = exposing_session(an, tensors)
+    step = stepper(progress, len(feeds), "calibration batch")
     for i, feed in enumerate(feeds):
-        progress(f"calibration batch {i + 1}/{len(feeds)}")
+        step(i)
         try:
             values = runner.run(feed, wanted)
         except Exception as exc:

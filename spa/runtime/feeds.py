@@ -45,12 +45,12 @@ def unfeedable(vi) -> str | None:
     return _type_name(vi)
 
 
-def check_feedable(proto) -> None:
-    """A one-line :class:`SpaError` for the first graph input spa cannot make values for, saying
-    how to cut the numeric part out (``cut_out``)."""
+def check_feedable(proto, given=()) -> None:
+    """A one-line :class:`SpaError` for the first graph input spa cannot make values for (and that
+    ``given`` does not name), saying how to cut the numeric part out (``cut_out``)."""
     for vi in graph_inputs(proto):
         why = unfeedable(vi)
-        if why:
+        if why and vi.name not in given:
             raise SpaError(f"input '{vi.name}' is {why}: {CUT_OUT}; {cut_out(proto, vi.name)}")
 
 

@@ -63,18 +63,22 @@ class Probe:
     generated: dict = field(default_factory=dict)  # (n, length, seed) -> token ids the model wrote (textgen)
 
 
-def input_feed(proto, input_shapes=None, seed=0, *, plan=None, values=None):
+def input_feed(proto, input_shapes=None, seed=0, *, plan=None, values=None, given=None):
     """Random inputs from the declared inputs: dynamic dims from ``input_shapes`` or the size plan's
     defaults (``values``: symbol sizes to use instead); integer inputs span what the model can read
     (see ``shapes.integer_ranges``), floats are standard normal, each in its own dtype
-    (``spa.runtime.feeds``)."""
-    feeds.check_feedable(proto)
+    (``spa.runtime.feeds``); ``given`` (name -> value) are used as they are."""
+    given = given or {}
+    feeds.check_feedable(proto, given)
     plan = plan or shapes.size_plan(graph_inputs(proto), input_shapes)
     sizes = plan.shapes(plan.base if values is None else values)
     ranges = shapes.integer_ranges(proto)
     rng = np.random.default_rng(seed)
     feed = {}
     for inp in graph_inputs(proto):
+        if inp.name in given:
+            feed[inp.name] = given[inp.name]
+            continue
         dims = sizes[inp.name]
         dtype = feeds.numpy_dtype(inp.type.tensor_type.elem_type)
         if np.prod(dims, dtype=np.float64) * np.dtype(dtype).itemsize > INPUT_LIMIT:
@@ -82,6 +86,32 @@ def input_feed(proto, input_shapes=None, seed=0, *, plan=None, values=None):
                            "give smaller sizes with --input-shapes")
         feed[inp.name] = feeds.random_value(rng, dims, dtype, ranges.get(inp.name))
     return feed
+
+
+def first_run(proto, run, input_shapes=None, *, plan=None, seed=0, batch=None, given=None):
+    """``(plan, feed, run(feed))`` at the first sizes the model runs at: the size plan's base, then
+    the plans in which one token symbol is the sum of two others (``shapes.related_plans``: a KV
+    cache's mask of past + sequence), each at its base and then at smaller sizes
+    (``shapes.fallback_bases``).  Every command sizes a model so (the probe, ``spa check``, ``spa
+    bench``): what one runs, the others run.  ``batch`` fixes every symbol used as a first dim
+    (``SizePlan.fix_batch``);
+    ``run`` raises where the model refuses a feed, and the first error (at the defaults) is raised
+    when it refuses them all; ``given`` inputs are fed as they are (``input_feed``)."""
+    plan = plan or shapes.size_plan(graph_inputs(proto), input_shapes)
+    if batch is not None:
+        plan.fix_batch(batch)
+    first_error = None
+    for p in [plan] + shapes.related_plans(plan):
+        for base in [p.base] + shapes.fallback_bases(p):
+            try:
+                feed = input_feed(proto, plan=p, values=base, seed=seed, given=given)
+                out = run(feed)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime's own types: a size refused
+                first_error = first_error or exc
+                continue
+            p.base = dict(base)
+            return p, feed, out
+    raise first_error
 
 
 def has_dynamic_inputs(proto) -> bool:
@@ -381,20 +411,9 @@ def _probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
     chunks = exposure_chunks(proto, feed, exposed)
     runner = _checked(lambda: _Runner(proto, consts, exposed if len(chunks) == 1 else
                                       [o.name for o in proto.graph.output]), feed)
-    first, default = None, plan
-    for plan in [plan] + shapes.related_plans(plan):
-        for base in [plan.base] + shapes.fallback_bases(plan):
-            feed = input_feed(proto, plan=plan, values=base)
-            try:
-                first = runner.run(feed)
-            except Exception:
-                continue
-            plan.base = base
-            break
-        if first is not None:
-            break
-    if first is None:  # the model refuses every size tried: say so for the defaults
-        plan = default
+    try:
+        plan, feed, first = first_run(proto, runner.run, plan=plan)
+    except Exception:  # the model refuses every size tried: say so for the defaults
         feed = input_feed(proto, plan=plan)
         first = _checked(lambda: runner.run(feed), feed)
     pr = Probe(inputs=feed, consts=consts, plan=plan, points=[dict(plan.base)])

@@ -187,6 +187,14 @@ class SizePlan:
         batch = not self.batch or any(p[s] != points[0][s] for p in points for s in self.batch)
         return None if decode and batch else self.bumped("short")
 
+    def fix_batch(self, batch: int) -> "SizePlan":
+        """Every symbol used as a first dim sized ``batch``, as if the user gave it (``spa bench --batch``)."""
+        for (_, d), v in self.dims.items():
+            if d == 0 and not isinstance(v, int) and v[0] == "sym":
+                self.base[v[1]] = int(batch)
+                self.given.add(v[1])
+        return self
+
     def describe(self, values: dict) -> str:
         return ", ".join(f"{s}={values[s]}" for s in self.symbols) or "static"
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import SpaError
+from ..progress import stepper
 from .probing import output_runner, ort_reason
 from .shapes import integer_ranges
 
@@ -161,10 +162,10 @@ def _generate(an, n, length, seed, progress):
     after = np.exp(first - first.max(1, keepdims=True))
     prior = (after / after.sum(1, keepdims=True)).mean(0)
     ids = rng.choice(lm.vocab, size=(n, 1), p=prior / prior.sum())
+    tick = stepper(progress, length - 1, f"writing synthetic text ({n} sequences"
+                   + (", with the KV cache" if pairs else "") + "): token")
     for t in range(1, length):
-        if progress and t % 16 == 0:
-            progress(f"writing synthetic text: token {t}/{length} of {n} sequences"
-                     + (" (with the KV cache)" if pairs else ""))
+        tick(t - 1)
         ids = np.concatenate([ids, _sample(step(ids, cached=bool(pairs) and t > 1), rng)[:, None]], 1)
     return ids.astype(np.int64)
 

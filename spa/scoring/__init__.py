@@ -10,49 +10,59 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable
-
-import numpy as np
 
 from ..errors import SpaError
-from .activation import act_mean_scores, flap_scores, wanda_scores
-from .gradient import fisher_scores, snip_scores, taylor_scores
-from .obspa import Compensation as obspa_compensation
-from .magnitude import NORMALISATIONS, REDUCTIONS, magnitude_scores, normalise  # noqa: F401
-from .structure import (bn_scale_scores, fpgm_scores, l1_scores, l2_scores, lamp_scores,  # noqa: F401
-                        random_scores)
+
+
+def _function(name: str):
+    """A criterion's function by name; its module (numpy and the rest) is imported when a
+    criterion runs, not when the command line lists the criteria (``spa --help`` loads no numpy)."""
+    from . import activation, gradient, obspa, structure
+    for module in (structure, activation, gradient, obspa):
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise SpaError(f"internal: no scoring function {name!r}")
 
 
 @dataclass(frozen=True)
 class Scorer:
     name: str
-    fn: Callable
+    function: str                   # the name of its function in spa.scoring's modules (``fn``)
     needs_calib: bool = False
     normalisation: str = "mean"     # the default; lamp is already layer-adaptive
     doc: str = ""
-    compensation: Callable | None = None   # see the module docstring
-    needs_grads: bool = False              # reads --grads (per-initializer gradients): fn(..., grads=)
+    compensates: bool = False       # whether it has a compensation stage of its own (``compensation``)
+    needs_grads: bool = False       # reads --grads (per-initializer gradients): fn(..., grads=)
+
+    @property
+    def fn(self):
+        return _function(self.function)
+
+    @property
+    def compensation(self):
+        """The criterion's own compensation stage (obspa's ``Compensation``; see the module docstring), or None."""
+        return _function("Compensation") if self.compensates else None
 
 
 CRITERIA = {s.name: s for s in (
-    Scorer("l1", l1_scores, doc="sum |w| over the channel's weight slices"),
-    Scorer("l2", l2_scores, doc="L2 norm of the channel's weight slices"),
-    Scorer("random", random_scores, doc="seeded uniform random (the control)"),
-    Scorer("bn_scale", bn_scale_scores, doc="|gamma| of the channel's BatchNormalization (l2 where none)"),
-    Scorer("fpgm", fpgm_scores, doc="distance of the producer filter to the others (geometric median)"),
-    Scorer("lamp", lamp_scores, normalisation="none", doc="layer-adaptive magnitude (LAMP) per group"),
-    Scorer("act_mean", act_mean_scores, needs_calib=True, doc="mean |activation| of the channel"),
-    Scorer("wanda", wanda_scores, needs_calib=True, doc="|W| x input activation norm over consumers"),
-    Scorer("flap", flap_scores, needs_calib=True, doc="activation variance x squared consumer column norm"),
+    Scorer("l1", "l1_scores", doc="sum |w| over the channel's weight slices"),
+    Scorer("l2", "l2_scores", doc="L2 norm of the channel's weight slices"),
+    Scorer("random", "random_scores", doc="seeded uniform random (the control)"),
+    Scorer("bn_scale", "bn_scale_scores", doc="|gamma| of the channel's BatchNormalization (l2 where none)"),
+    Scorer("fpgm", "fpgm_scores", doc="distance of the producer filter to the others (geometric median)"),
+    Scorer("lamp", "lamp_scores", normalisation="none", doc="layer-adaptive magnitude (LAMP) per group"),
+    Scorer("act_mean", "act_mean_scores", needs_calib=True, doc="mean |activation| of the channel"),
+    Scorer("wanda", "wanda_scores", needs_calib=True, doc="|W| x input activation norm over consumers"),
+    Scorer("flap", "flap_scores", needs_calib=True, doc="activation variance x squared consumer column norm"),
     # the scores here are only L2, the fallback for groups OBS cannot model: the compensation
     # replaces them with OBS removal costs and compensates the kept weights (spa.scoring.obspa)
-    Scorer("obspa", l2_scores, compensation=obspa_compensation,
+    Scorer("obspa", "l2_scores", compensates=True,
            doc="Optimal Brain Surgeon removal cost + weight compensation (no data needed)"),
-    Scorer("taylor", taylor_scores, needs_grads=True,
+    Scorer("taylor", "taylor_scores", needs_grads=True,
            doc="|sum of w x dL/dw| over the channel's weights (first-order Taylor, LLM-Pruner); needs --grads"),
-    Scorer("snip", snip_scores, needs_grads=True,
+    Scorer("snip", "snip_scores", needs_grads=True,
            doc="sum |w x dL/dw| over the channel's weights (SNIP, at initialisation); needs --grads"),
-    Scorer("fisher", fisher_scores, needs_grads=True,
+    Scorer("fisher", "fisher_scores", needs_grads=True,
            doc="sum of squared gradients (empirical Fisher) over the channel's weights; needs --grads"),
 )}
 
@@ -68,15 +78,15 @@ def compensation(scorer: Scorer, how: str = "auto"):
     its own), ``none`` writes the kept weights as they are."""
     if how == "none":
         return None
-    if how == "obs" and scorer.compensation is None:
-        return functools.partial(obspa_compensation, choose=False)
+    if how == "obs" and not scorer.compensates:
+        return functools.partial(_function("Compensation"), choose=False)
     return scorer.compensation
 
 
 @dataclass
 class Scores:
-    raw: np.ndarray
-    normalised: np.ndarray
+    raw: object           # np.ndarray
+    normalised: object    # np.ndarray
     criterion: str
     reduction: str
     normalisation: str
@@ -86,6 +96,9 @@ class Scores:
 def score(an, criterion: str = "l2", *, stats=None, reduction: str = "sum", normalisation: str | None = None,
           seed: int = 0, grads=None) -> Scores:
     """Raw and normalised per-unit scores of ``criterion`` on analysis ``an``."""
+    import numpy as np
+
+    from .magnitude import NORMALISATIONS, REDUCTIONS, normalise
     scorer = CRITERIA.get(criterion)
     if scorer is None:
         raise SpaError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")

@@ -33,6 +33,7 @@ from ..runtime import calib as calib_mod, probing, synthetic as synthetic_inputs
 from ..runtime.calib import exposing_session
 from ..io.weights import put as put_weight
 from ..errors import SpaError
+from ..progress import stepper
 from .magnitude import normalise
 from .hessians import bn_moments, hessian_from_bn, split_bias, with_bias
 from .obs import obs_group, obs_scores
@@ -263,8 +264,9 @@ def data_hessians(an, wanted, feeds, *, rows=ROWS_PER_BATCH, seed=0, source="syn
     runner, fetch = exposing_session(an, tensors)
     rng = np.random.default_rng(seed)
     S, s, n = {}, {}, {}
+    step = stepper(progress, len(feeds), f"obspa: Hessians of {len(wanted)} consumer inputs from {source}, batch")
     for i, feed in enumerate(feeds):
-        progress(f"obspa: Hessians from {source} batch {i + 1}/{len(feeds)} ({len(wanted)} consumer inputs)")
+        step(i)
         try:
             values = runner.run(feed, fetch)
         except Exception as exc:
@@ -462,15 +464,16 @@ class GroupResult:
     first_costs: np.ndarray
 
 
-def group_scores(an, per_group, hs, damp=DAMP):
+def group_scores(an, per_group, hs, damp=DAMP, progress=_quiet):
     """Single-removal OBS costs of every unit of each modelled group (higher = keep), original
     weights; ``{group id: scores}``."""
     out = {}
     weights, gone = an.channels.consts, {}
-    for g in an.groups:
-        items = per_group.get(g.id)
-        if not g.prunable or not items:
-            continue
+    todo = [g for g in an.groups if g.prunable and per_group.get(g.id)]
+    tick = stepper(progress, len(todo), "obspa: single-removal costs, group")
+    for i, g in enumerate(todo):
+        items = per_group[g.id]
+        tick(i, f"{g.channels} channels")
         probs = [p for p in (_problem(c, owner, len(g.units), weights, gone, hs) for c, owner in items) if p]
         if probs:
             out[g.id] = obs_scores([p[:4] for p in probs], damp=damp, dtype=DTYPE)
@@ -487,10 +490,10 @@ def prune_groups(an, per_group, hs, counts, *, damp=DAMP, progress=_quiet, chose
     weights = dict(an.channels.consts)
     gone, results = {}, {}
     todo = [g for g in an.groups if counts.get(g.id, 0) > 0 and per_group.get(g.id)]
+    step = stepper(progress, len(todo), "obs: group")
     for i, g in enumerate(todo):
         items = per_group[g.id]
-        if i % max(1, len(todo) // 10) == 0:     # ten lines at most, however many groups
-            progress(f"obs: group {g.id} ({i + 1}/{len(todo)}): removing {counts[g.id]} of {g.channels} channels")
+        step(i, f"id {g.id}, removing {counts[g.id]} of {g.channels} channels")
         probs, used = [], []
         for c, owner in items:
             p = _problem(c, owner, len(g.units), weights, gone, hs)
@@ -536,9 +539,8 @@ class Compensation:
                 scores.notes[g.id] = ("obspa: no consumer weight modelled; l2, not compensated" if choose
                                       else "obs: no consumer weight modelled; not compensated")
         if ranked and choose:
-            progress("obspa: single-removal costs of every channel")
             groups = {g.id: g for g in an.groups}
-            for gid, s in group_scores(an, self.per_group, self.hs, damp=self.damp).items():
+            for gid, s in group_scores(an, self.per_group, self.hs, damp=self.damp, progress=progress).items():
                 scores.raw[groups[gid].units] = s
             scores.normalised = normalise(scores.raw, an.groups, scores.normalisation)
 

@@ -7,35 +7,27 @@ Python API::
     format_bench(result) -> str
     plot_bench(result, path)
 
-CLI: ``bench_command`` (``spa bench MODEL [MODEL...] ...``).
+CLI: ``spa bench MODEL [MODEL...] ...`` (``spa.verify.commands``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
-import sys
 import time
 
-import click
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from spa.verify.check import CheckError, input_specs, load_proto, one_line, cuda_available, \
-    make_inputs, parse_input_shapes, session
+    fitting_inputs, resolve, session
+from spa.verify.flags import PROVIDERS
 from spa.errors import SpaError
 from spa.runtime.feeds import for_ort
-from spa.io import write_atomic, zoo
+from spa.io import write_atomic
 
-# --provider name -> ORT providers to request (in order of preference).
-PROVIDERS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-}
 _SHORT = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda",
           "TensorrtExecutionProvider": "tensorrt"}
 _UNAVAILABLE = {
@@ -140,9 +132,14 @@ def benchmark(models, provider="cpu", batches=(1,), threads=None, warmup=10, ite
     if iters < 1 or warmup < 0:
         raise BenchError("--iters must be at least 1 and --warmup at least 0")
     ort.set_default_logger_severity(3)
-    input_shapes = dict(input_shapes or {})
     labels = [os.fspath(m) if not isinstance(m, onnx.ModelProto) else
               (m.graph.name or f"model{k}") for k, m in enumerate(models)]
+    try:
+        resolved = [resolve(m, input_shapes) for m in models]  # paths, or zoo models' names
+    except CheckError as e:
+        raise BenchError(str(e)) from None
+    models = [m for m, _ in resolved]
+    input_shapes = dict(input_shapes or resolved[0][1] or {})
     protos = [load_proto(m) for m in models]
     names = [{n for n, _, _ in input_specs(p)} for p in protos]
     unknown = sorted(set(input_shapes) - set().union(*names))
@@ -162,10 +159,14 @@ def benchmark(models, provider="cpu", batches=(1,), threads=None, warmup=10, ite
                     progress(f"{labels[k]} batch {batch}: skipped ({reason})")
                 continue
             shapes = {n: s for n, s in input_shapes.items() if n in names[k]}
-            try:
-                inputs = make_inputs(model, shapes, seed=0, batch=batch)
-                run = _runner(sess, used, inputs)
-                run()  # fail early, outside the timed loop
+
+            def first(feed):  # run once: fail early, outside the timed loop
+                run = _runner(sess, used, feed)
+                run()
+                return run
+
+            try:  # the first sizes the model runs at, as spa prune finds them (a KV cache's mask of past + seq)
+                _, _, run = fitting_inputs(model, first, shapes, seed=0, batch=batch)
             except Exception as e:  # noqa: BLE001 - ORT raises its own types
                 raise BenchError(f"{labels[k]} batch {batch}: {one_line(e)}") from e
             runners.append(run)
@@ -233,6 +234,11 @@ def _pyplot():
     return plt
 
 
+def plot_available() -> None:
+    """A ``BenchError`` naming ``pip install 'spa-prune[plot]'`` when matplotlib is missing."""
+    _pyplot()
+
+
 def plot_bench(result, path) -> None:
     """Bar chart of median latency (one group of bars per provider and batch) saved to
     ``path``. Needs matplotlib (``pip install 'spa-prune[plot]'``)."""
@@ -260,63 +266,3 @@ def plot_bench(result, path) -> None:
         write_atomic(path, lambda tmp: fig.savefig(tmp, format=fmt), inputs=models, what="--plot")
     finally:
         plt.close(fig)
-
-
-def _batches_option(ctx, param, value):
-    try:
-        batches = [int(b) for b in str(value).split(",") if b.strip()]
-    except ValueError:
-        raise click.BadParameter("expected comma-separated integers, e.g. 1,8,32") from None
-    if not batches or any(b < 1 for b in batches):
-        raise click.BadParameter("expected positive integers, e.g. 1,8,32")
-    return batches
-
-
-def _shapes_option(ctx, param, values):
-    try:
-        return parse_input_shapes(values)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-
-
-@click.command("bench")
-@click.argument("models", nargs=-1, required=True)
-@click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu",
-              show_default=True, help="ONNX Runtime execution provider.")
-@click.option("--batch", "batches", default="1", show_default=True, callback=_batches_option,
-              help="Batch sizes, comma-separated (e.g. 1,8,32).")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="intra_op_num_threads (default: ONNX Runtime's choice).")
-@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True,
-              help="Untimed runs per model and batch.")
-@click.option("--iters", type=click.IntRange(min=1), default=50, show_default=True,
-              help="Timed runs per model and batch.")
-@click.option("--input-shapes", multiple=True, callback=_shapes_option,
-              help="Shapes of inputs, e.g. 'x:[1,3,224,224]' (repeatable or comma-separated).")
-@click.option("--allow-cpu-fallback", is_flag=True,
-              help="Measure on CPU when the requested GPU provider is not available.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None,
-              help="Save a bar chart to this file (needs matplotlib).")
-def bench_command(models, provider, batches, threads, warmup, iters, input_shapes,
-                  allow_cpu_fallback, as_json, plot):
-    """Measure the latency of MODELS in ONNX Runtime.
-
-    Models run interleaved (round-robin) in one process; speedup is relative to the first
-    MODEL at the same provider and batch. Progress goes to stderr."""
-    try:
-        resolved = [zoo.resolve(m, input_shapes or None) for m in models]  # paths or zoo models' names
-        models = [path for path, _ in resolved]
-        input_shapes = input_shapes or resolved[0][1]
-        if plot:
-            _pyplot()  # fail before measuring, not after
-        result = benchmark(list(models), provider=provider, batches=batches, threads=threads,
-                           warmup=warmup, iters=iters, input_shapes=input_shapes,
-                           allow_fallback=allow_cpu_fallback,
-                           progress=lambda line: click.echo(line, err=True))
-        if plot:
-            plot_bench(result, plot)
-    except (SpaError, OSError, ValueError) as e:
-        click.echo(f"spa: error: {one_line(e)}", err=True)
-        sys.exit(2)
-    click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))

@@ -10,38 +10,29 @@ Python API::
     session(model, providers=None, threads=None) -> onnxruntime.InferenceSession
     cuda_available() -> bool
 
-CLI: ``check_command`` (``spa check ORIGINAL OTHER ...``).
+CLI: ``spa check ORIGINAL OTHER ...`` (``spa.verify.commands``).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
-import sys
 import tempfile
 
-import click
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from spa.errors import SpaError
 from spa.io import graph_inputs, zoo
-from spa.runtime.feeds import for_ort, numpy_dtype, random_value
-from spa.runtime.probing import input_feed
-from spa.runtime.shapes import fallback_bases, fitting_plans, integer_ranges, size_plan
+from spa.runtime.feeds import for_ort, unfeedable
+from spa.runtime.probing import first_run, input_feed
+from spa.runtime.shapes import fitting_plans, size_plan
+from spa.verify.flags import CHECK_PROVIDERS, parse_input_shapes  # noqa: F401 - spa.verify.check names them too
 
 
 # Models whose serialised protobuf reaches this size cannot be passed to ORT as bytes.
 _PROTO_LIMIT = 2**31 - 1
-
-# Execution providers accepted by the ``--provider`` flag of ``spa check``.
-CHECK_PROVIDERS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-}
 
 
 class CheckError(SpaError):
@@ -63,7 +54,8 @@ def load_proto(model_or_path) -> onnx.ModelProto:
 
 
 def session(model, providers=None, threads=None) -> ort.InferenceSession:
-    """An ORT InferenceSession for a path or ModelProto, ORT's C++ log at severity 3 (errors).
+    """An ORT InferenceSession for a path or ModelProto, ORT's C++ log at severity 4 (fatal only: a
+    run that fails comes back as an exception, not as a raw log line on the terminal too).
 
     A ModelProto of 2 GB or more is saved with external data to a temporary directory first.
     ``providers`` is a list of ORT provider names (default: CPU only); ``threads`` sets
@@ -71,7 +63,7 @@ def session(model, providers=None, threads=None) -> ort.InferenceSession:
     """
     ort.set_default_logger_severity(3)
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     if threads:
         options.intra_op_num_threads = int(threads)
     providers = list(providers or ["CPUExecutionProvider"])
@@ -136,31 +128,37 @@ def _graph_outputs(model: onnx.ModelProto):
     return specs
 
 
-def _random_array(rng, shape, elem_type, name, int_range=(0, 4)):
-    """Random values for input ``name`` of ONNX type ``elem_type`` (``spa.runtime.feeds``)."""
-    dtype = numpy_dtype(elem_type)
-    if dtype is None:
-        try:
-            kind = onnx.TensorProto.DataType.Name(elem_type).lower()
-        except ValueError:
-            kind = str(elem_type)
-        raise CheckError(f"input {name!r}: spa cannot make random {kind} data; pass --inputs FILE.npz with its values")
-    return random_value(rng, shape, dtype, int_range)
-
-
 def make_inputs(model_or_path, input_shapes=None, seed=0, batch=None, values=None) -> dict:
-    """Random inputs for the declared graph inputs (initializers listed as inputs are skipped).
+    """Random inputs for the declared graph inputs (initializers listed as inputs are skipped), made
+    as ``spa inspect``/``spa prune`` make them (``spa.runtime.probing.input_feed``, one feed maker).
 
     Shape of each input: ``input_shapes[name]`` if given (it must name a graph input), else the
-    declared shape with its dynamic dims from the size plan (``spa.runtime.shapes.size_plan``, as
-    ``spa inspect``/``spa prune`` size them: the batch 1, token dims 16, other dims 224; a named dim
-    given for one input sizes the others; ``values`` gives symbol sizes instead). ``batch``, if
-    given, then replaces the first dimension of every input whose declared first dimension is
-    dynamic. Floats are standard normal, bools fair coin flips, integers uniform over what the model
-    can read (``spa.runtime.shapes.integer_ranges``: an embedding's rows, ones for an attention mask; [0, 4)
-    otherwise).
+    declared shape with its dynamic dims from the size plan (``spa.runtime.shapes.size_plan``: the
+    batch 1, token dims 16, other dims 224; a named dim given for one input sizes the others;
+    ``values`` gives symbol sizes instead). ``batch``, if given, then replaces every symbol used as
+    a first dimension. Floats are standard normal, bools fair coin flips, integers uniform over
+    what the model can read (``spa.runtime.shapes.integer_ranges``: an embedding's rows, ones for an
+    attention mask; [0, 4) otherwise).
     """
     model = load_proto(model_or_path)
+    plan = input_plan(model, input_shapes)
+    if batch is not None:
+        plan.fix_batch(batch)
+    return _feed(model, plan, seed, values=values)
+
+
+def _feed(model, plan, seed, values=None, given=None) -> dict:
+    try:
+        return input_feed(model, plan=plan, values=plan.base if values is None else {**plan.base, **values},
+                          seed=seed, given=given)
+    except SpaError as e:
+        raise CheckError(str(e)) from None
+
+
+def input_plan(model, input_shapes, given=()):
+    """The size plan of ``model``'s inputs with ``input_shapes`` (a name that is not an input, an
+    input without a declared shape and none given, or one spa cannot make values for that ``given``
+    does not name, is a ``CheckError``)."""
     specs = input_specs(model)
     input_shapes = dict(input_shapes or {})
     unknown = sorted(set(input_shapes) - {name for name, _, _ in specs})
@@ -171,47 +169,15 @@ def make_inputs(model_or_path, input_shapes=None, seed=0, batch=None, values=Non
     for name, _, dims in specs:
         if dims is None and name not in input_shapes:
             raise CheckError(f"input {name!r} has no declared shape: pass --input-shapes")
-    infos = [vi for vi in model.graph.input if vi.name in {n for n, _, _ in specs}]
-    plan = size_plan(infos, input_shapes)
-    sizes = plan.shapes(plan.base if values is None else {**plan.base, **values})
-    rng = np.random.default_rng(seed)
-    ranges = integer_ranges(model)
-    inputs = {}
-    for name, elem_type, dims in specs:
-        shape = [int(d) for d in input_shapes[name]] if name in input_shapes else sizes[name]
-        if batch is not None and dims and dims[0] is None and shape:
-            shape[0] = int(batch)
-        inputs[name] = _random_array(rng, tuple(shape), elem_type, name, ranges.get(name, (0, 4)))
-    return inputs
-
-
-def parse_input_shapes(values) -> dict:
-    """Parse ``name:[1,3,224,224]`` specs (a string or an iterable of strings, each possibly a
-    comma-separated list like ``a:[1,3],b:[2]``) into ``{name: [1, 3, 224, 224]}``.
-
-    Names may contain ':' (``input:0:[1,3]``). Raises ValueError on bad syntax or repeats.
-    """
-    if isinstance(values, str):
-        values = [values]
-    shapes = {}
-    pattern = re.compile(r"\s*([^\[\]]+?)\s*:\s*\[([^\]]*)\]\s*(,|$)")
-    for text in values or ():
-        pos = 0
-        while pos < len(text):
-            m = pattern.match(text, pos)
-            if not m:
-                raise ValueError(f"bad input shape {text[pos:]!r}: expected name:[d0,d1,...]")
-            name, dims = m.group(1), m.group(2).strip()
-            try:
-                shape = [int(d) for d in dims.split(",")] if dims else []
-            except ValueError:
-                raise ValueError(f"bad input shape {m.group(0).strip()!r}: "
-                                 "dimensions must be integers") from None
-            if name in shapes:
-                raise ValueError(f"input {name!r} is given more than one shape")
-            shapes[name] = shape
-            pos = m.end()
-    return shapes
+    for vi in graph_inputs(model):
+        why = unfeedable(vi)
+        if why and vi.name not in given:
+            raise CheckError(f"input {vi.name!r} is {why}: spa cannot make up its values; "
+                             "pass --inputs FILE.npz with them")
+    try:
+        return size_plan(graph_inputs(model), input_shapes)
+    except SpaError as e:
+        raise CheckError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- compare
@@ -297,16 +263,21 @@ def _run(sess, inputs):
 
 def compare(reference, candidate, inputs=None, input_shapes=None, seed=0, atol=1e-5, rtol=1e-4,
             providers=None, every_size=False) -> dict:
-    """Run ``reference`` and ``candidate`` (paths or ModelProtos) on the same inputs and compare.
+    """Run ``reference`` and ``candidate`` (paths, zoo models' names or ModelProtos) on the same inputs
+    and compare.
 
-    ``inputs`` (name → array) are used as given; inputs they do not cover are generated by
-    ``make_inputs`` (from the reference, then from the candidate for its extra inputs).
-    An output passes when ``|cand - ref| <= atol + rtol * |ref|`` element-wise; the check
+    ``inputs`` (name → array) are used as given; inputs they do not cover are generated as ``spa
+    prune`` makes them, at the first sizes the reference runs at (``spa.runtime.probing.first_run``:
+    the size plan, a KV cache's mask of past + sequence, smaller sizes), then for the candidate's
+    extra inputs. A zoo model's name brings its default input shape (when ``input_shapes`` is not
+    given). An output passes when ``|cand - ref| <= atol + rtol * |ref|`` element-wise; the check
     passes when the signatures match and every output passes.  With ``every_size`` and dynamic
     inputs, both models also run at other sizes (every dynamic dim moved up, then a short point:
     batch 2, one token; ``spa.runtime.shapes.SizePlan.bumped``), listed in ``result["sizes"]``; the check
     passes only if every size does (a size the reference refuses is skipped).
     """
+    reference, input_shapes = resolve(reference, input_shapes)
+    candidate, _ = resolve(candidate)
     ref_proto, cand_proto = load_proto(reference), load_proto(candidate)
     signature = _signature(ref_proto, cand_proto)
     given = dict(inputs or {})
@@ -317,20 +288,20 @@ def compare(reference, candidate, inputs=None, input_shapes=None, seed=0, atol=1
     if unknown:
         raise CheckError(f"--input-shapes names {', '.join(unknown)}, not a model input")
     ref_sess, cand_sess = session(reference, providers), session(candidate, providers)
-    ref_out, first_error = None, None
-    for values in [None] + ([] if shapes or given else _fallback_sizes(ref_proto)):
-        feeds = make_inputs(ref_proto, {k: v for k, v in shapes.items() if k in ref_names}, seed, values=values)
-        extra = make_inputs(cand_proto, {k: v for k, v in shapes.items() if k in cand_names}, seed, values=values)
+    ref_given = {k: v for k, v in given.items() if k in ref_names}
+    _, feeds, ref_out = fitting_inputs(ref_proto, lambda feed: _run(ref_sess, feed),
+                                       {k: v for k, v in shapes.items() if k in ref_names}, seed, given=ref_given)
+    if cand_names - set(feeds):   # the candidate's own inputs, sized as the shared ones
+        shared = {k: v for k, v in feeds.items() if k in cand_names}
+        sized = {**{k: list(np.shape(v)) for k, v in shared.items()}, **{k: v for k, v in shapes.items()
+                                                                         if k in cand_names}}
+        cand_given = {**shared, **{k: v for k, v in given.items() if k in cand_names}}
+        try:
+            extra = _feed(cand_proto, input_plan(cand_proto, sized, cand_given), seed, given=cand_given)
+        except CheckError:   # the shared inputs disagree with the candidate's dims (a signature problem)
+            extra = make_inputs(cand_proto, {k: v for k, v in shapes.items() if k in cand_names}, seed)
         for name, value in extra.items():
             feeds.setdefault(name, value)
-        feeds.update(given)
-        try:
-            ref_out = _run(ref_sess, feeds)
-            break
-        except CheckError as e:
-            first_error = first_error or e
-    if ref_out is None:
-        raise first_error
     cand_out = _run(cand_sess, feeds)
     outputs = [_metrics(name, value, np.asarray(cand_out[name]), atol, rtol)
                for name, value in ref_out.items() if name in cand_out]
@@ -343,11 +314,32 @@ def compare(reference, candidate, inputs=None, input_shapes=None, seed=0, atol=1
     return result
 
 
-def _fallback_sizes(model) -> list:
-    """Smaller sizes of the dynamic dims to try when the reference refuses the defaults (a
-    recogniser that only runs at heights up to 64), as the probe does."""
-    names = {n for n, _, _ in input_specs(model)}
-    return fallback_bases(size_plan([vi for vi in model.graph.input if vi.name in names]))
+def fitting_inputs(model, run, input_shapes=None, seed=0, batch=None, given=None):
+    """``(plan, inputs, run(inputs))`` at the first sizes ``model`` (a ModelProto) runs at, as ``spa
+    prune`` finds them (``spa.runtime.probing.first_run``); ``given`` inputs are used as they are and
+    size the others; every failure is a ``CheckError`` (the reason at the default sizes)."""
+    given = given or {}
+    plan = input_plan(model, {**dict(input_shapes or {}), **{k: list(np.shape(v)) for k, v in given.items()}},
+                      given)
+    try:
+        return first_run(model, run, plan=plan, seed=seed, batch=batch, given=given)
+    except CheckError:
+        raise
+    except SpaError as e:
+        raise CheckError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - onnxruntime's own types
+        raise CheckError(f"onnxruntime failed to run the model: {one_line(e)}") from None
+
+
+def resolve(model, input_shapes=None):
+    """(model, input shapes): a ModelProto or an existing path as they are, a zoo model's name fetched
+    (``spa.zoo.resolve``) with its default shape where ``input_shapes`` are not given."""
+    if isinstance(model, onnx.ModelProto):
+        return model, input_shapes
+    try:
+        return zoo.resolve(os.fspath(model), input_shapes or None)
+    except SpaError as e:
+        raise CheckError(str(e)) from None
 
 
 def _other_sizes(ref_proto, ref_sess, cand_sess, feeds, seed, atol, rtol) -> list:
@@ -422,61 +414,6 @@ def format_check(result) -> str:
     lines.append(f"{verdict} (atol={result.get('atol')}, rtol={result.get('rtol')}: "
                  "|candidate - reference| <= atol + rtol * |reference|)")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def _load_npz(path) -> dict:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except Exception as e:  # noqa: BLE001
-        raise CheckError(f"cannot read inputs from {path}: {one_line(e)}") from e
-
-
-def _shapes_option(ctx, param, values):
-    try:
-        return parse_input_shapes(values)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-
-
-@click.command("check")
-@click.argument("original")
-@click.argument("other")
-@click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False),
-              help="Input arrays (.npz, keyed by input name); missing inputs are random.")
-@click.option("--input-shapes", multiple=True, callback=_shapes_option,
-              help="Shapes of inputs, e.g. 'x:[1,3,224,224]' (repeatable or comma-separated).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random inputs.")
-@click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute tolerance.")
-@click.option("--rtol", type=float, default=1e-4, show_default=True, help="Relative tolerance.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--provider", type=click.Choice(sorted(CHECK_PROVIDERS)), default="cpu",
-              show_default=True, help="ONNX Runtime execution provider.")
-@click.option("--every-size", is_flag=True,
-              help="Also compare at two other sizes of every dynamic dim (all moved up; batch 2 and one token).")
-def check_command(original, other, inputs_path, input_shapes, seed, atol, rtol, as_json,
-                  provider, every_size):
-    """Compare the outputs of ORIGINAL and OTHER on the same inputs.
-
-    Exit code 0 if every output matches within tolerance, 1 if not, 2 on usage or load errors.
-    """
-    try:
-        original, input_shapes = zoo.resolve(original, input_shapes or None)  # a path or a zoo model's name
-        other, _ = zoo.resolve(other)
-        inputs = _load_npz(inputs_path) if inputs_path else None
-        if provider == "cuda" and not cuda_available():
-            raise CheckError("CUDA execution provider is not available (onnxruntime-gpu with a "
-                             "CUDA GPU is needed); use --provider cpu")
-        result = compare(original, other, inputs=inputs, input_shapes=input_shapes, seed=seed,
-                         atol=atol, rtol=rtol, providers=CHECK_PROVIDERS[provider], every_size=every_size)
-    except (SpaError, OSError, ValueError) as e:
-        click.echo(f"spa: error: {one_line(e)}", err=True)
-        sys.exit(2)
-    click.echo(json.dumps(result, indent=2) if as_json else format_check(result))
-    sys.exit(0 if result["passed"] else 1)
 
 
 _CUDA_WORKS = None

@@ -386,3 +386,27 @@ def test_external_data_save_keeps_the_callers_weights_and_creates_the_folder(tmp
     io.save_model(m, tmp_path / "new" / "o.onnx")
     assert sum(len(t.raw_data) for t in m.graph.initializer) == before  # onnx would have moved them out
     assert (tmp_path / "new" / "o.onnx.data").is_file()
+
+
+def test_tools_and_the_zoo_write_plain_modes(tmp_path):
+    """Files the tools' exports and the zoo's fetch write through mkstemp get the mode a plain open() would
+    (0644 under umask 022), not mkstemp's 0600."""
+    import stat
+
+    from export_deploy import _ort_checked_export
+    from export_torchvision import checked_export
+    from graphs import residual_chain
+    old = os.umask(0o022)
+    try:
+        for export in (checked_export, _ort_checked_export):
+            out = tmp_path / f"{export.__name__}.onnx"
+            with export(out) as tmp:
+                onnx.save(residual_chain(), tmp)
+            assert stat.S_IMODE(out.stat().st_mode) == 0o644, export.__name__
+        from spa.io import zoo
+        data = b"spa"
+        import hashlib
+        zoo._atomic_write(tmp_path / "member.bin", lambda f: f.write(data), hashlib.sha256(data).hexdigest(), "test")
+        assert stat.S_IMODE((tmp_path / "member.bin").stat().st_mode) == 0o644
+    finally:
+        os.umask(old)

@@ -95,7 +95,7 @@ def test_validation_refuses_a_model_frozen_at_the_probe_batch():
 
 def test_spa_check_every_size_catches_a_model_frozen_at_batch_1(tmp_path):
     from click.testing import CliRunner
-    from spa.verify.check import check_command
+    from spa.verify.commands import check_command
     good, bad = tmp_path / "good.onnx", tmp_path / "bad.onnx"
     onnx.save(dyn_cnn(), str(good))
     onnx.save(dyn_cnn(frozen=True), str(bad))

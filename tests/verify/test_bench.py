@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import spa.verify.bench as bench
-from spa.verify.bench import BenchError, bench_command, benchmark, format_bench, plot_bench
+from spa.verify.bench import BenchError, benchmark, format_bench, plot_bench
+from spa.verify.commands import bench_command
 from spa.verify.check import cuda_available
 
 FAST = dict(warmup=1, iters=3)

@@ -6,8 +6,9 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from spa.verify.check import (CheckError, check_command, compare, format_check,
+from spa.verify.check import (CheckError, compare, format_check,
                        make_inputs, parse_input_shapes)
+from spa.verify.commands import check_command
 
 
 def build(batch="N", scale=1.0, output="logits", extra_input=False, seed=0):
