@@ -199,3 +199,18 @@ def test_a_ctc_recogniser_without_its_characters_gets_text_lines_and_is_told_so(
     assert abs(np.median(feeds[0]["x"])) > 0.2
     res = spa.prune(m, 0.25, analysis=an)
     assert "CTC head" in res.report["fidelity"]["inputs"]
+
+
+def test_the_ppocr_recogniser_without_its_metadata_is_taken_for_a_ctc_recogniser(tmp_path):
+    """PP-OCRv4's recogniser with its ``character`` entry stripped: probed at 48x320 (it was probed
+    at 64x64, the fallback of a square 224 it refuses) and given rendered lines, not 1/f noise."""
+    from spa import zoo
+    m = onnx.load(str(zoo.fetch("ppocr_rec")))
+    del m.metadata_props[:]
+    path = tmp_path / "rec.onnx"
+    onnx.save(m, str(path))
+    an = spa.analyze(str(path))
+    assert an.probe.inputs["x"].shape == (1, 3, 48, 320)
+    assert synthetic.kind(an) == "text lines"
+    desc, _ = synthetic.feeds(an, 1)
+    assert "CTC head" in desc and "Latin characters" in desc, desc
