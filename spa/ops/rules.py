@@ -427,8 +427,15 @@ def rule_gather(ctx):
             ctx.tie((data, d), (y, d))
         elif d > axis:
             ctx.tie((data, d), (y, d + ir - 1))
-    if idx is None:  # embedding lookup: the table's rows are fixed, its columns flow on
-        ctx.fix((data, axis))
+    if idx is None or ir > 1:
+        # indices computed at run time (an embedding lookup: the table's rows are fixed), or a
+        # constant table of them (an attention-bias table [heads, relative positions] read at idx
+        # [N, N]: positions, not channels); the indices' dims are the output's (a constant one is
+        # sliced with them), every other axis of the table flows on (its columns, the heads)
+        if idx is None:
+            ctx.fix((data, axis))
+        else:
+            ctx.spatial((data, axis))
         for d in range(ir):
             ctx.tie((idx_name, d), (y, axis + d))
         return
@@ -436,10 +443,8 @@ def rule_gather(ctx):
     flat = np.where(np.ravel(idx) < 0, np.ravel(idx) + n, np.ravel(idx)).astype(np.int64)
     if ir == 0:
         ctx.fix((data, axis), positions=flat)
-    elif ir == 1:
-        ctx.tie_map((y, axis), (data, axis), flat)
     else:
-        return ctx.fix_all()
+        ctx.tie_map((y, axis), (data, axis), flat)
     ctx.rewrite("gather", axis=axis)
 
 

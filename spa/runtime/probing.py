@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import feeds, shapes
+from . import feeds, kinds, shapes
 from ..io import weights
 from ..errors import SpaError
 from ..io import (FEED_LIMIT, ONNX_TO_NUMPY, constants_to_initializers, drop_initializer_inputs, graph_inputs, name_nodes,
@@ -625,7 +625,11 @@ def prepare(model, input_shapes=None, arrays=None):
     consts = initializer_arrays(proto, arrays)
     pr = None
     if input_shapes is None:   # a text recogniser runs at the size it reads lines at, if it takes it
-        for line in shapes.recogniser_shapes(proto):
+        lines = kinds.recogniser_shapes(proto)
+        if not lines:   # a CTC head whose rank only the run shows
+            pr = probe(proto, None, consts=consts)
+            lines = kinds.recogniser_shapes(proto, pr.shapes)
+        for line in lines:
             try:
                 pr = probe(proto, line, consts=consts)
                 break

@@ -382,30 +382,6 @@ def recogniser_characters(model) -> list | None:
     return chars or None
 
 
-#: the line sizes PaddleOCR feeds its recognisers (``rec_image_shape``: 3,48,320 since PP-OCRv3,
-#: 3,32,320 before): a recogniser whose height or width is dynamic is probed at the first it takes,
-#: unless the user gives --input-shapes
-LINE_SIZES = ((48, 320), (32, 320))
-
-
-def recogniser_shapes(model) -> list:
-    """``[{input: [1, C, H, W]}]`` per ``LINE_SIZES`` (dims the model fixes kept) for a text
-    recogniser whose image input has a dynamic height or width, else []."""
-    if not recogniser_characters(model):
-        return []
-    inits = {i.name for i in model.graph.initializer}
-    for inp in model.graph.input:
-        if inp.name in inits:
-            continue
-        tt = inp.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
-        if tt.elem_type not in (1, 10, 11, 16) or len(dims) != 4 or dims[1] not in (1, 3) or \
-                (dims[2] is not None and dims[3] is not None):
-            continue
-        return [{inp.name: [dims[0] or 1, dims[1], dims[2] or h, dims[3] or w]} for h, w in LINE_SIZES]
-    return []
-
-
 # ----------------------------------------------------------------------------------------------
 # what reads tensor shapes
 

@@ -2,10 +2,13 @@
 sensitivity table and the fidelity search all run on these inputs.
 
 * **Integer inputs** take realistic ranges (token ids span the embedding, masks are ones:
-  ``spa.runtime.shapes.integer_ranges``), other floats white noise.
-* **Images** (float NCHW, at least 8x8) are 1/f ("pink") noise: a trained network's convolutions
+  ``spa.runtime.shapes.integer_ranges``), other floats white noise (and the description says that spa
+  cannot tell what they hold).
+* **Images** (float, at least 8x8, channels first or last: ``spa.runtime.kinds.images`` reads the
+  layout from the graph, a Keras model exported by tf2onnx takes ``[N, 224, 224, 3]``) are 1/f
+  ("pink") noise, made channels first and laid out as the input is: a trained network's convolutions
   see spatially correlated inputs, and white noise gives their Hessians the wrong structure
-  (docs/obspa.md).
+  (docs/obspa.md).  A layout read from the shape alone is a guess, and the description says so.
 * **Text recognisers** that name their characters in their metadata (PaddleOCR's ``character``
   entry: a CTC model over that dictionary) get **rendered text lines** of their own characters,
   preprocessed the way PaddleOCR feeds its recognisers (height kept, width by aspect, ``(x/255 -
@@ -16,19 +19,25 @@ sensitivity table and the fidelity search all run on these inputs.
   dependency of spa, and where it cannot render (a build without FreeType) the images fall back to
   pink noise and the description says so.  A dynamic batch carries
   several lines (:func:`lines_per_batch`: the images are small, more lines make steadier statistics).
-  ``--synthetic text`` asks for lines (of Latin characters) for any image model that does not list
-  its characters: a text direction classifier, a recogniser exported without its dictionary; an
-  input that is not line-shaped (less than twice as wide as high: a text detector's) gets pages of
-  rendered words instead (:func:`text_pages`).  Without
-  --input-shapes such a recogniser is probed at PaddleOCR's line size, 48x320 (32x320 if it refuses
-  that; ``spa.runtime.shapes.recogniser_shapes``), not at the 224 (or fallback 64) that other images get.
+* **Models that read text lines without saying so** are recognised from the graph
+  (``spa.runtime.kinds.text_reader``) and get lines of Latin characters, as ``--synthetic text``
+  gives them, and the description names what spa took the model for: a CTC head (a recogniser
+  exported without its dictionary), a text direction classifier (a 2-class softmax over a
+  line-shaped input; half of its lines are drawn upside down, so that both of its classes, 0 and
+  180 degrees, appear).  ``--synthetic text`` asks for lines (of Latin characters) for any other
+  image model; an input that is not line-shaped (less than twice as wide as high: a text
+  detector's) gets pages of rendered words instead (:func:`text_pages`).  Without --input-shapes a
+  recogniser (its characters listed, or a CTC head) is probed at PaddleOCR's line size, 48x320
+  (32x320 if it refuses that; ``spa.runtime.kinds.recogniser_shapes``), not at the 224 (or
+  fallback 64) that other images get.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..errors import SpaError
-from . import calib, textgen
+from ..io.weights import is_float
+from . import calib, kinds, textgen
 from .probing import dynamic_dims
 from .shapes import recogniser_characters
 
@@ -70,10 +79,12 @@ def _as_input(img, rng, C):
     return x[:C] if C <= 3 else np.concatenate([x] + [x[:1]] * (C - 3))
 
 
-def text_lines(rng, shape, characters):
+def text_lines(rng, shape, characters, upside_down=False):
     """``shape`` = (N, C, H, W) float32 images of rendered text lines of ``characters`` (random
     words, sizes, ink and background, sometimes inverted), each resized to height H keeping its
-    aspect, normalised to [-1, 1] and zero-padded on the right, as PaddleOCR feeds a recogniser."""
+    aspect, normalised to [-1, 1] and zero-padded on the right, as PaddleOCR feeds a recogniser.
+    ``upside_down``: every second line is turned by 180 degrees before it is resized and padded (a
+    text direction classifier's other class)."""
     from PIL import Image, ImageDraw, ImageFont
     N, C, H, W = shape
     pool = _printable(characters)
@@ -93,6 +104,8 @@ def text_lines(rng, shape, characters):
         w0, h0 = int(font.getlength(text)) + int(rng.integers(4, 24)), int(size * rng.uniform(1.15, 1.6))
         img = Image.new("RGB", (w0, h0), colour(bg))
         ImageDraw.Draw(img).text((int(rng.integers(2, 12)), (h0 - size) // 2), text, fill=colour(ink), font=font)
+        if upside_down and i % 2:
+            img = img.rotate(180)
         nw = max(1, min(W, int(np.ceil(H * w0 / h0))))
         out[i, :, :, :nw] = _as_input(img.resize((nw, H), Image.BILINEAR), rng, C)
     return out
@@ -124,15 +137,6 @@ def text_pages(rng, shape, characters):
     return out
 
 
-def _is_line(v) -> bool:
-    """A line-shaped image (a recogniser's or a direction classifier's input): at least 2x wider than high."""
-    return v.shape[3] >= 2 * v.shape[2]
-
-
-def _is_image(v) -> bool:
-    return np.issubdtype(v.dtype, np.floating) and v.ndim == 4 and min(v.shape[2:]) >= 8
-
-
 #: what ``--synthetic`` may ask for: ``auto`` (text lines for a recogniser that lists its
 #: characters, 1/f noise for other images), ``noise`` (1/f noise for every image), ``text``
 #: (rendered text lines for every 1- or 3-channel image: a direction classifier, a recogniser
@@ -147,11 +151,11 @@ def kind(an, wanted: str = "auto") -> str:
     '1/f noise' or 'none' (no image input)."""
     if wanted not in KINDS:
         raise SpaError(f"unknown synthetic input kind {wanted!r}; choose one of {', '.join(KINDS)}")
-    images = [v for v in an.probe.inputs.values() if _is_image(v)]
+    images = kinds.images(an.model, an.probe)
     if not images:
         return "none"
-    text = wanted == "text" or (wanted == "auto" and recogniser_characters(an.model))
-    if text and images[0].shape[1] in (1, 3):
+    text = wanted == "text" or (wanted == "auto" and kinds.text_reader(an.model, an.probe))
+    if text and images[0].nchw(an.probe.inputs[images[0].name].shape)[1] in (1, 3):
         return "text lines" if _pillow() else NO_PILLOW
     return "1/f noise"
 
@@ -183,32 +187,61 @@ def feeds(an, n_batches, seed=0, wanted: str = "auto", progress=None):
         return f"synthetic ({n_batches} batches of {b} x {t} tokens of text the model wrote itself)", out
     _, out = calib.batches(an, "random", n_batches=n_batches, seed=seed)
     rng = np.random.default_rng(seed + 2)
-    images = kind(an, wanted)
-    characters = (recogniser_characters(an.model) or LATIN) if images == "text lines" else None
+    images = {im.name: im for im in kinds.images(an.model, an.probe)}
+    what = kind(an, wanted)
+    reader = kinds.text_reader(an.model, an.probe) if wanted != "noise" else None
+    characters = (recogniser_characters(an.model) or LATIN) if what == "text lines" else None
+    upside_down = what == "text lines" and reader is not None and reader[0] == "orientation"
     lines = 0
     for feed in out:
         for name, v in list(feed.items()):
-            if not _is_image(v):
+            image = images.get(name)
+            if image is None:
                 continue
-            if characters is not None and not _is_line(v):
-                feed[name] = text_pages(rng, v.shape, characters).astype(v.dtype)
+            shape = image.nchw(v.shape)
+            if characters is not None and not kinds.is_line(image, v.shape):
+                x = text_pages(rng, shape, characters)
             elif characters is not None:
-                n = lines_per_batch(*v.shape[2:]) if _dynamic_batch(an, name) else v.shape[0]
-                shape = (n,) + tuple(v.shape[1:])
-                feed[name] = text_lines(rng, shape, characters).astype(v.dtype)
-                lines = shape[0]
-                if shape[0] != v.shape[0]:   # the other inputs follow the batch
+                n = lines_per_batch(*shape[2:]) if _dynamic_batch(an, name) else shape[0]
+                x = text_lines(rng, (n,) + shape[1:], characters, upside_down)
+                lines = n
+                if n != v.shape[0]:   # the other inputs follow the batch
                     for other, u in feed.items():
                         if other != name and u.shape[:1] == v.shape[:1] and _dynamic_batch(an, other):
-                            feed[other] = np.repeat(u, shape[0] // max(v.shape[0], 1), axis=0)
+                            feed[other] = np.repeat(u, n // max(v.shape[0], 1), axis=0)
             else:
-                feed[name] = pink(rng, v.shape).astype(v.dtype)
+                x = pink(rng, shape)
+            feed[name] = image.from_nchw(x).astype(v.dtype)
+    return f"synthetic ({n_batches} batches, {describe(an, what, reader, images.values(), lines, upside_down)})", out
+
+
+def describe(an, what, reader, images, lines=0, upside_down=False) -> str:
+    """What the synthetic inputs of ``an`` are, in words: the images (``what``: :func:`kind`), what
+    spa took the model for (``reader``: ``kinds.text_reader``), their layout when it is not channels
+    first or was guessed, and the other inputs."""
     whose = "the model's characters" if recogniser_characters(an.model) else "Latin characters"
-    what = {"text lines": f"rendered text lines of {whose}, {lines} per batch" if lines else
-            f"rendered pages of text in {whose}",
-            "1/f noise": "1/f noise for images", NO_PILLOW: f"{NO_PILLOW} for images",
-            "none": "realistic integer ranges"}[images]
-    return f"synthetic ({n_batches} batches, {what})", out
+    parts = []
+    if what == "text lines":
+        parts.append(f"rendered text lines of {whose}, {lines} per batch" if lines else f"rendered pages of text in {whose}")
+        if upside_down:
+            parts[-1] += ", every second one upside down"
+        if reader is not None and reader[0] != "characters":
+            parts[-1] += f" (taken for {reader[1]})"
+    elif what != "none":
+        parts.append(f"{what} for images")
+    for image in images:
+        if not image.sure:
+            parts.append(f"'{image.name}' taken for an {image.layout} image, {image.why}: spa is not sure what it "
+                         f"holds, give real inputs with --calib")
+        elif image.layout != kinds.NCHW:
+            parts.append(f"'{image.name}' {image.layout} ({image.why})")
+    names = {im.name for im in images}
+    others = [v for k, v in an.probe.inputs.items() if k not in names]
+    if any(is_float(v.dtype) for v in others):
+        parts.append("white noise for the other float inputs (spa cannot tell what they hold: give real ones with --calib)")
+    if any(not is_float(v.dtype) for v in others) or not parts:
+        parts.append("realistic integer ranges")
+    return "; ".join(parts)
 
 
 def calibration(an, spec, *, n_batches: int = 8, batch_size=None, seed: int = 0, wanted: str = "auto", progress=None):

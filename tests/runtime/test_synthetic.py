@@ -51,11 +51,12 @@ def test_a_text_recogniser_gets_rendered_lines_of_its_characters():
 
 
 def test_images_without_characters_get_1_over_f_noise_and_so_does_a_recogniser_without_pillow(monkeypatch):
-    an = spa.analyze(_recogniser(with_metadata=False), input_shapes={"x": [1, 3, 48, 160]})
+    # not a line (square): the softmax over the last axis is no CTC head along a line
+    an = spa.analyze(_recogniser(with_metadata=False), input_shapes={"x": [1, 3, 48, 48]})
     assert synthetic.kind(an) == "1/f noise"
     desc, feeds = synthetic.feeds(an, 1)
     x = feeds[0]["x"]
-    assert x.shape == (1, 3, 48, 160) and "1/f" in desc
+    assert x.shape == (1, 3, 48, 48) and "1/f" in desc
     assert abs(float(x.mean())) < 1e-5 and abs(float(x.std()) - 1) < 1e-3
     monkeypatch.setattr(synthetic, "_pillow", lambda: False)
     an2 = spa.analyze(_recogniser(), input_shapes={"x": [1, 3, 48, 160]})
@@ -148,8 +149,9 @@ def test_a_recogniser_is_probed_at_paddleocrs_line_size_or_the_older_one_it_take
 
 def test_synthetic_text_is_asked_for_a_model_that_does_not_list_its_characters():
     m = _recogniser(with_metadata=False)
-    an = spa.analyze(m, input_shapes={"x": [1, 3, 48, 160]})
+    an = spa.analyze(m, input_shapes={"x": [1, 3, 48, 48]})
     assert synthetic.kind(an) == "1/f noise" and synthetic.kind(an, "text") == "text lines"
+    an = spa.analyze(m, input_shapes={"x": [1, 3, 48, 160]})
     desc, feeds = synthetic.feeds(an, 1, wanted="text")
     assert "Latin characters" in desc and abs(np.median(feeds[0]["x"])) > 0.2
     res = spa.prune(m, 0.25, input_shapes={"x": [1, 3, 48, 160]}, synthetic="text", analysis=an)
@@ -181,3 +183,34 @@ def test_pillow_is_a_core_dependency_so_the_readme_install_renders_text_lines():
     project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
     assert any(d.replace(" ", "").lower().startswith("pillow>=") for d in project["dependencies"])
     assert synthetic._pillow()
+
+
+def test_a_ctc_recogniser_without_its_characters_gets_text_lines_and_is_told_so():
+    """A recogniser exported without PaddleOCR's ``character`` metadata: an output [N, T, C], a
+    softmax over C, T following the width of a line. It is probed at PaddleOCR's line size and gets
+    rendered lines of Latin characters (it got 1/f noise: a prune printed 0.986 and kept 0% of the
+    characters), and the description says what spa took it for."""
+    m = _recogniser(with_metadata=False)
+    an = spa.analyze(m)
+    assert an.probe.inputs["x"].shape == (1, 3, 48, 320)
+    assert synthetic.kind(an) == "text lines" and synthetic.kind(an, "noise") == "1/f noise"
+    desc, feeds = synthetic.feeds(an, 1)
+    assert "Latin characters" in desc and "CTC head" in desc, desc
+    assert abs(np.median(feeds[0]["x"])) > 0.2
+    res = spa.prune(m, 0.25, analysis=an)
+    assert "CTC head" in res.report["fidelity"]["inputs"]
+
+
+def test_the_ppocr_recogniser_without_its_metadata_is_taken_for_a_ctc_recogniser(tmp_path):
+    """PP-OCRv4's recogniser with its ``character`` entry stripped: probed at 48x320 (it was probed
+    at 64x64, the fallback of a square 224 it refuses) and given rendered lines, not 1/f noise."""
+    from spa import zoo
+    m = onnx.load(str(zoo.fetch("ppocr_rec")))
+    del m.metadata_props[:]
+    path = tmp_path / "rec.onnx"
+    onnx.save(m, str(path))
+    an = spa.analyze(str(path))
+    assert an.probe.inputs["x"].shape == (1, 3, 48, 320)
+    assert synthetic.kind(an) == "text lines"
+    desc, _ = synthetic.feeds(an, 1)
+    assert "CTC head" in desc and "Latin characters" in desc, desc
