@@ -72,3 +72,27 @@ def test_a_kv_cache_export_writes_with_its_cache_and_the_text_is_the_same(monkey
     cached = textgen.generate(an, 3, 12, seed=5)
     monkeypatch.setattr(textgen, "cache_pairs", lambda an, lm: {})
     assert np.array_equal(textgen.generate(spa.analyze(export("llama_gqa_kv")), 3, 12, seed=5), cached)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2_dynamo"])
+def test_a_step_computes_the_last_positions_logits_only_and_they_are_the_models(name):
+    """The logits of a dynamo export are one MatMul of the last hidden state with a weight (or a tied
+    embedding's Transpose): a step exposes the hidden state and computes the last position's logits
+    itself, equal to the model's; a sampled nucleus among the likeliest candidates equals the full sort's."""
+    an = spa.analyze(export(name))
+    lm = textgen.causal_lm(an)
+    found = textgen.last_position_head(an, lm)
+    assert found is not None, "the logits' MatMul was not recognised"
+    hidden, head = found
+    feed = textgen.text_feeds(an, 1)[0]
+    got = spa.runtime.probing.output_runner(an.model, an.probe.consts, outputs=[hidden, lm.logits]).run(feed)
+    np.testing.assert_allclose(head(got[hidden][:, -1]), got[lm.logits][:, -1], rtol=1e-4, atol=1e-4)
+    logits = np.random.default_rng(1).standard_normal((5, 4 * textgen.CANDIDATES)) * 8
+    a = textgen._sample(logits, np.random.default_rng(2))
+    old = textgen.CANDIDATES
+    try:
+        textgen.CANDIDATES = 10 ** 9             # the full sort
+        b = textgen._sample(logits, np.random.default_rng(2))
+    finally:
+        textgen.CANDIDATES = old
+    assert np.array_equal(a, b)
