@@ -20,7 +20,7 @@ from .mapping.layers import layer_report
 from .planning import ALLOCATIONS, METRICS, allocation, fidelity
 from .planning.counting import count_macs, count_params, mac_axes, node_macs
 from .planning.plan import (CostModel, all_units, load_overrides, parse_target, plan as make_plan, plan_target,
-                            plan_uniform, resolve_overrides)
+                            plan_uniform, resolve_overrides, stack_ends)
 from .runtime import calib as calib_mod, probing, synthetic
 from .runtime.synthetic import KINDS
 from .scoring import COMPENSATE, CRITERIA, compensation, score
@@ -189,6 +189,7 @@ class PruneOptions:
     grads: object = None           # gradient criteria: per-initializer gradients (.npz/.safetensors path or dict)
     map_path: object = None        # where to write the map back to the framework (spa.mapping), or None
     allocate: str = "global"       # a target: one global score threshold, "uniform" or "sensitivity" (measured drift)
+    keep_ends: tuple = (1, 0)      # uniform: the first/last groups of every stack of repeated blocks kept whole
     compensate: str = "auto"       # the criterion's own (obspa), "none", or "obs" (OBS update of the kept weights)
     damp: float | None = None      # OBS: ridge on each Hessian, a multiple of its mean diagonal (None: obspa's DAMP)
     synthetic: str = "auto"        # without --calib: what synthetic images look like (spa.runtime.synthetic.KINDS)
@@ -216,6 +217,9 @@ class PruneOptions:
         if self.allocate in ("sensitivity", "uniform") and (target is None or target[0] not in ("macs", "params")):
             raise SpaError(f"--allocate {self.allocate} spreads a size over the groups: use it with --target macs=F or "
                            "params=F (--ratio R is already uniform; --target fidelity=C always allocates by sensitivity)")
+        ends = tuple(self.keep_ends) if isinstance(self.keep_ends, (tuple, list)) else ()
+        if len(ends) != 2 or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ends):
+            raise SpaError(f"--keep-ends must be FIRST,LAST (two counts >= 0), got {self.keep_ends!r}")
         if self.compensate not in COMPENSATE:
             raise SpaError(f"--compensate must be one of {', '.join(COMPENSATE)}, got {self.compensate!r}")
         if self.compensate == "none" and scorer.compensation is not None:
@@ -303,7 +307,7 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
     ref = None
     if not opts.prune_io:   # the guard's reference, before any surgery (see fidelity.reference)
         progress("running the original on the fidelity guard's inputs")
-        ref = fidelity.reference(first, opts)
+        ref = fidelity.reference(first, opts, progress)
     for k in range(1, opts.steps + 1):
         tag = f"step {k}/{opts.steps}: " if opts.steps > 1 else ""
         if k > 1:
@@ -400,8 +404,10 @@ def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progr
         goal = base0 / factor ** (k / n)
         rel = max(now / goal, 1.0) if goal > 0 else 1.0
         if opts.allocate == "uniform":
+            position = {node.name: i for i, node in enumerate(an.model.graph.node)}
             step.removal, step.plan = plan_uniform(an.groups, step.scores.normalised, CostModel(an), (kind, rel),
-                                                   overrides=step.overrides, unscored=step.scores.notes, **common)
+                                                   overrides=step.overrides, unscored=step.scores.notes,
+                                                   spared=stack_ends(an.groups, position, *opts.keep_ends), **common)
         else:
             step.removal, step.plan = plan_target(an.groups, step.scores.normalised, CostModel(an), (kind, rel),
                                                   overrides=step.overrides, **common)

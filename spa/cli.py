@@ -96,6 +96,14 @@ def _run_inputs(model, targets, *files) -> list:
     return out
 
 
+def _ends(value):
+    try:
+        first, last = (int(x) for x in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected FIRST,LAST (two counts), got {value!r}") from None
+    return first, last
+
+
 def _shapes(values):
     if not values:
         return None
@@ -220,6 +228,10 @@ def _criteria():
               help="how --target spreads over the groups: one global score threshold; uniform, the one fraction "
                    "of every exact group that reaches the target; or sensitivity, per-group amounts chosen by the output "
                    "drift each group causes, measured in onnxruntime (--target fidelity=C always does the latter)")
+@click.option("--keep-ends", default="1,0", show_default=True, metavar="FIRST,LAST", callback=lambda c, p, v: _ends(v),
+              help="--allocate uniform: keep the first FIRST and last LAST blocks of every stack of repeated blocks "
+                   "(8 or more: a transformer's layers) whole; the first layers of a trained decoder are the ones "
+                   "every later one reads")
 @click.option("--compensate", type=click.Choice(list(COMPENSATE)), default="auto", show_default=True,
               help="update the weights that read removed channels: obs = the least-squares (OBS) update of the kept "
                    "weights from --calib (else synthetic) Hessians, for any criterion; auto = the criterion's own "
@@ -257,7 +269,7 @@ def _criteria():
 def prune(model, output, ratio, target, criterion, reduction, normalisation, calib, calib_batches, calib_batch_size,
           hessian, synthetic, fidelity_metric, blas_threads, seed, global_rank, max_ratio, overrides, steps, round_to,
           exclude, prune_io,
-          allocate, compensate, damp,
+          allocate, keep_ends, compensate, damp,
           grads, map_path, report, as_json, input_shapes, force,
           do_check, atol, rtol, do_bench, bench_provider, bench_warmup, bench_iters, quiet, verbose):
     """Remove channels from MODEL and write the smaller model to OUTPUT.
@@ -306,7 +318,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                            target=target, overrides=overrides, steps=steps, calib=calib, calib_batches=calib_batches,
                            calib_batch_size=calib_batch_size, seed=seed, hessian=hessian, input_shapes=shapes,
                            blas_threads=blas_threads, prune_io=prune_io, grads=grads, map_path=map_path,
-                           allocate=allocate, compensate=compensate, damp=damp, synthetic=synthetic,
+                           allocate=allocate, keep_ends=keep_ends, compensate=compensate, damp=damp, synthetic=synthetic,
                            fidelity_metric=fidelity_metric)
     options.checked()  # every option before the load and probe
     an = analyze(src, input_shapes=shapes, progress=_progress, prune_io=prune_io)

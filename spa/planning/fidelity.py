@@ -158,13 +158,13 @@ class Reference(NamedTuple):
     caution: str | None    # why the number may not reflect the task (``weak_inputs``), or None
 
 
-def reference(first, opts) -> Reference:
+def reference(first, opts, progress=None) -> Reference:
     """The guard's :class:`Reference`: ``eval_feeds`` (up to ``CALIB_BATCHES`` batches of the --calib
     data, or two synthetic ones, within ``REFERENCE_BYTES``), the original's outputs on them and the
     task metric of each output.  Run before surgery, while the original's weights are read anyway,
     and their pages handed back: the guard then runs only the pruned model (running the original
     after surgery would hold both models' weights at once: 1.5x a 1B decoder's size)."""
-    feeds, what = eval_feeds(first, opts)
+    feeds, what = eval_feeds(first, opts, progress=progress)
     original = probing.output_runner(first.model, first.probe.consts)
     kept, outputs = reference_runs(original, feeds)
     del original
@@ -203,14 +203,14 @@ def guard(ref: Reference, pruned, weights, opts) -> dict:
     return out
 
 
-def eval_feeds(an, opts, n: int = 2) -> tuple[list, str]:
+def eval_feeds(an, opts, n: int = 2, progress=None) -> tuple[list, str]:
     """``(feeds, what they are)``: the inputs fidelity is measured on, up to ``CALIB_BATCHES``
     --calib batches when given, else ``n`` synthetic batches at the probe's sizes (``spa.runtime.synthetic``,
-    seed 101)."""
+    seed 101; ``progress`` hears a language model write its text)."""
     if opts.calib is not None and str(opts.calib) not in ("random", "synthetic"):
         feeds = calib.batches(an, opts.calib, n_batches=CALIB_BATCHES, batch_size=opts.calib_batch_size)[1][:CALIB_BATCHES]
         return feeds, f"{len(feeds)} batches of calibration data"
-    what, got = synthetic.feeds(an, n, seed=101, wanted=opts.synthetic)
+    what, got = synthetic.feeds(an, n, seed=101, wanted=opts.synthetic, progress=progress)
     return got, f"{what} at the probe's sizes"
 
 

@@ -168,3 +168,54 @@ def test_uniform_allocation_needs_a_size_target():
     for bad in ({}, {"target": "fidelity=0.9"}):
         with pytest.raises(SpaError, match="--allocate uniform"):
             spa.prune(graphs.residual_chain(), allocate="uniform", **bad)
+
+
+def test_the_ends_of_a_stack_of_repeated_blocks_are_found_in_graph_order():
+    """stack_ends: groups of one signature (channels, operators), 8 or more, in graph order: the first
+    and last of them; a shorter stack (a CNN stage) or a lone group is left alone."""
+    from spa.graph.channels import Group
+    from spa.planning.plan import stack_ends
+
+    def group(gid, channels, layer, ops=("MatMul", "MatMul", "Sigmoid")):
+        return Group(gid, np.arange(channels), [], True, nodes=[(f"n{layer}_{k}", op) for k, op in enumerate(ops)])
+    layers = [group(100 - i, 48, i) for i in range(10)]               # ids run against the graph's order
+    short = [group(200 + i, 16, 20 + i, ("Conv",)) for i in range(4)]
+    lone = [group(300, 48, 40, ("Conv", "Conv"))]
+    position = {f"n{layer}_{k}": layer * 10 + k for layer in range(50) for k in range(3)}
+    assert stack_ends(layers + short + lone, position, 2, 1) == sorted([100, 99, 91])
+    assert stack_ends(layers, position, 0, 0) == []
+    assert stack_ends(layers[:7], position, 1, 0) == []
+
+
+def _deep_mlp_stack(blocks=10, d=8, h=24):
+    """x -> blocks x (MatMul, Relu, MatMul, Add x): ten repeated residual MLP blocks."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for b in range(blocks):
+        inits += [numpy_helper.from_array(rng.standard_normal((d, h)).astype(np.float32), f"w{b}a"),
+                  numpy_helper.from_array(rng.standard_normal((h, d)).astype(np.float32) * 0.1, f"w{b}b")]
+        nodes += [helper.make_node("MatMul", [x, f"w{b}a"], [f"h{b}"], name=f"up{b}"),
+                  helper.make_node("Relu", [f"h{b}"], [f"r{b}"], name=f"relu{b}"),
+                  helper.make_node("MatMul", [f"r{b}", f"w{b}b"], [f"o{b}"], name=f"down{b}"),
+                  helper.make_node("Add", [x, f"o{b}"], [f"x{b}"], name=f"add{b}")]
+        x = f"x{b}"
+    g = helper.make_graph(nodes, "stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d])],
+                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["n", d])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_uniform_allocation_keeps_the_first_blocks_of_a_stack_whole():
+    """--keep-ends 1,0 (the default's kind): the first block's hidden units stay whole, the report names
+    its group, and every other block loses the uniform share; 0,0 cuts the first block too."""
+    m = _deep_mlp_stack()
+    for ends, first_cut in (((1, 0), False), ((0, 0), True), ((2, 1), False)):
+        rep = spa.prune(m, target="params=1.3", allocate="uniform", keep_ends=ends).report
+        by_node = {n: g for g in rep["groups"] if g["channels"] == 24 for n in g["nodes"]}   # hidden units
+        cut = [by_node[f"up{b}"]["removed"] for b in range(10)]
+        assert (cut[0] > 0) == first_cut and all(c > 0 for c in cut[ends[0]:10 - ends[1]]), (ends, cut)
+        assert rep["plan"]["ends_kept"] == sorted(by_node[f"up{b}"]["id"] for b in
+                                                  list(range(ends[0])) + list(range(10 - ends[1], 10)))
+        assert rep["after"]["params"] <= rep["before"]["params"] / 1.3 + 1
+    with pytest.raises(SpaError, match="--keep-ends"):
+        spa.prune(m, target="params=1.3", allocate="uniform", keep_ends=(1,))
