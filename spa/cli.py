@@ -213,6 +213,9 @@ def _criteria():
 @click.option("--steps", type=int, default=1, show_default=True, help="prune iteratively, re-scoring after each step")
 @click.option("--round-to", type=int, default=1, show_default=True, help="keep channel counts multiples of N")
 @click.option("--exclude", default=None, help="regex over node names: groups touching them are kept whole")
+@click.option("--uniform-layers", is_flag=True,
+              help="the same heads (whole KV groups) and MLP width in every layer, head dims and the residual kept: "
+                   "what one transformers config holds (apply-map --hf)")
 @click.option("--prune-io", default=None, metavar="REGEX",
               help="graph inputs/outputs whose names match may lose channels along their static dims (e.g. "
                    "'past_key_values|present': KV heads and head dims, a smaller cache); the report lists each change")
@@ -256,7 +259,7 @@ def _criteria():
 @click.option("-v", "--verbose", is_flag=True, help="also print the table of every prunable group (kept, removed, scores)")
 def prune(model, output, ratio, target, criterion, reduction, normalisation, calib, calib_batches, calib_batch_size,
           hessian, synthetic, fidelity_metric, blas_threads, seed, global_rank, max_ratio, overrides, steps, round_to,
-          exclude, prune_io,
+          exclude, uniform_layers, prune_io,
           allocate, compensate, damp,
           grads, map_path, report, as_json, input_shapes, force,
           do_check, atol, rtol, do_bench, bench_provider, bench_warmup, bench_iters, quiet, verbose):
@@ -307,7 +310,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                            calib_batch_size=calib_batch_size, seed=seed, hessian=hessian, input_shapes=shapes,
                            blas_threads=blas_threads, prune_io=prune_io, grads=grads, map_path=map_path,
                            allocate=allocate, compensate=compensate, damp=damp, synthetic=synthetic,
-                           fidelity_metric=fidelity_metric)
+                           fidelity_metric=fidelity_metric, uniform_layers=uniform_layers)
     options.checked()  # every option before the load and probe
     an = analyze(src, input_shapes=shapes, progress=_progress, prune_io=prune_io)
     result = do_prune(src, options=options, progress=_progress, analysis=an)
@@ -482,19 +485,24 @@ def _format_bench(b) -> str:
 
 @cli.command("apply-map")
 @click.argument("map_file", metavar="MAP", type=click.Path(dir_okay=False))
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="where to write the sliced checkpoint (same format as CHECKPOINT)")
+@click.argument("checkpoint", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="where to write the sliced checkpoint (same format as CHECKPOINT; with --hf a folder)")
 @click.option("--names", default=None, type=click.Path(dir_okay=False),
               help="JSON {ONNX initializer name: checkpoint name} where the names differ")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
-def apply_map(map_file, checkpoint, output, names, as_json):
+@click.option("--hf", is_flag=True, help="CHECKPOINT is a Hugging Face model folder: write config.json with the new "
+              "sizes and model.safetensors into the OUTPUT folder, for from_pretrained (docs/hf.md)")
+def apply_map(map_file, checkpoint, output, names, as_json, hf):
     """Slice a framework CHECKPOINT (.safetensors, .npz, or a PyTorch state_dict .pt/.pth) with the MAP
     that `spa prune --map` wrote, so that the model rebuilt with the new widths loads it (for
     fine-tuning in the framework)."""
-    from .mapping import mapfile
-    summary = mapfile.apply_map(map_file, checkpoint, output, names=names,
-                                inputs=[p for p in (map_file, checkpoint, names) if p], progress=_progress)
+    from .mapping import hf as hf_mod, mapfile
+    if hf and names:
+        raise SpaError("--hf matches the checkpoint's names itself: drop --names")
+    summary = hf_mod.apply_hf(map_file, checkpoint, output, progress=_progress) if hf else mapfile.apply_map(
+        map_file, checkpoint, output, names=names, inputs=[p for p in (map_file, checkpoint, names) if p],
+        progress=_progress)
     if as_json:
         click.echo(json.dumps(summary, indent=1))
         return

@@ -113,6 +113,9 @@ def _stand_ins(folder: Path, text: str) -> None:
         from exported import transformers
         for name, export in (("llama_kv.onnx", "llama_gqa_kv"), ("llama.onnx", "llama_gqa")):
             (folder / name).write_bytes(Path(transformers(export)).read_bytes())
+    if "llama_hf" in text:   # the Hugging Face folder of llama.onnx (save_pretrained of the exported model)
+        import export_transformers as et
+        et.build("llama_gqa").model.save_pretrained(folder / "llama_hf")
 
 
 def _run(command: str, folder: Path) -> None:
