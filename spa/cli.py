@@ -511,6 +511,16 @@ def apply_map(map_file, checkpoint, output, names, as_json, hf):
     click.echo(f"wrote {output}")
 
 
+@cli.command("report")
+@click.argument("report_json", metavar="R.json", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="the HTML page to write")
+def report_command(report_json, output):
+    """Write the JSON report of `spa prune --report` (or --json) as one self-contained HTML page: sizes,
+    fidelity, per-layer widths before/after, the sortable group table (docs/report.md)."""
+    from .verify.report import write_report
+    click.echo(f"wrote {write_report(report_json, output)}")
+
+
 cli.add_command(check_command)
 cli.add_command(bench_command)
 
