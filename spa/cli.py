@@ -521,6 +521,29 @@ def report_command(report_json, output):
     click.echo(f"wrote {write_report(report_json, output)}")
 
 
+@cli.command("sweep")
+@click.argument("model")
+@click.option("--targets", required=True, help="comma-separated targets, e.g. macs=1.5,2,3 (or params=F, fidelity=C)")
+@click.option("--criteria", default="l2", show_default=True, help="comma-separated criteria, e.g. l2,obspa")
+@click.option("--calib", default=None, metavar="FILE|synthetic|random", help="calibration data, as for spa prune")
+@click.option("--allocate", type=click.Choice(list(ALLOCATIONS)), default="global", show_default=True)
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="folder for sweep.json, sweep.md (the Pareto table) and sweep.svg (the plot)")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="local processes at a time")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+              help="run each combination as a Ray task on the cluster at ADDRESS (alone: the running one)")
+@click.option("--keep-models", is_flag=True, help="also write every pruned model into OUTPUT/models")
+def sweep_command(model, targets, criteria, calib, allocate, out_dir, jobs, ray_address, keep_models):
+    """Prune MODEL at every combination of --targets and --criteria, measure each one's fidelity, and
+    write the table with its Pareto front and a plot (docs/sweep.md)."""
+    from . import sweep as sw
+    res = sw.sweep(model, targets, criteria, options={"calib": calib, "allocate": allocate}, out_dir=out_dir,
+                   jobs=jobs, ray=ray_address, keep_models=keep_models, progress=_progress)
+    click.echo(sw.table(res), nl=False)
+    for path in sw.write(res, out_dir, inputs=[model] + ([calib] if calib else [])):
+        click.echo(f"wrote {path}")
+
+
 cli.add_command(check_command)
 cli.add_command(bench_command)
 
