@@ -46,6 +46,8 @@ NOT_RUN = {
         "a template for three commands ([...] are alternatives)",
     "spa bench resnet50_224_cal.onnx r50_0.5.onnx r50_0.3.onnx r50_0.3_rt8.onnx r50_0.3_rt16.onnx --threads 1 "
     "--iters 30": "reads the three models of the template above",
+    "pip install 'spa-prune[olive]'": "installs Olive (and torch): tests/test_olive.py runs the workflow where it is",
+    "python -m spa.olive package-config -o olive_spa.json": "needs olive-ai; tests/test_olive.py writes the same file",
     "spa sweep yolov8n --targets macs=1.5,2,3 --criteria l2,obspa -o sweep_yolo --jobs 2":
         "six prunes of YOLOv8n, obspa's among them: minutes; tests/test_sweep.py runs a sweep of a small CNN",
     "spa sweep yolov8n --targets macs=1.5,2,3 --criteria l2,obspa -o sweep_yolo --ray":
