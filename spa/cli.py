@@ -533,12 +533,14 @@ def report_command(report_json, output):
 @click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
               help="run each combination as a Ray task on the cluster at ADDRESS (alone: the running one)")
 @click.option("--keep-models", is_flag=True, help="also write every pruned model into OUTPUT/models")
-def sweep_command(model, targets, criteria, calib, allocate, out_dir, jobs, ray_address, keep_models):
+@click.option("--bench", "do_bench", is_flag=True, help="also measure each pruned model's CPU latency and speedup")
+def sweep_command(model, targets, criteria, calib, allocate, out_dir, jobs, ray_address, keep_models, do_bench):
     """Prune MODEL at every combination of --targets and --criteria, measure each one's fidelity, and
     write the table with its Pareto front and a plot (docs/sweep.md)."""
     from . import sweep as sw
     res = sw.sweep(model, targets, criteria, options={"calib": calib, "allocate": allocate}, out_dir=out_dir,
-                   jobs=jobs, ray=ray_address, keep_models=keep_models, progress=_progress)
+                   jobs=jobs, ray=ray_address, keep_models=keep_models, progress=_progress,
+                   bench={"warmup": 3, "iters": 20, "threads": 1} if do_bench else None)
     click.echo(sw.table(res), nl=False)
     for path in sw.write(res, out_dir, inputs=[model] + ([calib] if calib else [])):
         click.echo(f"wrote {path}")

@@ -7,7 +7,8 @@ combination's target and criterion): in local processes by default (``jobs`` at 
 interpreter), or, with ``ray``, as one Ray task each on a running Ray cluster, the model read by each
 worker from its path (shared storage).  Both give the same rows: every prune is seeded, and the rows
 hold no timing but ``seconds`` (and ``worker``, the host and process that ran it), which
-:func:`table` leaves out.
+:func:`table` leaves out.  Latency, when asked (``bench``), is measured by the worker that pruned, so
+on a cluster it is that node's: compare speedups, not milliseconds, across nodes.
 """
 from __future__ import annotations
 
@@ -40,18 +41,31 @@ def combinations(targets, criteria) -> list:
     return [{"target": t, "criterion": c} for t in targets for c in criteria]
 
 
-def run_one(model: str, combo: dict, options: dict, out_dir=None) -> dict:
-    """Prune ``model`` at one combination; the row of the table (``error`` instead when spa refused)."""
+def run_one(model: str, combo: dict, options: dict, out_dir=None, bench: dict | None = None) -> dict:
+    """Prune ``model`` at one combination; the row of the table (``error`` instead when spa refused).
+    ``bench`` (``spa.verify.bench.benchmark`` keywords): also measure the original's and the pruned
+    model's latency on this worker (``original_ms``, ``pruned_ms``, ``speedup``)."""
+    import tempfile
     from .api import PruneOptions, prune
     t0 = time.perf_counter()
     row = dict(combo)
-    output = None
-    if out_dir is not None:
-        output = Path(out_dir) / f"{combo['criterion']}_{combo['target'].replace('=', '')}.onnx"
-    try:
-        res = prune(model, options=PruneOptions(**{**options, **combo}), output=output)
-    except SpaError as exc:
-        return {**row, "error": str(exc), "seconds": round(time.perf_counter() - t0, 3), "worker": _worker()}
+    with tempfile.TemporaryDirectory(prefix="spa-sweep-") as tmp:
+        output = None
+        if out_dir is not None or bench is not None:
+            name = f"{combo['criterion']}_{combo['target'].replace('=', '')}.onnx"
+            output = Path(out_dir if out_dir is not None else tmp) / name
+        try:
+            res = prune(model, options=PruneOptions(**{**options, **combo}), output=output)
+        except SpaError as exc:
+            return {**row, "error": str(exc), "seconds": round(time.perf_counter() - t0, 3), "worker": _worker()}
+        if bench is not None:
+            from .verify.bench import benchmark
+            got = {r["model"]: r["median_ms"] for r in benchmark([model, str(output)], **bench)["results"]}
+            row.update(original_ms=got.get(model), pruned_ms=got.get(str(output)))
+            if row["original_ms"] and row["pruned_ms"]:
+                row["speedup"] = round(row["original_ms"] / row["pruned_ms"], 3)
+        if out_dir is None:
+            output = None
     r = res.report
     fid = r.get("fidelity") or {}
     worst = min(fid["agreement"], key=fid["agreement"].get) if fid.get("agreement") else None
@@ -70,19 +84,19 @@ def _worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _local(model, combos, options, out_dir, jobs, progress):
+def _local(model, combos, options, out_dir, bench, jobs, progress):
     import concurrent.futures as cf
     import multiprocessing as mp
     rows = [None] * len(combos)
     with cf.ProcessPoolExecutor(max_workers=max(1, min(jobs, len(combos))), mp_context=mp.get_context("spawn")) as ex:
-        futures = {ex.submit(run_one, model, c, options, out_dir): i for i, c in enumerate(combos)}
+        futures = {ex.submit(run_one, model, c, options, out_dir, bench): i for i, c in enumerate(combos)}
         for done, f in enumerate(cf.as_completed(futures), 1):
             rows[futures[f]] = f.result()
             progress(f"sweep: {done}/{len(combos)} done ({_label(combos[futures[f]])})")
     return rows
 
 
-def _ray(model, combos, options, out_dir, address, progress):
+def _ray(model, combos, options, out_dir, bench, address, progress):
     try:
         import ray
     except ImportError:
@@ -90,7 +104,7 @@ def _ray(model, combos, options, out_dir, address, progress):
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     task = ray.remote(num_cpus=1)(run_one)
-    refs = [task.remote(model, c, options, out_dir) for c in combos]
+    refs = [task.remote(model, c, options, out_dir, bench) for c in combos]
     rows = [None] * len(combos)
     pending = list(refs)
     while pending:
@@ -114,10 +128,10 @@ def pareto(rows) -> list:
 
 
 def sweep(model, targets, criteria, *, options: dict | None = None, out_dir=None, jobs: int = 1, ray=None,
-          keep_models: bool = False, progress=None) -> dict:
+          keep_models: bool = False, bench: dict | None = None, progress=None) -> dict:
     """Run the sweep (see the module docstring); ``{"model", "rows", "pareto", "options"}``.
     ``options``: PruneOptions fields shared by every combination; ``ray``: a Ray address ("auto" for
-    the running cluster) or None for local processes."""
+    the running cluster) or None for local processes; ``bench``: measure latency (see :func:`run_one`)."""
     say = progress or (lambda msg: None)
     combos = combinations(targets, criteria)
     options = dict(options or {})
@@ -132,22 +146,24 @@ def sweep(model, targets, criteria, *, options: dict | None = None, out_dir=None
         models = str((Path(out_dir) / "models").resolve())
         Path(models).mkdir(parents=True, exist_ok=True)
     say(f"sweep: {len(combos)} combinations of {model}" + (f" on Ray ({ray})" if ray else f", {jobs} at a time"))
-    rows = _ray(model, combos, options, models, ray, say) if ray else _local(model, combos, options, models, jobs, say)
+    rows = (_ray(model, combos, options, models, bench, ray, say) if ray
+            else _local(model, combos, options, models, bench, jobs, say))
     return {"model": model, "options": {k: v for k, v in options.items() if v is not None}, "rows": rows,
-            "pareto": pareto(rows)}
+            "pareto": pareto(rows), **({"bench": bench} if bench is not None else {})}
 
 
 def table(result: dict) -> str:
     """The rows as a markdown table, by MACs factor; the Pareto front marked."""
     front = set(result["pareto"])
-    lines = ["| " + " | ".join(COLUMNS) + " | Pareto |", "|" + "---|" * (len(COLUMNS) + 1)]
+    columns = COLUMNS + (("speedup",) if any("speedup" in r for r in result["rows"]) else ())
+    lines = ["| " + " | ".join(columns) + " | Pareto |", "|" + "---|" * (len(columns) + 1)]
     order = sorted(range(len(result["rows"])), key=lambda i: (-(result["rows"][i].get("macs_factor") or 0), i))
     for i in order:
         r = result["rows"][i]
         if "error" in r:
-            lines.append(f"| {r['criterion']} | {r['target']} | error: {r['error']} |" + " |" * (len(COLUMNS) - 2))
+            lines.append(f"| {r['criterion']} | {r['target']} | error: {r['error']} |" + " |" * (len(columns) - 2))
             continue
-        cells = [f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in COLUMNS]
+        cells = [f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in columns]
         lines.append("| " + " | ".join(cells) + f" | {'yes' if i in front else ''} |")
     return "\n".join(lines) + "\n"
 

@@ -49,7 +49,17 @@ def test_options_are_checked_before_any_work(chain):
 
 
 def rows_without_timing(res):
-    return [{k: v for k, v in r.items() if k not in ("seconds", "worker")} for r in res["rows"]]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "worker", "original_ms", "pruned_ms", "speedup")}
+            for r in res["rows"]]
+
+
+def test_bench_adds_latency(chain, tmp_path):
+    r = CliRunner().invoke(cli, ["sweep", str(chain), "--targets", "macs=2", "-o", str(tmp_path), "--bench"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "sweep.json").read_text())
+    (row,) = res["rows"]
+    assert row["original_ms"] > 0 and row["pruned_ms"] > 0 and row["speedup"] > 0 and "output" not in row
+    assert "| speedup | Pareto |" in (tmp_path / "sweep.md").read_text()
 
 
 def test_cli_local_sweep(chain, tmp_path):
