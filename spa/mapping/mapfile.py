@@ -439,6 +439,8 @@ def checkpoint_format(path):
 def open_checkpoint(path) -> Checkpoint:
     """By suffix: .safetensors, .npz, .pt/.pth/.bin (a torch.save'd state_dict; needs torch)."""
     p = Path(path)
+    if p.is_dir():
+        raise SpaError(f"CHECKPOINT {p}: a folder; for a Hugging Face model folder pass --hf")
     if not p.is_file():
         raise SpaError(f"CHECKPOINT {p}: no such file")
     kind = checkpoint_format(p)

@@ -121,3 +121,11 @@ def test_per_layer_widths_are_refused(llama, tmp_path):
 def test_uniform_layers_refuses_measured_allocations():
     with pytest.raises(SpaError, match="--uniform-layers plans by"):
         spa.PruneOptions(target="fidelity=0.9", uniform_layers=True).checked()
+
+
+def test_a_folder_without_hf_is_named(tmp_path):
+    (tmp_path / "map.json").write_text(json.dumps({"format": "spa-map", "version": 1, "tensors": {}}))
+    (tmp_path / "model").mkdir()
+    r = CliRunner().invoke(cli, ["apply-map", str(tmp_path / "map.json"), str(tmp_path / "model"),
+                                 "-o", str(tmp_path / "out.safetensors")])
+    assert r.exit_code == 2 and "a folder; for a Hugging Face model folder pass --hf" in r.output
