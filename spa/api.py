@@ -17,7 +17,7 @@ from .io import weights as weight_store, zoo
 from .io.weights import is_float
 from .mapping import mapfile
 from .mapping.layers import layer_report
-from .planning import ALLOCATIONS, METRICS, allocation, fidelity
+from .planning import ALLOCATIONS, METRICS, allocation, fidelity, layerwise
 from .planning.counting import count_macs, count_params, mac_axes, node_macs
 from .planning.plan import (CostModel, all_units, load_overrides, parse_target, plan as make_plan, plan_target,
                             plan_uniform, resolve_overrides, stack_ends)
@@ -194,6 +194,7 @@ class PruneOptions:
     damp: float | None = None      # OBS: ridge on each Hessian, a multiple of its mean diagonal (None: obspa's DAMP)
     synthetic: str = "auto"        # without --calib: what synthetic images look like (spa.runtime.synthetic.KINDS)
     fidelity_metric: str = "auto"  # what fidelity measures per output (spa.planning.agreement.METRICS)
+    uniform_layers: bool = False   # the same widths in every layer (spa.planning.layerwise; a config can hold them)
 
     def checked(self):
         """The criterion's Scorer and the parsed target; one-line errors for bad values."""
@@ -227,6 +228,9 @@ class PruneOptions:
                            "use --compensate auto (or another criterion)")
         if self.damp is not None and not (0.0 <= self.damp < float("inf")):
             raise SpaError(f"--damp must be a finite number >= 0, got {self.damp}")
+        if self.uniform_layers and (self.allocate == "sensitivity" or (target is not None and target[0] == "fidelity")):
+            raise SpaError("--uniform-layers plans by --ratio or --target macs=F/params=F with --allocate global or "
+                           "uniform: a measured allocation (sensitivity, fidelity=C) gives each layer its own widths")
         if target is not None and target[0] == "fidelity" and self.steps != 1:
             raise SpaError("--target fidelity=C measures one pruned model: use it with --steps 1")
         if target is None and not 0.0 <= self.ratio < 1.0:
@@ -393,6 +397,13 @@ def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progr
     several steps each reaches its share."""
     an, n = step.analysis, opts.steps
     step.overrides = resolve_overrides(an.groups, opts.overrides)
+    groups, roles = an.groups, None
+    if opts.uniform_layers:
+        roles = layerwise.layer_roles(an)
+        if not roles:
+            raise SpaError("--uniform-layers: no group runs through one numbered layer's projections (it needs "
+                           "the module names a transformers export leaves: model.layers.N...)")
+        groups = [g for g in an.groups if g.id in roles]
     common = dict(round_to=opts.round_to, exclude=opts.exclude, max_ratio=opts.max_ratio)
     if target is not None and target[0] == "fidelity":
         step.removal, step.plan = allocation.search(an, step.scores.normalised, target[1], opts,
@@ -405,11 +416,12 @@ def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progr
         rel = max(now / goal, 1.0) if goal > 0 else 1.0
         if opts.allocate == "uniform":
             position = {node.name: i for i, node in enumerate(an.model.graph.node)}
-            step.removal, step.plan = plan_uniform(an.groups, step.scores.normalised, CostModel(an), (kind, rel),
+            spared = () if opts.uniform_layers else stack_ends(groups, position, *opts.keep_ends)  # one width per kind
+            step.removal, step.plan = plan_uniform(groups, step.scores.normalised, CostModel(an), (kind, rel),
                                                    overrides=step.overrides, unscored=step.scores.notes,
-                                                   spared=stack_ends(an.groups, position, *opts.keep_ends), **common)
+                                                   spared=spared, **common)
         else:
-            step.removal, step.plan = plan_target(an.groups, step.scores.normalised, CostModel(an), (kind, rel),
+            step.removal, step.plan = plan_target(groups, step.scores.normalised, CostModel(an), (kind, rel),
                                                   overrides=step.overrides, **common)
         if opts.allocate == "sensitivity":
             step.removal, sens = allocation.allocate(an, step.scores.normalised, kind, int(goal), opts,
@@ -418,8 +430,11 @@ def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progr
     else:
         r = 1.0 - (1.0 - opts.ratio) ** (1.0 / n)
         stepped = {g: 1.0 - (1.0 - v) ** (1.0 / n) for g, v in step.overrides.items()}
-        step.removal = make_plan(an.groups, step.scores.normalised, r, global_rank=opts.global_rank,
+        step.removal = make_plan(groups, step.scores.normalised, r, global_rank=opts.global_rank,
                                  overrides=stepped, **common)
+    if roles is not None:
+        step.removal, info = layerwise.equalise(an.groups, step.scores.normalised, step.removal, roles, opts.round_to)
+        step.plan = {**step.plan, "uniform_layers": info}
 
 
 def _compensation_key(opts) -> str:
@@ -455,6 +470,8 @@ def _report(first: Analysis, history: list, pruned, after, opts: PruneOptions, t
         report["target_reached"] = round(reached, 4)
         report["target_reachable"] = all(s.plan.get("reachable", True) for s in history)
         report["plan"] = last.plan
+    if "uniform_layers" in last.plan:
+        report["uniform_layers"] = last.plan["uniform_layers"]
     if last.stats is not None:
         st = last.stats
         report["calibration"] = {"source": st.source, "samples": st.samples, "batches": st.batches,

@@ -221,6 +221,9 @@ def _criteria():
 @click.option("--steps", type=int, default=1, show_default=True, help="prune iteratively, re-scoring after each step")
 @click.option("--round-to", type=int, default=1, show_default=True, help="keep channel counts multiples of N")
 @click.option("--exclude", default=None, help="regex over node names: groups touching them are kept whole")
+@click.option("--uniform-layers", is_flag=True,
+              help="the same heads (whole KV groups) and MLP width in every layer, head dims and the residual kept: "
+                   "what one transformers config holds (apply-map --hf)")
 @click.option("--prune-io", default=None, metavar="REGEX",
               help="graph inputs/outputs whose names match may lose channels along their static dims (e.g. "
                    "'past_key_values|present': KV heads and head dims, a smaller cache); the report lists each change")
@@ -268,7 +271,7 @@ def _criteria():
 @click.option("-v", "--verbose", is_flag=True, help="also print the table of every prunable group (kept, removed, scores)")
 def prune(model, output, ratio, target, criterion, reduction, normalisation, calib, calib_batches, calib_batch_size,
           hessian, synthetic, fidelity_metric, blas_threads, seed, global_rank, max_ratio, overrides, steps, round_to,
-          exclude, prune_io,
+          exclude, uniform_layers, prune_io,
           allocate, keep_ends, compensate, damp,
           grads, map_path, report, as_json, input_shapes, force,
           do_check, atol, rtol, do_bench, bench_provider, bench_warmup, bench_iters, quiet, verbose):
@@ -319,7 +322,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                            calib_batch_size=calib_batch_size, seed=seed, hessian=hessian, input_shapes=shapes,
                            blas_threads=blas_threads, prune_io=prune_io, grads=grads, map_path=map_path,
                            allocate=allocate, keep_ends=keep_ends, compensate=compensate, damp=damp, synthetic=synthetic,
-                           fidelity_metric=fidelity_metric)
+                           fidelity_metric=fidelity_metric, uniform_layers=uniform_layers)
     options.checked()  # every option before the load and probe
     an = analyze(src, input_shapes=shapes, progress=_progress, prune_io=prune_io)
     result = do_prune(src, options=options, progress=_progress, analysis=an)
@@ -494,25 +497,65 @@ def _format_bench(b) -> str:
 
 @cli.command("apply-map")
 @click.argument("map_file", metavar="MAP", type=click.Path(dir_okay=False))
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="where to write the sliced checkpoint (same format as CHECKPOINT)")
+@click.argument("checkpoint", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="where to write the sliced checkpoint (same format as CHECKPOINT; with --hf a folder)")
 @click.option("--names", default=None, type=click.Path(dir_okay=False),
               help="JSON {ONNX initializer name: checkpoint name} where the names differ")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
-def apply_map(map_file, checkpoint, output, names, as_json):
+@click.option("--hf", is_flag=True, help="CHECKPOINT is a Hugging Face model folder: write config.json with the new "
+              "sizes and model.safetensors into the OUTPUT folder, for from_pretrained (docs/hf.md)")
+def apply_map(map_file, checkpoint, output, names, as_json, hf):
     """Slice a framework CHECKPOINT (.safetensors, .npz, or a PyTorch state_dict .pt/.pth) with the MAP
     that `spa prune --map` wrote, so that the model rebuilt with the new widths loads it (for
     fine-tuning in the framework)."""
-    from .mapping import mapfile
-    summary = mapfile.apply_map(map_file, checkpoint, output, names=names,
-                                inputs=[p for p in (map_file, checkpoint, names) if p], progress=_progress)
+    from .mapping import hf as hf_mod, mapfile
+    if hf and names:
+        raise SpaError("--hf matches the checkpoint's names itself: drop --names")
+    summary = hf_mod.apply_hf(map_file, checkpoint, output, progress=_progress) if hf else mapfile.apply_map(
+        map_file, checkpoint, output, names=names, inputs=[p for p in (map_file, checkpoint, names) if p],
+        progress=_progress)
     if as_json:
         click.echo(json.dumps(summary, indent=1))
         return
     for line in summary.get("lines", []):
         click.echo(line)
     click.echo(f"wrote {output}")
+
+
+@cli.command("report")
+@click.argument("report_json", metavar="R.json", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="the HTML page to write")
+def report_command(report_json, output):
+    """Write the JSON report of `spa prune --report` (or --json) as one self-contained HTML page: sizes,
+    fidelity, per-layer widths before/after, the sortable group table (docs/report.md)."""
+    from .verify.report import write_report
+    click.echo(f"wrote {write_report(report_json, output)}")
+
+
+@cli.command("sweep")
+@click.argument("model")
+@click.option("--targets", required=True, help="comma-separated targets, e.g. macs=1.5,2,3 (or params=F, fidelity=C)")
+@click.option("--criteria", default="l2", show_default=True, help="comma-separated criteria, e.g. l2,obspa")
+@click.option("--calib", default=None, metavar="FILE|synthetic|random", help="calibration data, as for spa prune")
+@click.option("--allocate", type=click.Choice(list(ALLOCATIONS)), default="global", show_default=True)
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="folder for sweep.json, sweep.md (the Pareto table) and sweep.svg (the plot)")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="local processes at a time")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+              help="run each combination as a Ray task on the cluster at ADDRESS (alone: the running one)")
+@click.option("--keep-models", is_flag=True, help="also write every pruned model into OUTPUT/models")
+@click.option("--bench", "do_bench", is_flag=True, help="also measure each pruned model's CPU latency and speedup")
+def sweep_command(model, targets, criteria, calib, allocate, out_dir, jobs, ray_address, keep_models, do_bench):
+    """Prune MODEL at every combination of --targets and --criteria, measure each one's fidelity, and
+    write the table with its Pareto front and a plot (docs/sweep.md)."""
+    from . import sweep as sw
+    res = sw.sweep(model, targets, criteria, options={"calib": calib, "allocate": allocate}, out_dir=out_dir,
+                   jobs=jobs, ray=ray_address, keep_models=keep_models, progress=_progress,
+                   bench={"warmup": 3, "iters": 20, "threads": 1} if do_bench else None)
+    click.echo(sw.table(res), nl=False)
+    for path in sw.write(res, out_dir, inputs=[model] + ([calib] if calib else [])):
+        click.echo(f"wrote {path}")
 
 
 cli.add_command(check_command)

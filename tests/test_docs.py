@@ -46,6 +46,12 @@ NOT_RUN = {
         "a template for three commands ([...] are alternatives)",
     "spa bench resnet50_224_cal.onnx r50_0.5.onnx r50_0.3.onnx r50_0.3_rt8.onnx r50_0.3_rt16.onnx --threads 1 "
     "--iters 30": "reads the three models of the template above",
+    "pip install 'spa-prune[olive]'": "installs Olive (and torch): tests/test_olive.py runs the workflow where it is",
+    "python -m spa.olive package-config -o olive_spa.json": "needs olive-ai; tests/test_olive.py writes the same file",
+    "spa sweep yolov8n --targets macs=1.5,2,3 --criteria l2,obspa -o sweep_yolo --jobs 2":
+        "six prunes of YOLOv8n, obspa's among them: minutes; tests/test_sweep.py runs a sweep of a small CNN",
+    "spa sweep yolov8n --targets macs=1.5,2,3 --criteria l2,obspa -o sweep_yolo --ray":
+        "needs a running Ray cluster; tests/test_sweep.py compares Ray with the local run on a Ray it starts",
     "python -c \"import torch, torchvision; m = torchvision.models.resnet18(weights=None).eval(); "
     "torch.onnx.export(m, (torch.randn(1, 3, 224, 224),), dynamo=True, optimize=False).save('r18.onnx'); "
     "from safetensors.torch import save_file; save_file(m.state_dict(), 'r18.safetensors')\"":
@@ -113,6 +119,9 @@ def _stand_ins(folder: Path, text: str) -> None:
         from exported import transformers
         for name, export in (("llama_kv.onnx", "llama_gqa_kv"), ("llama.onnx", "llama_gqa")):
             (folder / name).write_bytes(Path(transformers(export)).read_bytes())
+    if "llama_hf" in text:   # the Hugging Face folder of llama.onnx (save_pretrained of the exported model)
+        import export_transformers as et
+        et.build("llama_gqa").model.save_pretrained(folder / "llama_hf")
 
 
 def _run(command: str, folder: Path) -> None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import re
 
-_LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+from ..graph.modules import LAYER as _LAYER, module_of
+
 _Q = re.compile(r"(?:^|[._])(?:q_proj|query|q|wq|q_lin)$")
 _K = re.compile(r"(?:^|[._])(?:k_proj|key|k|wk|k_lin)$")
 _V = re.compile(r"(?:^|[._])(?:v_proj|value|v|wv|v_lin)$")
@@ -22,19 +23,6 @@ _MLP_IN = re.compile(r"(?:^|[._])(?:gate_proj|up_proj|c_fc|fc1|intermediate\.den
 _PROJECTIONS = ("MatMul", "Gemm")
 #: ops a projection's output passes through before the head split (bias, scale, q/k/v split)
 _THROUGH = {"Add", "Mul", "Div", "Cast", "Split", "Slice", "Identity", "Reshape"}
-
-
-def module_of(node) -> str:
-    """The framework module a node belongs to ('' when the exporter left no trace)."""
-    for p in node.metadata_props:
-        if p.key == "pkg.torch.onnx.name_scopes":
-            scopes = [s.strip(" '\"") for s in p.value.strip("[]").split(",")]
-            paths = [s for s in scopes[:-1] if s]
-            if paths:
-                return paths[-1]
-    if node.name.startswith("/") and node.name.count("/") >= 2:
-        return ".".join(node.name.strip("/").split("/")[:-1])
-    return ""
 
 
 def _weight_module(node, weight_names) -> str:

@@ -324,11 +324,12 @@ def _axis_map(onnx_shape, ck_shape, transposed=False):
     return axes   # -1: a size-1 axis the checkpoint does not have (nothing to slice there)
 
 
-def apply_map(map_file, checkpoint, output, *, names=None, inputs=(), progress=None) -> dict:
+def apply_map(map_file, checkpoint, output, *, names=None, inputs=(), progress=None, doc=None) -> dict:
     """Slice ``checkpoint`` with the map; write ``output`` (the checkpoint's format, through the
-    safe writer: never over an input); return a summary whose ``lines`` the CLI prints."""
+    safe writer: never over an input); return a summary whose ``lines`` the CLI prints.  ``doc``:
+    the map document ``map_file`` holds, already loaded and adjusted (``spa.mapping.hf``)."""
     progress = progress or (lambda msg: None)
-    doc = load_map(map_file)
+    doc = load_map(map_file) if doc is None else doc
     rename = _load_names(names)
     kind, out_kind = checkpoint_format(checkpoint), checkpoint_format(output)
     if kind is not None and out_kind != kind:
@@ -438,6 +439,8 @@ def checkpoint_format(path):
 def open_checkpoint(path) -> Checkpoint:
     """By suffix: .safetensors, .npz, .pt/.pth/.bin (a torch.save'd state_dict; needs torch)."""
     p = Path(path)
+    if p.is_dir():
+        raise SpaError(f"CHECKPOINT {p}: a folder; for a Hugging Face model folder pass --hf")
     if not p.is_file():
         raise SpaError(f"CHECKPOINT {p}: no such file")
     kind = checkpoint_format(p)
