@@ -223,6 +223,9 @@ class PruneOptions:
                            "use --compensate auto (or another criterion)")
         if self.damp is not None and not (0.0 <= self.damp < float("inf")):
             raise SpaError(f"--damp must be a finite number >= 0, got {self.damp}")
+        if target is not None and target[0] == "experts" and (self.steps != 1 or self.map_path is not None):
+            raise SpaError("--target experts=F removes whole experts in one step, without a --map: use it with "
+                           "--steps 1 and no --map")
         if target is not None and target[0] == "fidelity" and self.steps != 1:
             raise SpaError("--target fidelity=C measures one pruned model: use it with --steps 1")
         if target is None and not 0.0 <= self.ratio < 1.0:
@@ -298,12 +301,15 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
         raise SpaError(f"the analysis was made with prune_io={analysis.prune_io!r}, the options ask for "
                        f"{opts.prune_io!r}: analyse with the same prune_io")
     first = analysis or analyze(model, input_shapes=opts.input_shapes, progress=progress, prune_io=opts.prune_io)
-    history, current, current_weights, after = [], first.model, first.weights, first.probe
-    kept_map, compensated = None, set()
     ref = None
     if not opts.prune_io:   # the guard's reference, before any surgery (see fidelity.reference)
         progress("running the original on the fidelity guard's inputs")
         ref = fidelity.reference(first, opts)
+    if target is not None and target[0] == "experts":
+        current, current_weights, after, report = _prune_experts(first, opts, target[1], progress)
+        return _finish(model, first, current, current_weights, report, opts, output, progress, t0, ref)
+    history, current, current_weights, after = [], first.model, first.weights, first.probe
+    kept_map, compensated = None, set()
     for k in range(1, opts.steps + 1):
         tag = f"step {k}/{opts.steps}: " if opts.steps > 1 else ""
         if k > 1:
@@ -326,6 +332,13 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
             after = validate(current, first, opts.input_shapes, weights=current_weights)
         history.append(step)
     report = _report(first, history, current, after, opts, target)
+    return _finish(model, first, current, current_weights, report, opts, output, progress, t0, ref, kept_map,
+                   compensated)
+
+
+def _finish(model, first, current, current_weights, report, opts, output, progress, t0, ref, kept_map=None,
+            compensated=()):
+    """The last stages of every prune: the fidelity guard, the map, writing the output."""
     if ref is None or report.get("interface"):
         report["fidelity"] = {"skipped": "the inputs may change (--prune-io): compare with your own loop"}
     else:
@@ -343,6 +356,42 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
         result.save(output, inputs=[model] if isinstance(model, (str, os.PathLike)) else [])
         report["output"] = str(output)
     return result
+
+
+def _prune_experts(first: Analysis, opts: PruneOptions, fraction: float, progress):
+    """The whole-expert pipeline (``--target experts=F``): find the MoE layers, score their experts
+    (TCESS on --calib, router norms without), plan the kept fraction per layer, cut, validate.
+    Returns ``(model, weights, probe of the pruned model, report)``."""
+    from .graph.experts import find_layers
+    from .planning.experts import plan_experts
+    from .scoring.experts import expert_scores
+    from .surgery.experts import cut_experts
+    progress("finding mixture-of-experts layers")
+    layers = find_layers(first.model, first.weights, first.probe.shapes)
+    feeds = None
+    if opts.calib is not None:
+        desc, feeds = synthetic.calibration(first, opts.calib, n_batches=opts.calib_batches,
+                                            batch_size=opts.calib_batch_size, seed=opts.seed, wanted=opts.synthetic,
+                                            progress=progress)
+        progress(f"gathering router logits on {desc}")
+    scorer, scores = expert_scores(first, layers, feeds=feeds, progress=progress)
+    kept = plan_experts(layers, scores, fraction)
+    progress(f"removing {sum(l.experts - len(kept[l.index]) for l in layers if l.index in kept)} experts "
+             f"from {len(kept)} layers")
+    current, weights = cut_experts(first.model, first.weights, layers, kept)
+    progress("validating the pruned model in onnxruntime")
+    after = validate(current, first, opts.input_shapes, weights=weights)
+    entries = []
+    for layer in layers:
+        e = layer.summary()
+        if layer.index in kept:
+            e.update(kept=kept[layer.index].tolist(), scores=[round(float(v), 6) for v in scores[layer.index]])
+        entries.append(e)
+    report = {"criterion": scorer, "reduction": "none", "normalisation": None, "target": f"experts={fraction:g}",
+              "before": {"params": first.params, "macs": first.macs},
+              "after": {"params": count_params(current), "macs": count_macs(current, after.shapes)},
+              "experts": {"scorer": scorer, "layers": entries}, "groups": []}
+    return current, weights, after, report
 
 
 def _score(step: Step, scorer, opts: PruneOptions, k: int, tag: str, ranked: bool, progress) -> None:

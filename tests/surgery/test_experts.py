@@ -1,0 +1,185 @@
+"""Whole-expert removal (spa.graph.experts, spa.surgery.experts, --target experts=F).
+
+Oracle: the pruned model equals the original with the removed experts' router logits at -inf (an
+Add of a 0/-inf vector after the router, built here, not by spa), in onnxruntime at several batch
+and sequence sizes; the unmasked original differs, so the comparison can fail."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import spa
+from spa.errors import SpaError
+from spa.graph.experts import find_layers
+from spa.io import weights as weight_store
+from spa.scoring.experts import selection_share, tcess
+from spa.surgery.experts import cut_experts
+from exported import deploy as export
+
+EXACT = 1e-5
+
+
+def masked(proto, layers, kept):
+    """The original with every removed expert's router logit at -inf."""
+    ref = onnx.ModelProto()
+    ref.CopyFrom(proto)
+    for layer in layers:
+        if layer.index not in kept:
+            continue
+        mask = np.full(layer.experts, -np.inf, np.float32)
+        mask[list(kept[layer.index])] = 0.0
+        node = next(n for n in ref.graph.node if n.name == layer.router)
+        raw = node.output[0] + "/raw"
+        ref.graph.initializer.append(numpy_helper.from_array(mask, node.output[0] + "/mask"))
+        ref.graph.node.insert(list(ref.graph.node).index(node) + 1,
+                              helper.make_node("Add", [raw, node.output[0] + "/mask"], [node.output[0]]))
+        node.output[0] = raw
+    del ref.graph.value_info[:]
+    return ref
+
+
+def worst(a, b, feeds):
+    sa, sb = ort.InferenceSession(a.SerializeToString()), ort.InferenceSession(b.SerializeToString())
+    err = 0.0
+    for f in feeds:
+        for x, y in zip(sa.run(None, f), sb.run(None, f)):
+            assert x.shape == y.shape
+            err = max(err, float(np.abs(x - y).max() / max(np.abs(x).max(), 0.1)))
+    return err
+
+
+def token_feeds():
+    rng = np.random.default_rng(0)
+    return [{"input_ids": rng.integers(0, 256, (b, s)).astype(np.int64)} for b, s in ((1, 1), (3, 7), (2, 40))]
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    an = spa.analyze(export("mixtral_moe"))
+    return an, find_layers(an.model, an.weights, an.probe.shapes)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("kept", [{0: [1, 3], 1: [0, 2]}, {0: [0, 1, 3], 1: [1, 2, 3]}, {1: [0, 3]}])
+def test_mixtral_experts_removed_equal_the_masked_original(mixtral, kept):
+    an, layers = mixtral
+    assert [(la.experts, la.top_k, len(la.slices), la.blocked) for la in layers] == [(4, 2, 3, "")] * 2
+    pruned, w = cut_experts(an.model, an.weights, layers, kept)
+    full = weight_store.full_model(pruned, w)
+    original = an.full_model()
+    feeds = token_feeds()
+    assert worst(masked(original, layers, kept), full, feeds) < EXACT
+    assert worst(original, full, feeds) > 1e-3          # the oracle can tell
+    dims = {t.name: list(t.dims) for t in pruned.graph.initializer}
+    for layer in layers:                                # router rows and stacked experts shrink together
+        n = len(kept.get(layer.index, range(layer.experts)))
+        assert {dims[c][d] for c, d in layer.slices} == {n}
+    # a batch's rows equal the rows run alone
+    s = ort.InferenceSession(full.SerializeToString())
+    x = feeds[1]["input_ids"]
+    both = s.run(None, {"input_ids": x})[0]
+    alone = s.run(None, {"input_ids": x[1:2]})[0]
+    assert np.abs(both[1:2] - alone).max() < 1e-5
+
+
+@pytest.mark.torch
+def test_topk_k_must_stay_within_the_experts_left(mixtral):
+    an, layers = mixtral
+    with pytest.raises(SpaError, match="routes each token to 2 experts.*keep at least 2 of its 4, not 1"):
+        cut_experts(an.model, an.weights, layers, {0: [3]})
+    with pytest.raises(SpaError, match="keeps 1 of 4 experts in layer 0.*use F >= 0.5"):
+        spa.prune(export("mixtral_moe"), target="experts=0.25", analysis=an)
+
+
+@pytest.mark.torch
+def test_target_experts_halves_the_experts_and_the_file(mixtral, tmp_path):
+    an, layers = mixtral
+    res = spa.prune(export("mixtral_moe"), target="experts=0.5", analysis=an, output=tmp_path / "half.onnx")
+    rep = res.report["experts"]
+    assert rep["scorer"] == "router_norm" and [len(e["kept"]) for e in rep["layers"]] == [2, 2]
+    kept = {e["layer"]: e["kept"] for e in rep["layers"]}
+    assert worst(masked(an.full_model(), layers, kept), res.model, token_feeds()) < EXACT
+    stacked = sum(an.weights[c].nbytes for la in layers for c, _ in la.slices)
+    before = sum(v.nbytes for v in an.weights.values())
+    after = sum(numpy_helper.to_array(t).nbytes for t in res.model.graph.initializer)
+    assert after == before - stacked // 2
+    size = (tmp_path / "half.onnx").stat().st_size
+    assert size < len(an.full_model().SerializeToString()) - stacked // 2 + 4096
+    # with data: TCESS from the router logits of the calibration pass
+    res = spa.prune(export("mixtral_moe"), target="experts=0.75", analysis=an, calib="synthetic", calib_batches=1)
+    rep = res.report["experts"]
+    assert rep["scorer"] == "tcess" and [len(e["kept"]) for e in rep["layers"]] == [3, 3]
+    assert all(0.5 <= sum(e["scores"]) <= 1.0 for e in rep["layers"])  # each token's top 2 of 4 probabilities
+
+
+def moe_graph(remap=True):
+    """x [N, 8] -> router Gemm (5 experts) -> Softmax -> TopK 2; stacked experts [5, 8, 6] chosen by
+    Gather(ids); routing weights times expert outputs; and (``remap``) a per-expert constant chosen by
+    Equal(ids, range(5)): a reader that needs the original expert numbering."""
+    rng = np.random.default_rng(1)
+    E, H, O = 5, 8, 6
+    inits = [numpy_helper.from_array(rng.standard_normal((E, H)).astype(np.float32), "router"),
+             numpy_helper.from_array(rng.standard_normal(E).astype(np.float32), "router_b"),
+             numpy_helper.from_array(rng.standard_normal((E, H, O)).astype(np.float32), "experts"),
+             numpy_helper.from_array(np.array([2], np.int64), "k"),
+             numpy_helper.from_array(np.array([-1], np.int64), "last"),
+             numpy_helper.from_array(np.array([1, 2], np.int64), "axes12"),
+             numpy_helper.from_array(np.arange(E, dtype=np.int64), "numbers"),
+             numpy_helper.from_array(rng.standard_normal(E).astype(np.float32), "per_expert")]
+    nodes = [helper.make_node("Gemm", ["x", "router", "router_b"], ["logits"], transB=1, name="router_gemm"),
+             helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+             helper.make_node("TopK", ["probs", "k"], ["w", "ids"], axis=-1, name="topk"),
+             helper.make_node("Gather", ["experts", "ids"], ["chosen"], axis=0),        # [N, 2, H, O]
+             helper.make_node("Unsqueeze", ["x", "axes12"], ["x4"]),                     # [N, 1, 1, H]
+             helper.make_node("MatMul", ["x4", "chosen"], ["y4"]),                       # [N, 2, 1, O]
+             helper.make_node("Unsqueeze", ["w", "last"], ["w3"]),
+             helper.make_node("Unsqueeze", ["w3", "last"], ["w4"]),
+             helper.make_node("Mul", ["y4", "w4"], ["yw"]),
+             helper.make_node("ReduceSum", ["yw", "axes12"], ["y"], keepdims=0)]        # [N, O]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", O])]
+    if remap:
+        nodes += [helper.make_node("Unsqueeze", ["ids", "last"], ["ids3"]),
+                  helper.make_node("Equal", ["ids3", "numbers"], ["hit"], name="equal"),   # [N, 2, E]
+                  helper.make_node("Cast", ["hit"], ["hitf"], to=TensorProto.FLOAT),
+                  helper.make_node("Mul", ["hitf", "per_expert"], ["usage3"]),
+                  helper.make_node("ReduceSum", ["usage3", "axes12"], ["usage"], keepdims=0)]
+        outputs.append(helper.make_tensor_value_info("usage", TensorProto.FLOAT, ["N"]))
+    g = helper.make_graph(nodes, "moe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", H])],
+                          outputs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("kept", [[0, 2, 4], [1, 3], [0, 1, 2, 3]])
+def test_ids_read_by_other_ops_get_the_original_numbering(kept):
+    """Gather(stacked, ids) is cut; Equal(ids, range(5)) is fed the ids mapped back, so the
+    per-expert constant it selects is the original one."""
+    an = spa.analyze(moe_graph(), input_shapes={"x": [3, 8]})
+    layers = find_layers(an.model, an.weights, an.probe.shapes)
+    assert [(la.experts, la.top_k, la.blocked, la.remaps) for la in layers] == [(5, 2, "", [("equal", 0)])]
+    assert sorted(c for c, _ in layers[0].slices) == ["experts", "router", "router_b"]
+    pruned, w = cut_experts(an.model, an.weights, layers, {0: kept})
+    full = weight_store.full_model(pruned, w)
+    rng = np.random.default_rng(2)
+    feeds = [{"x": rng.standard_normal((n, 8)).astype(np.float32)} for n in (1, 4, 33)]
+    assert worst(masked(an.full_model(), layers, {0: kept}), full, feeds) < EXACT
+    assert worst(an.full_model(), full, feeds) > 1e-3
+
+
+def test_an_unknown_reader_of_the_expert_logits_blocks_the_layer():
+    m = moe_graph(remap=False)
+    m.graph.node.append(helper.make_node("ReduceMax", ["logits"], ["top"], keepdims=0, name="peek"))
+    m.graph.output.append(helper.make_tensor_value_info("top", TensorProto.FLOAT, ["N"]))
+    an = spa.analyze(m, input_shapes={"x": [3, 8]})
+    layers = find_layers(an.model, an.weights, an.probe.shapes)
+    assert layers[0].blocked == "ReduceMax 'peek' reads the expert axis and has no expert rule"
+    with pytest.raises(SpaError, match="no mixture-of-experts layer can lose experts.*ReduceMax 'peek'"):
+        spa.prune(m, target="experts=0.6", input_shapes={"x": [3, 8]})
+
+
+def test_tcess_weighs_selection_by_probability():
+    logits = np.log(np.array([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]]))
+    got = tcess(logits, logits, 1)
+    assert np.allclose(got, [0.25, 0.3, 0.0])
+    assert np.allclose(tcess(logits, logits, 2), [0.25, 0.45, 0.15])
+    assert selection_share(logits, 2, [0, 1]) == 0.75
