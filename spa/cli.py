@@ -178,7 +178,8 @@ def _criteria():
 @click.option("--ratio", type=float, default=0.3, show_default=True, help="fraction of each group's channels to remove")
 @click.option("--target", default=None, metavar="KIND=F",
               help="reach a reduction factor instead of a ratio: macs=2 halves MACs, params=1.5 (global threshold); "
-                   "fidelity=C (0 < C <= 1) removes the most MACs that keep the outputs' cosine to the original's >= C")
+                   "fidelity=C (0 < C <= 1) removes the most MACs that keep the outputs' cosine to the original's >= C; "
+                   "experts=F keeps that fraction of every mixture-of-experts layer's experts (docs/moe.md)")
 @click.option("--criterion", type=click.Choice(_criteria()), default="l2", show_default=True,
               help="act_mean, wanda and flap need --calib; taylor, snip and fisher need --grads")
 @click.option("--reduction", type=click.Choice(["sum", "mean", "max"]), default="sum", show_default=True,
@@ -359,6 +360,9 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
         click.echo(f"fidelity not measured: {fid['skipped']}")
     for line in describe_all(rep.get("layers", [])):
         click.echo(line)
+    for e in rep.get("experts", {}).get("layers", []):
+        click.echo(f"experts layer {e['layer']} ({e['router']}): " + (f"kept {len(e['kept'])} of {e['experts']} "
+                   f"{e['kept']}" if "kept" in e else f"all {e['experts']} kept ({e.get('blocked', '')})"))
     for c in rep.get("interface", []):
         click.echo(f"interface: {c['kind']} {c['tensor']} axis {c['axis']}: {c['before']} -> {c['after']}")
     click.echo(f"wrote {output}")

@@ -183,3 +183,16 @@ def test_tcess_weighs_selection_by_probability():
     assert np.allclose(got, [0.25, 0.3, 0.0])
     assert np.allclose(tcess(logits, logits, 2), [0.25, 0.45, 0.15])
     assert selection_share(logits, 2, [0, 1]) == 0.75
+
+
+@pytest.mark.torch
+def test_spa_prune_target_experts_on_the_command_line(tmp_path):
+    from click.testing import CliRunner
+    from spa.cli import cli
+    out = tmp_path / "half.onnx"
+    got = CliRunner().invoke(cli, ["prune", export("mixtral_moe"), "-o", str(out), "--target", "experts=0.5"])
+    assert got.exit_code == 0, got.output
+    assert "experts layer 0 (node_linear_4): kept 2 of 4" in got.output and out.exists()
+    got = CliRunner().invoke(cli, ["prune", export("mixtral_moe"), "-o", str(tmp_path / "q.onnx"),
+                                   "--target", "experts=1.5"])
+    assert got.exit_code != 0 and "experts=F: F is the fraction of each layer's experts kept" in got.output
