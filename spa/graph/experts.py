@@ -17,9 +17,12 @@ import numpy as np
 
 from ..ops.common import attr
 from ..ops.experts import ID_RULES, LOGIT_RULES
+from ..ops.registry import rule_key
 
 #: steps back from TopK to the router through expert-axis ops
 MAX_BACK = 8
+#: nodes that select experts -> their input of router scores (TopK; onnxruntime's fused MoE ops)
+SELECTORS = {"TopK": 0, "com.microsoft:MoE": 1, "com.microsoft:QMoE": 1}
 
 
 @dataclass
@@ -55,15 +58,16 @@ def find_layers(proto, consts: dict, shapes: dict) -> list:
     outputs = {o.name for o in proto.graph.output}
     layers = []
     for node in proto.graph.node:
-        if node.op_type != "TopK" or node.domain not in ("", "ai.onnx"):
+        scores = SELECTORS.get(rule_key(node))
+        if scores is None or len(node.input) <= scores:
             continue
-        router = _router(node.input[0], producer, consts)
+        router = _router(node.input[scores], producer, consts)
         if router is None:
             continue
         rnode, wdim = router
         w = consts[rnode.input[1]]
         layer = ExpertLayer(len(layers), rnode.name, rnode.input[1], int(w.shape[wdim]),
-                            logits=rnode.output[0], scores=node.input[0])
+                            logits=rnode.output[0], scores=node.input[scores])
         layer.slices.append((rnode.input[1], wdim))
         if rnode.op_type == "Gemm" and len(rnode.input) > 2 and rnode.input[2]:
             bias = rnode.input[2]
@@ -71,7 +75,7 @@ def find_layers(proto, consts: dict, shapes: dict) -> list:
                 layer.slices.append((bias, np.ndim(consts[bias]) - 1))
         out_rank = len(shapes.get(rnode.output[0], ()))
         _follow_logits(layer, rnode.output[0], out_rank - 1, readers, outputs, consts, shapes)
-        if not layer.blocked:
+        if not layer.blocked and layer.ids:
             _follow_ids(layer, readers, outputs, consts, shapes)
         if not layer.blocked and not 0 < layer.top_k < layer.experts:
             layer.blocked = f"TopK '{layer.topk}' picks {layer.top_k} of {layer.experts} experts"
@@ -89,7 +93,7 @@ def _router(name, producer, consts):
             return node, 0 if attr(node, "transB", 0) else 1
         if node.op_type == "MatMul" and node.input[1] in consts and np.ndim(consts[node.input[1]]) == 2:
             return node, 1
-        if node.op_type not in LOGIT_RULES or node.op_type == "TopK":
+        if rule_key(node) not in LOGIT_RULES or rule_key(node) in SELECTORS:
             return None
         live = [x for x in node.input if x and x not in consts]
         if len(live) != 1:
@@ -110,7 +114,7 @@ def _follow_logits(layer, start, dim, readers, outputs, consts, shapes):
             layer.blocked = f"the expert logits '{name}' are a graph output"
             return
         for node, i in readers.get(name, []):
-            rule = LOGIT_RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+            rule = LOGIT_RULES.get(rule_key(node))
             if rule is None:
                 layer.blocked = f"{node.op_type} '{node.name}' reads the expert axis and has no expert rule"
                 return
@@ -118,21 +122,26 @@ def _follow_logits(layer, start, dim, readers, outputs, consts, shapes):
             if got[0] == "block":
                 layer.blocked = got[1]
                 return
-            if got[0] == "topk":
+            if got[0] in ("topk", "fused"):
                 if layer.topk and layer.topk != node.name:
-                    layer.blocked = f"two TopK ({layer.topk}, {node.name}) select from one router"
+                    layer.blocked = f"two selectors ({layer.topk}, {node.name}) choose from one router"
                     return
-                layer.topk, layer.top_k, layer.ids = node.name, got[1], node.output[1]
-                continue
-            _, out, od, slices = got
+                layer.topk, layer.top_k = node.name, got[1]
+                if got[0] == "topk":
+                    layer.ids = node.output[1]
+                    continue
+                out, slices = None, got[2]
+            else:
+                _, out, od, slices = got
             for c, cd in slices:
                 if np.shape(consts[c])[cd] != layer.experts:
                     layer.blocked = f"'{c}' is beside the expert logits with {np.shape(consts[c])[cd]} values"
                     return
                 layer.slices.append((c, cd))
-            todo.append((out, od))
+            if out is not None:
+                todo.append((out, od))
     if not layer.blocked and not layer.topk:
-        layer.blocked = "no TopK selects from the router's experts"
+        layer.blocked = "no TopK or MoE op selects from the router's experts"
 
 
 def _follow_ids(layer, readers, outputs, consts, shapes):
@@ -147,7 +156,7 @@ def _follow_ids(layer, readers, outputs, consts, shapes):
             layer.blocked = f"the expert ids '{name}' are a graph output"
             return
         for node, i in readers.get(name, []):
-            rule = ID_RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+            rule = ID_RULES.get(rule_key(node))
             got = rule(node, i, consts, shapes) if rule is not None else None
             if got is not None and got[0] == "sink" and np.shape(consts[got[1]])[got[2]] != layer.experts:
                 got = None

@@ -9,7 +9,9 @@ data (``consts``: initializer arrays, ``shapes``: probed shapes):
   ``dim`` of its input ``i`` (router logits, probabilities, biased scores).  It returns
   ``("pass", output, dim, slices)`` (the axis continues on ``output``; ``slices`` are constants to
   cut along it: a routing bias), ``("topk", k)`` (TopK over the axis: its indices output becomes
-  expert ids) or ``("block", why)``.
+  expert ids), ``("fused", k, slices)`` (onnxruntime's ``com.microsoft`` MoE/QMoE: routing and
+  experts in one node, its per-expert inputs cut along their first dim) or ``("block", why)``.
+  Keys are op types, ``domain:op`` outside the default domain (``spa.ops.registry.rule_key``).
 * ``ID_RULES``: op -> ``rule(node, i, consts, shapes)`` for a node reading expert ids on input ``i``.
   It returns ``("pass", output)`` (the ids move on unchanged: Reshape, Unsqueeze...),
   ``("sink", const, dim)`` (the ids index ``dim`` of a constant: stacked expert weights that
@@ -71,8 +73,23 @@ def logit_topk(node, i, dim, consts, shapes):
     return ("topk", int(np.asarray(k).reshape(-1)[0]))
 
 
+def logit_fused_moe(node, i, dim, consts, shapes):
+    """onnxruntime's MoE and QMoE read the router's logits (input 1, experts last) and pick their
+    top k inside; every input after it (fc1/fc2/fc3 weights, biases, scales, zero points) is per
+    expert along dim 0, so all of them are cut with the router's rows."""
+    rank = len(shapes.get(node.input[1], ())) if len(node.input) > 1 else 0
+    if i != 1 or dim != rank - 1:
+        return ("block", f"{node.op_type} '{node.name}' reads the expert axis as something else than router logits")
+    computed = [x for x in node.input[2:] if x and x not in consts]
+    if computed:
+        return ("block", f"{node.op_type} '{node.name}': expert weights '{computed[0]}' are computed, not constants")
+    return ("fused", int(attr(node, "k", 1)), [(x, 0) for x in node.input[2:] if x])
+
+
 #: op -> rule for a node reading the expert axis (router logits and what follows them)
 LOGIT_RULES = {
+    "com.microsoft:MoE": logit_fused_moe,
+    "com.microsoft:QMoE": logit_fused_moe,
     **dict.fromkeys(("Softmax", "LogSoftmax", "Sigmoid", "Relu", "Identity", "Cast", "Exp", "Tanh"), logit_unary),
     **dict.fromkeys(("Add", "Sub", "Mul", "Div"), logit_binary),
     "TopK": logit_topk,

@@ -196,3 +196,42 @@ def test_spa_prune_target_experts_on_the_command_line(tmp_path):
     got = CliRunner().invoke(cli, ["prune", export("mixtral_moe"), "-o", str(tmp_path / "q.onnx"),
                                    "--target", "experts=1.5"])
     assert got.exit_code != 0 and "experts=F: F is the fraction of each layer's experts kept" in got.output
+
+
+def ort_moe_graph(E=6, H=8, I=12, k=2):
+    """x [N, 8] -> router Gemm (6 experts, with a bias) -> com.microsoft MoE (top 2, relu, fc1/fc2
+    weights [E, out, in] and biases): onnxruntime's fused mixture of experts."""
+    rng = np.random.default_rng(3)
+    arrays = {"router": rng.standard_normal((E, H)), "router_b": rng.standard_normal(E),
+              "fc1": rng.standard_normal((E, I, H)), "fc1_b": rng.standard_normal((E, I)),
+              "fc2": rng.standard_normal((E, H, I)) * 0.3, "fc2_b": rng.standard_normal((E, H))}
+    inits = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in arrays.items()]
+    nodes = [helper.make_node("Gemm", ["x", "router", "router_b"], ["logits"], transB=1, name="router_gemm"),
+             helper.make_node("MoE", ["x", "logits", "fc1", "fc1_b", "fc2", "fc2_b"], ["y"], name="moe",
+                              domain="com.microsoft", k=k, activation_type="relu", normalize_routing_weights=1)]
+    g = helper.make_graph(nodes, "ort_moe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", H])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", H])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("kept", [[0, 2, 5], [1, 4], [0, 1, 2, 3, 4]])
+def test_onnxruntime_moe_op_loses_experts_exactly(kept, tmp_path):
+    model = ort_moe_graph()
+    an = spa.analyze(model, input_shapes={"x": [3, 8]})
+    layers = find_layers(an.model, an.weights, an.probe.shapes)
+    assert [(la.experts, la.top_k, la.topk, la.blocked) for la in layers] == [(6, 2, "moe", "")]
+    assert sorted(c for c, _ in layers[0].slices) == ["fc1", "fc1_b", "fc2", "fc2_b", "router", "router_b"]
+    pruned, w = cut_experts(an.model, an.weights, layers, {0: kept})
+    full = weight_store.full_model(pruned, w)
+    rng = np.random.default_rng(4)
+    feeds = [{"x": rng.standard_normal((n, 8)).astype(np.float32)} for n in (1, 5, 64)]
+    assert worst(masked(an.full_model(), layers, {0: kept}), full, feeds) < EXACT
+    assert worst(an.full_model(), full, feeds) > 1e-3
+    assert [list(t.dims)[0] for t in full.graph.initializer if t.name.startswith("fc")] == [len(kept)] * 4
+
+
+def test_target_experts_on_the_moe_op_refuses_fewer_experts_than_k():
+    res = spa.prune(ort_moe_graph(), target="experts=0.5", input_shapes={"x": [3, 8]})
+    assert [len(e["kept"]) for e in res.report["experts"]["layers"]] == [3]
+    with pytest.raises(SpaError, match=r"keeps 1 of 6 experts in layer 0 \('router_gemm'\).*routes each token to 2"):
+        spa.prune(ort_moe_graph(), target="experts=0.2", input_shapes={"x": [3, 8]})
