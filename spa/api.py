@@ -17,6 +17,7 @@ from .io import weights as weight_store, zoo
 from .io.weights import is_float
 from .mapping import mapfile
 from .mapping.layers import layer_report
+from .moe import stage as moe_stage
 from .planning import ALLOCATIONS, METRICS, allocation, fidelity
 from .planning.counting import count_macs, count_params, mac_axes, node_macs
 from .planning.plan import (CostModel, all_units, load_overrides, parse_target, plan as make_plan, plan_target,
@@ -193,6 +194,8 @@ class PruneOptions:
     damp: float | None = None      # OBS: ridge on each Hessian, a multiple of its mean diagonal (None: obspa's DAMP)
     synthetic: str = "auto"        # without --calib: what synthetic images look like (spa.runtime.synthetic.KINDS)
     fidelity_metric: str = "auto"  # what fidelity measures per output (spa.planning.agreement.METRICS)
+    experts_from: object = None    # --target experts=F: a patterns file (spa experts profile) whose --task ranks experts
+    task: str | None = None        # the task of ``experts_from`` to keep the experts of
 
     def checked(self):
         """The criterion's Scorer and the parsed target; one-line errors for bad values."""
@@ -223,6 +226,9 @@ class PruneOptions:
                            "use --compensate auto (or another criterion)")
         if self.damp is not None and not (0.0 <= self.damp < float("inf")):
             raise SpaError(f"--damp must be a finite number >= 0, got {self.damp}")
+        if (self.experts_from is not None or self.task is not None) and (
+                target is None or target[0] != "experts" or self.experts_from is None or not self.task):
+            raise SpaError("--experts-from FILE and --task NAME go together, with --target experts=F")
         if target is not None and target[0] == "experts" and (self.steps != 1 or self.map_path is not None):
             raise SpaError("--target experts=F removes whole experts in one step, without a --map: use it with "
                            "--steps 1 and no --map")
@@ -306,7 +312,7 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
         progress("running the original on the fidelity guard's inputs")
         ref = fidelity.reference(first, opts)
     if target is not None and target[0] == "experts":
-        current, current_weights, after, report = _prune_experts(first, opts, target[1], progress)
+        current, current_weights, after, report = moe_stage.prune_experts(first, opts, target[1], progress)
         return _finish(model, first, current, current_weights, report, opts, output, progress, t0, ref)
     history, current, current_weights, after = [], first.model, first.weights, first.probe
     kept_map, compensated = None, set()
@@ -358,40 +364,30 @@ def _finish(model, first, current, current_weights, report, opts, output, progre
     return result
 
 
-def _prune_experts(first: Analysis, opts: PruneOptions, fraction: float, progress):
-    """The whole-expert pipeline (``--target experts=F``): find the MoE layers, score their experts
-    (TCESS on --calib, router norms without), plan the kept fraction per layer, cut, validate.
-    Returns ``(model, weights, probe of the pruned model, report)``."""
-    from .graph.experts import find_layers
-    from .planning.experts import plan_experts
-    from .scoring.experts import expert_scores
-    from .surgery.experts import cut_experts
-    progress("finding mixture-of-experts layers")
-    layers = find_layers(first.model, first.weights, first.probe.shapes)
-    feeds = None
-    if opts.calib is not None:
-        desc, feeds = synthetic.calibration(first, opts.calib, n_batches=opts.calib_batches,
-                                            batch_size=opts.calib_batch_size, seed=opts.seed, wanted=opts.synthetic,
-                                            progress=progress)
-        progress(f"gathering router logits on {desc}")
-    scorer, scores = expert_scores(first, layers, feeds=feeds, progress=progress)
-    kept = plan_experts(layers, scores, fraction)
-    progress(f"removing {sum(l.experts - len(kept[l.index]) for l in layers if l.index in kept)} experts "
-             f"from {len(kept)} layers")
-    current, weights = cut_experts(first.model, first.weights, layers, kept)
-    progress("validating the pruned model in onnxruntime")
-    after = validate(current, first, opts.input_shapes, weights=weights)
-    entries = []
-    for layer in layers:
-        e = layer.summary()
-        if layer.index in kept:
-            e.update(kept=kept[layer.index].tolist(), scores=[round(float(v), 6) for v in scores[layer.index]])
-        entries.append(e)
-    report = {"criterion": scorer, "reduction": "none", "normalisation": None, "target": f"experts={fraction:g}",
-              "before": {"params": first.params, "macs": first.macs},
-              "after": {"params": count_params(current), "macs": count_macs(current, after.shapes)},
-              "experts": {"scorer": scorer, "layers": entries}, "groups": []}
-    return current, weights, after, report
+def profile_experts(model, calib, name: str, *, into=None, output=None, input_shapes=None, calib_batch_size=None,
+                    seed: int = 0, progress=quiet, analysis: Analysis | None = None) -> dict:
+    """Task pattern ``name`` of ``model`` on ``calib`` (each MoE layer's TCESS and selection
+    frequencies: ``spa.planning.patterns``), added to ``into`` (a patterns document or file) or to a
+    new document, and safe-written to ``output`` when given.  Returns the document."""
+    an = analysis or analyze(model, input_shapes=input_shapes, progress=progress)
+    named = str(model) if isinstance(model, (str, os.PathLike)) else "<model>"
+    doc = moe_stage.profile(an, named, calib, name, into=into, calib_batch_size=calib_batch_size, seed=seed,
+                            progress=progress)
+    if output is not None:
+        import json
+        io.write_text(output, json.dumps(doc, indent=1), what="--output",
+                      inputs=[p for p in (model, calib) if isinstance(p, (str, os.PathLike))])
+    return doc
+
+
+def match_experts(patterns, calib, model=None, *, input_shapes=None, calib_batch_size=None, seed: int = 0,
+                  progress=quiet, analysis: Analysis | None = None) -> dict:
+    """Which task of ``patterns`` (a document or file) a query batch ``calib`` is closest to, on
+    ``model`` (default: the model the patterns were made on)."""
+    from .planning.patterns import load
+    doc = load(patterns) if isinstance(patterns, (str, os.PathLike)) else patterns
+    an = analysis or analyze(model or doc["model"], input_shapes=input_shapes, progress=progress)
+    return moe_stage.match(an, doc, calib, calib_batch_size=calib_batch_size, seed=seed, progress=progress)
 
 
 def _score(step: Step, scorer, opts: PruneOptions, k: int, tag: str, ranked: bool, progress) -> None:

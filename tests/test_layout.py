@@ -137,7 +137,7 @@ def test_no_private_names_across_modules():
 #: (``spa`` is spa/__init__.py and spa/__main__.py; ``zoo`` is spa/zoo.py, the public name of spa.io.zoo;
 #: ``progress`` is spa/progress.py, the progress lines every stage may print)
 LAYERS = [("errors", "progress"), ("io",), ("runtime",), ("ops",), ("graph",), ("scoring",), ("planning",), ("surgery",),
-          ("verify", "mapping"), ("api",), ("cli",), ("spa", "zoo", "__main__")]
+          ("verify", "mapping", "moe"), ("api",), ("cli",), ("spa", "zoo", "__main__")]
 
 
 def _folder(name: str) -> str:

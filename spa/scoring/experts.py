@@ -60,6 +60,12 @@ def tcess(logits: np.ndarray, selection: np.ndarray, k: int) -> np.ndarray:
     return (p * chosen).sum(0) / max(len(p), 1)
 
 
+def selection_frequency(selection: np.ndarray, k: int) -> np.ndarray:
+    """The fraction of tokens whose top-k holds each expert."""
+    top = np.argpartition(-selection, k - 1, axis=1)[:, :k]
+    return np.bincount(top.ravel(), minlength=selection.shape[1]) / max(len(selection), 1)
+
+
 def selection_share(selection: np.ndarray, k: int, kept) -> float:
     """The fraction of the data's (token, choice) selections that fall on ``kept`` experts: how much
     of a task's routing a kept set preserves."""
