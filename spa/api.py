@@ -385,7 +385,7 @@ def match_experts(patterns, calib, model=None, *, input_shapes=None, calib_batch
     """Which task of ``patterns`` (a document or file) a query batch ``calib`` is closest to, on
     ``model`` (default: the model the patterns were made on)."""
     from .planning.patterns import load
-    doc = load(patterns) if isinstance(patterns, (str, os.PathLike)) else patterns
+    doc = load(patterns, "patterns") if isinstance(patterns, (str, os.PathLike)) else patterns
     an = analysis or analyze(model or doc["model"], input_shapes=input_shapes, progress=progress)
     return moe_stage.match(an, doc, calib, calib_batch_size=calib_batch_size, seed=seed, progress=progress)
 

@@ -234,6 +234,9 @@ def _criteria():
 @click.option("--map", "map_path", default=None, type=click.Path(dir_okay=False), metavar="FILE",
               help="write the map back to the framework (kept indices of every sliced initializer) for "
                    "`spa apply-map`")
+@click.option("--experts-from", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+              help="with --target experts=F and --task: rank experts by a task pattern of `spa experts profile`")
+@click.option("--task", default=None, help="the task of --experts-from whose experts to keep")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="write the JSON report here")
 @click.option("--json", "as_json", is_flag=True, help="print the JSON report on stdout instead of the summary")
 @click.option("--input-shapes", multiple=True, help=SHAPES_HELP)
@@ -259,7 +262,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
           hessian, synthetic, fidelity_metric, blas_threads, seed, global_rank, max_ratio, overrides, steps, round_to,
           exclude, prune_io,
           allocate, compensate, damp,
-          grads, map_path, report, as_json, input_shapes, force,
+          grads, map_path, experts_from, task, report, as_json, input_shapes, force,
           do_check, atol, rtol, do_bench, bench_provider, bench_warmup, bench_iters, quiet, verbose):
     """Remove channels from MODEL and write the smaller model to OUTPUT.
 
@@ -284,7 +287,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                            "write the pruned model elsewhere")
     # every file of the run that spa reads is protected from every file it writes (checked now, before
     # the work, and again at each write)
-    protect = _run_inputs(src, [output, report, map_path], calib, overrides, grads)
+    protect = _run_inputs(src, [output, report, map_path], calib, overrides, grads, experts_from)
     check_target(output, [p for p in protect if not (force and p == src)])
     for target_file in (output, report, map_path):
         if target_file and not Path(target_file).parent.exists():
@@ -308,7 +311,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                            calib_batch_size=calib_batch_size, seed=seed, hessian=hessian, input_shapes=shapes,
                            blas_threads=blas_threads, prune_io=prune_io, grads=grads, map_path=map_path,
                            allocate=allocate, compensate=compensate, damp=damp, synthetic=synthetic,
-                           fidelity_metric=fidelity_metric)
+                           fidelity_metric=fidelity_metric, experts_from=experts_from, task=task)
     options.checked()  # every option before the load and probe
     an = analyze(src, input_shapes=shapes, progress=_progress, prune_io=prune_io)
     result = do_prune(src, options=options, progress=_progress, analysis=an)
@@ -505,6 +508,48 @@ def apply_map(map_file, checkpoint, output, names, as_json):
     for line in summary.get("lines", []):
         click.echo(line)
     click.echo(f"wrote {output}")
+
+
+@cli.group()
+def experts():
+    """Task expert patterns of mixture-of-experts models (docs/moe.md)."""
+
+
+@experts.command("profile")
+@click.argument("model")
+@click.option("--calib", required=True, help="the task's inputs: .npz keyed by input name (or synthetic, random)")
+@click.option("--name", required=True, help="the task's name in the patterns")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="the patterns file (JSON); an existing one gains or replaces this task")
+@click.option("--calib-batch-size", type=int, default=None, help="samples per calibration batch")
+@click.option("--input-shapes", multiple=True, help=SHAPES_HELP)
+def experts_profile(model, calib, name, output, calib_batch_size, input_shapes):
+    """Record each MoE layer's expert scores (TCESS) for a task."""
+    from .api import profile_experts
+    path, shapes = _resolve_model(model, input_shapes)
+    into = output if Path(output).is_file() else None
+    doc = profile_experts(path, calib, name, into=into, output=output, input_shapes=shapes,
+                          calib_batch_size=calib_batch_size, progress=_progress)
+    click.echo(f"task {name}: {len(doc['layers'])} MoE layers, {doc['tasks'][name]['tokens']} tokens; "
+               f"{len(doc['tasks'])} task(s) in {output}")
+
+
+@experts.command("match")
+@click.argument("patterns", type=click.Path(dir_okay=False))
+@click.option("--calib", required=True, help="the query's inputs (.npz keyed by input name)")
+@click.option("--model", default=None, help="the model [default: the one the patterns were made on]")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--input-shapes", multiple=True, help=SHAPES_HELP)
+def experts_match(patterns, calib, model, as_json, input_shapes):
+    """Say which stored task a query batch is closest to."""
+    from .api import match_experts
+    shapes = _shapes(input_shapes)
+    got = match_experts(patterns, calib, model, input_shapes=shapes, progress=_progress)
+    if as_json:
+        click.echo(json.dumps(got, indent=1))
+        return
+    click.echo(f"closest task: {got['closest']}  (" + ", ".join(f"{t['task']} {t['similarity']:.3f}"
+                                                            for t in got["tasks"]) + ")")
 
 
 cli.add_command(check_command)

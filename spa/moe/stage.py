@@ -76,7 +76,7 @@ def profile(an, model_name: str, calib, name: str, *, into=None, calib_batch_siz
     each MoE layer's TCESS and selection frequencies on ``calib``."""
     if not name or not str(name).strip():
         raise SpaError("--name: give the task a name (math, code...)")
-    doc = patterns.load(into) if isinstance(into, (str, os.PathLike)) else into
+    doc = patterns.load(into, "--output") if isinstance(into, (str, os.PathLike)) else into
     layers, runs, desc = _router_runs(an, calib, calib_batch_size, seed, progress)
     scores = {i: tcess(lg, sel, layers[i].top_k) for i, (lg, sel) in runs.items()}
     selected = {i: selection_frequency(sel, layers[i].top_k) for i, (lg, sel) in runs.items()}

@@ -53,24 +53,24 @@ def add_task(doc: dict | None, model: str, layers, name: str, scores: dict, sele
     return doc
 
 
-def load(path) -> dict:
-    """A patterns document, checked: one-line SpaErrors for anything else."""
+def load(path, what: str = "--experts-from") -> dict:
+    """A patterns document, checked: one-line SpaErrors (naming the option ``what``) for anything else."""
     p = Path(path)
     if not p.is_file():
-        raise SpaError(f"--experts-from {p}: no such file (make one with spa experts profile)")
+        raise SpaError(f"{what} {p}: no such file (make one with spa experts profile)")
     if p.stat().st_size > MAX_BYTES:
-        raise SpaError(f"--experts-from {p}: {p.stat().st_size} bytes is too big for a patterns file")
+        raise SpaError(f"{what} {p}: {p.stat().st_size} bytes is too big for a patterns file")
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise SpaError(f"--experts-from {p}: not JSON ({str(exc).splitlines()[0][:100]})") from None
+        raise SpaError(f"{what} {p}: not JSON ({str(exc).splitlines()[0][:100]})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
-        raise SpaError(f"--experts-from {p}: not a {FORMAT} version {VERSION} file")
+        raise SpaError(f"{what} {p}: not a {FORMAT} version {VERSION} file")
     layers, tasks = doc.get("layers"), doc.get("tasks")
     if not isinstance(layers, list) or not isinstance(tasks, dict) or not all(
             isinstance(la, dict) and isinstance(la.get("router"), str) and isinstance(la.get("experts"), int)
             for la in layers):
-        raise SpaError(f"--experts-from {p}: malformed 'layers' or 'tasks'")
+        raise SpaError(f"{what} {p}: malformed 'layers' or 'tasks'")
     for name, t in tasks.items():
         for key in ("scores", "selected"):
             rows = t.get(key) if isinstance(t, dict) else None
@@ -78,7 +78,7 @@ def load(path) -> dict:
                     isinstance(r, list) and len(r) == la["experts"] and all(
                         isinstance(v, (int, float)) and math.isfinite(v) for v in r)
                     for r, la in zip(rows, layers)):
-                raise SpaError(f"--experts-from {p}: task '{name}': '{key}' must hold one finite number per "
+                raise SpaError(f"{what} {p}: task '{name}': '{key}' must hold one finite number per "
                                f"expert of each of the {len(layers)} layers")
     return doc
 

@@ -16,37 +16,9 @@ from spa.io import weights as weight_store
 from spa.scoring.experts import selection_share, tcess
 from spa.surgery.experts import cut_experts
 from exported import deploy as export
+from graphs import masked_router as masked, worst_error as worst
 
 EXACT = 1e-5
-
-
-def masked(proto, layers, kept):
-    """The original with every removed expert's router logit at -inf."""
-    ref = onnx.ModelProto()
-    ref.CopyFrom(proto)
-    for layer in layers:
-        if layer.index not in kept:
-            continue
-        mask = np.full(layer.experts, -np.inf, np.float32)
-        mask[list(kept[layer.index])] = 0.0
-        node = next(n for n in ref.graph.node if n.name == layer.router)
-        raw = node.output[0] + "/raw"
-        ref.graph.initializer.append(numpy_helper.from_array(mask, node.output[0] + "/mask"))
-        ref.graph.node.insert(list(ref.graph.node).index(node) + 1,
-                              helper.make_node("Add", [raw, node.output[0] + "/mask"], [node.output[0]]))
-        node.output[0] = raw
-    del ref.graph.value_info[:]
-    return ref
-
-
-def worst(a, b, feeds):
-    sa, sb = ort.InferenceSession(a.SerializeToString()), ort.InferenceSession(b.SerializeToString())
-    err = 0.0
-    for f in feeds:
-        for x, y in zip(sa.run(None, f), sb.run(None, f)):
-            assert x.shape == y.shape
-            err = max(err, float(np.abs(x - y).max() / max(np.abs(x).max(), 0.1)))
-    return err
 
 
 def token_feeds():
