@@ -370,12 +370,13 @@ def profile_experts(model, calib, name: str, *, into=None, output=None, input_sh
     frequencies: ``spa.planning.patterns``), added to ``into`` (a patterns document or file) or to a
     new document, and safe-written to ``output`` when given.  Returns the document."""
     an = analysis or analyze(model, input_shapes=input_shapes, progress=progress)
-    named = str(model) if isinstance(model, (str, os.PathLike)) else "<model>"
+    named = "<model>" if not isinstance(model, (str, os.PathLike)) else \
+        str(os.path.abspath(model)) if os.path.isfile(model) else str(model)   # a file, or a zoo name
     doc = moe_stage.profile(an, named, calib, name, into=into, calib_batch_size=calib_batch_size, seed=seed,
                             progress=progress)
     if output is not None:
         import json
-        io.write_text(output, json.dumps(doc, indent=1), what="--output",
+        io.write_text(output, json.dumps(doc, separators=(",", ":")), what="--output",
                       inputs=[p for p in (model, calib) if isinstance(p, (str, os.PathLike))])
     return doc
 
