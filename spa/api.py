@@ -194,7 +194,7 @@ class PruneOptions:
     damp: float | None = None      # OBS: ridge on each Hessian, a multiple of its mean diagonal (None: obspa's DAMP)
     synthetic: str = "auto"        # without --calib: what synthetic images look like (spa.runtime.synthetic.KINDS)
     fidelity_metric: str = "auto"  # what fidelity measures per output (spa.planning.agreement.METRICS)
-    experts_from: object = None    # --target experts=F: a patterns file (spa experts profile) whose --task ranks experts
+    experts_from: object = None    # --target experts=F: a patterns file whose --task ranks the experts
     task: str | None = None        # the task of ``experts_from`` to keep the experts of
 
     def checked(self):

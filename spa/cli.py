@@ -178,8 +178,8 @@ def _criteria():
 @click.option("--ratio", type=float, default=0.3, show_default=True, help="fraction of each group's channels to remove")
 @click.option("--target", default=None, metavar="KIND=F",
               help="reach a reduction factor instead of a ratio: macs=2 halves MACs, params=1.5 (global threshold); "
-                   "fidelity=C (0 < C <= 1) removes the most MACs that keep the outputs' cosine to the original's >= C; "
-                   "experts=F keeps that fraction of every mixture-of-experts layer's experts (docs/moe.md)")
+                   "fidelity=C (0 < C <= 1) removes the most MACs that keep the outputs' cosine to the original's "
+                   ">= C; experts=F keeps that fraction of every mixture-of-experts layer's experts (docs/moe.md)")
 @click.option("--criterion", type=click.Choice(_criteria()), default="l2", show_default=True,
               help="act_mean, wanda and flap need --calib; taylor, snip and fisher need --grads")
 @click.option("--reduction", type=click.Choice(["sum", "mean", "max"]), default="sum", show_default=True,

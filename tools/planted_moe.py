@@ -126,7 +126,8 @@ def main(out_dir) -> None:
         base = [selection_share(runs[la.index][1], la.top_k, blind[la.index]) for la in layers]
         got = spa.match_experts(doc, str(paths[f"{t}_heldout"]), model, analysis=an)
         print(f"task{t}: kept {[kept[la.index].tolist() for la in layers]}, held-out selections kept "
-              f"{[round(s, 4) for s in shares]} (router norms: {[round(s, 4) for s in base]}), match -> {got['closest']} "
+              f"{[round(s, 4) for s in shares]} (router norms: {[round(s, 4) for s in base]}), "
+              f"match -> {got['closest']} "
               f"({got['tasks'][0]['similarity']:.3f} vs next {got['tasks'][1]['similarity']:.3f})")
 
 

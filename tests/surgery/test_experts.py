@@ -4,7 +4,6 @@ Oracle: the pruned model equals the original with the removed experts' router lo
 Add of a 0/-inf vector after the router, built here, not by spa), in onnxruntime at several batch
 and sequence sizes; the unmasked original differs, so the comparison can fail."""
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -170,29 +169,38 @@ def test_spa_prune_target_experts_on_the_command_line(tmp_path):
     assert got.exit_code != 0 and "experts=F: F is the fraction of each layer's experts kept" in got.output
 
 
-def ort_moe_graph(E=6, H=8, I=12, k=2):
+def ort_moe_graph(E=6, H=8, I=12, k=2, op="MoE"):
     """x [N, 8] -> router Gemm (6 experts, with a bias) -> com.microsoft MoE (top 2, relu, fc1/fc2
-    weights [E, out, in] and biases): onnxruntime's fused mixture of experts."""
+    weights [E, out, in] and biases) or QMoE (8-bit weights [E, out, in] with per-row scales):
+    onnxruntime's fused mixture of experts."""
     rng = np.random.default_rng(3)
-    arrays = {"router": rng.standard_normal((E, H)), "router_b": rng.standard_normal(E),
-              "fc1": rng.standard_normal((E, I, H)), "fc1_b": rng.standard_normal((E, I)),
-              "fc2": rng.standard_normal((E, H, I)) * 0.3, "fc2_b": rng.standard_normal((E, H))}
-    inits = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in arrays.items()]
+    arrays = {"router": rng.standard_normal((E, H)), "router_b": rng.standard_normal(E)}
+    if op == "MoE":
+        arrays.update(fc1=rng.standard_normal((E, I, H)), fc1_b=rng.standard_normal((E, I)),
+                      fc2=rng.standard_normal((E, H, I)) * 0.3, fc2_b=rng.standard_normal((E, H)))
+        inputs, extra = ["x", "logits", "fc1", "fc1_b", "fc2", "fc2_b"], {}
+    else:
+        arrays.update(fc1=rng.integers(0, 255, (E, I, H)).astype(np.uint8), fc1_s=rng.random((E, I)) * 0.02,
+                      fc2=rng.integers(0, 255, (E, H, I)).astype(np.uint8), fc2_s=rng.random((E, H)) * 0.02)
+        inputs, extra = ["x", "logits", "fc1", "fc1_s", "", "fc2", "fc2_s"], {"expert_weight_bits": 8}
+    inits = [numpy_helper.from_array(v if v.dtype == np.uint8 else v.astype(np.float32), n) for n, v in arrays.items()]
     nodes = [helper.make_node("Gemm", ["x", "router", "router_b"], ["logits"], transB=1, name="router_gemm"),
-             helper.make_node("MoE", ["x", "logits", "fc1", "fc1_b", "fc2", "fc2_b"], ["y"], name="moe",
-                              domain="com.microsoft", k=k, activation_type="relu", normalize_routing_weights=1)]
+             helper.make_node(op, inputs, ["y"], name="moe", domain="com.microsoft", k=k, activation_type="relu",
+                              normalize_routing_weights=1, **extra)]
     g = helper.make_graph(nodes, "ort_moe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", H])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", H])], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
 
 
+@pytest.mark.parametrize("op", ["MoE", "QMoE"])
 @pytest.mark.parametrize("kept", [[0, 2, 5], [1, 4], [0, 1, 2, 3, 4]])
-def test_onnxruntime_moe_op_loses_experts_exactly(kept, tmp_path):
-    model = ort_moe_graph()
+def test_onnxruntime_moe_op_loses_experts_exactly(kept, op):
+    model = ort_moe_graph(op=op)
     an = spa.analyze(model, input_shapes={"x": [3, 8]})
     layers = find_layers(an.model, an.weights, an.probe.shapes)
     assert [(la.experts, la.top_k, la.topk, la.blocked) for la in layers] == [(6, 2, "moe", "")]
-    assert sorted(c for c, _ in layers[0].slices) == ["fc1", "fc1_b", "fc2", "fc2_b", "router", "router_b"]
+    per_expert = ["fc1", "fc1_b", "fc2", "fc2_b"] if op == "MoE" else ["fc1", "fc1_s", "fc2", "fc2_s"]
+    assert sorted(c for c, _ in layers[0].slices) == per_expert + ["router", "router_b"]
     pruned, w = cut_experts(an.model, an.weights, layers, {0: kept})
     full = weight_store.full_model(pruned, w)
     rng = np.random.default_rng(4)

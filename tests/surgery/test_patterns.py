@@ -5,7 +5,6 @@ task's held-out selections stay >= 95%, router norms keep far fewer), the pruned
 masked original, and ``spa experts match`` names the task of held-out batches."""
 import json
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
