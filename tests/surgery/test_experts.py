@@ -55,6 +55,21 @@ def test_mixtral_experts_removed_equal_the_masked_original(mixtral, kept):
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize("name", ["qwen_moe", "olmoe"])
+def test_qwen_and_olmoe_experts_removed_equal_the_masked_original(name):
+    """Qwen2-MoE (top-2 probabilities not renormalised; a shared expert behind a sigmoid gate, which
+    has no router row and stays) and OLMoE: the Mixtral router pattern with 8 experts."""
+    an = spa.analyze(export(name))
+    layers = find_layers(an.model, an.weights, an.probe.shapes)
+    assert [(la.experts, la.top_k, len(la.slices), la.blocked) for la in layers] == [(8, 2, 3, "")] * 2
+    kept = {0: [0, 2, 5, 7], 1: [1, 2, 3, 6]}
+    pruned, w = cut_experts(an.model, an.weights, layers, kept)
+    full = weight_store.full_model(pruned, w)
+    assert worst(masked(an.full_model(), layers, kept), full, token_feeds()) < EXACT
+    assert worst(an.full_model(), full, token_feeds()) > 1e-3
+
+
+@pytest.mark.torch
 def test_topk_k_must_stay_within_the_experts_left(mixtral):
     an, layers = mixtral
     with pytest.raises(SpaError, match="routes each token to 2 experts.*keep at least 2 of its 4, not 1"):
