@@ -216,7 +216,8 @@ class PruneOptions:
         target = parse_target(self.target)
         if self.allocate not in ALLOCATIONS:
             raise SpaError(f"--allocate must be one of {', '.join(ALLOCATIONS)}, got {self.allocate!r}")
-        if self.allocate in ("sensitivity", "uniform") and (target is None or target[0] not in ("macs", "params")):
+        if self.allocate in ("sensitivity", "uniform") and (target is None or target[0] not in ("macs", "params")) \
+                and not (self.allocate == "sensitivity" and target is not None and target[0] == "experts"):
             raise SpaError(f"--allocate {self.allocate} spreads a size over the groups: use it with --target macs=F or "
                            "params=F (--ratio R is already uniform; --target fidelity=C always allocates by sensitivity)")
         if self.compensate not in COMPENSATE:

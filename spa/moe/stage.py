@@ -15,22 +15,28 @@ from ..graph.experts import find_layers
 from ..planning import patterns
 from ..planning.counting import count_macs, count_params
 from ..planning.experts import plan_experts
+from ..planning.fidelity import eval_feeds
 from ..progress import quiet
 from ..runtime import synthetic
-from ..scoring.experts import expert_scores, router_logits, selection_frequency, tcess
+from ..scoring.experts import drift_scores, expert_scores, router_logits, selection_frequency, tcess
 from ..surgery.experts import cut_experts
 from ..surgery.validate import validate
 
 
 def prune_experts(first, opts, fraction: float, progress=quiet):
     """Keep ``fraction`` of every MoE layer's experts of analysis ``first``, ranked by the task
-    pattern ``opts.task`` of ``opts.experts_from``, TCESS on ``opts.calib``, or router norms.
+    pattern ``opts.task`` of ``opts.experts_from``, the measured drift (``opts.allocate ==
+    "sensitivity"``, on --calib or synthetic inputs), TCESS on ``opts.calib``, or router norms.
     Returns ``(model, weights, probe of the pruned model, report)``."""
     progress("finding mixture-of-experts layers")
     layers = find_layers(first.model, first.weights, first.probe.shapes)
     if opts.experts_from is not None:
         doc = patterns.load(opts.experts_from)
         scorer, scores = f"pattern {opts.task}", patterns.task_scores(doc, opts.task, layers)
+    elif opts.allocate == "sensitivity":
+        feeds, what = eval_feeds(first, opts)
+        progress(f"measuring each expert's drift on {what}")
+        scorer, scores = "drift", drift_scores(first, layers, feeds, progress)
     else:
         feeds = None
         if opts.calib is not None:

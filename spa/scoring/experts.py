@@ -13,10 +13,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import SpaError
-from ..runtime import calib as calib_mod
+from ..io.weights import is_float
+from ..runtime import calib as calib_mod, probing
 
-#: the scorers of ``spa prune --target experts=F``: router row norms without data, TCESS with it
-SCORERS = ("router_norm", "tcess")
+#: the scorers of ``spa prune --target experts=F``: router row norms without data, TCESS with it,
+#: the measured drift with ``--allocate sensitivity``
+SCORERS = ("router_norm", "tcess", "drift")
 
 
 def router_norm(layer, consts) -> np.ndarray:
@@ -80,3 +82,54 @@ def expert_scores(an, layers, *, feeds=None, progress=None) -> tuple[str, dict]:
         return "router_norm", {layer.index: router_norm(layer, an.weights) for layer in live}
     runs = router_logits(an, live, feeds, progress)
     return "tcess", {layer.index: tcess(*runs[layer.index], layer.top_k) for layer in live}
+
+
+def mask_inputs(proto, layers) -> tuple:
+    """A copy of ``proto`` whose router logits each get a graph input added (``[experts]``, 0 keeps
+    an expert, -inf removes it): the masked original in one session.  Returns ``(proto, names)``."""
+    import onnx
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    names = {}
+    nodes = list(out.graph.node)
+    for layer in layers:
+        node = next(n for n in nodes if n.name == layer.router)
+        name, raw = f"spa/expert_mask/{layer.index}", f"{layer.logits}/unmasked"
+        node.output[0] = raw
+        out.graph.node.insert(list(out.graph.node).index(node) + 1,
+                              onnx.helper.make_node("Add", [raw, name], [layer.logits], name=f"{name}/add"))
+        out.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [layer.experts]))
+        names[layer.index] = name
+    del out.graph.value_info[:]
+    return out, names
+
+
+def _flat(outputs: dict) -> np.ndarray:
+    return np.concatenate([np.asarray(v, np.float64).ravel() for v in outputs.values() if is_float(np.asarray(v).dtype)])
+
+
+def drift_scores(an, layers, feeds, progress=None) -> dict:
+    """The measured drift of every expert (higher = keep): ``1 - cosine`` of the model's outputs to
+    the original's on ``feeds`` when that expert alone is removed (its router logit at -inf, which is
+    exactly what removing it does), in one onnxruntime session with a mask input per layer.  Costs
+    one run per expert and batch: what it buys is the output's own say, where norms and TCESS only
+    read the router."""
+    live = [la for la in layers if not la.blocked]
+    proto, names = mask_inputs(an.model, live)
+    runner = probing.output_runner(proto, an.probe.consts)
+    outputs = [o.name for o in an.model.graph.output]
+    zero = {names[la.index]: np.zeros(la.experts, np.float32) for la in live}
+    refs = [_flat(runner.run({**f, **zero}, outputs)) for f in feeds]
+    got = {}
+    for j, la in enumerate(live):
+        if progress is not None:
+            progress(f"expert drift: layer {j + 1}/{len(live)} ({la.experts} experts)")
+        d = np.zeros(la.experts)
+        for e in range(la.experts):
+            mask = dict(zero)
+            mask[names[la.index]] = np.where(np.arange(la.experts) == e, -np.inf, 0).astype(np.float32)
+            for f, ref in zip(feeds, refs):
+                y = _flat(runner.run({**f, **mask}, outputs))
+                d[e] += 1.0 - float(ref @ y / max(np.linalg.norm(ref) * np.linalg.norm(y), 1e-30))
+        got[la.index] = d / max(len(feeds), 1)
+    return got

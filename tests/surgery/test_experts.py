@@ -230,3 +230,24 @@ def test_target_experts_on_the_moe_op_refuses_fewer_experts_than_k():
     assert [len(e["kept"]) for e in res.report["experts"]["layers"]] == [3]
     with pytest.raises(SpaError, match=r"keeps 1 of 6 experts in layer 0 \('router_gemm'\).*routes each token to 2"):
         spa.prune(ort_moe_graph(), target="experts=0.2", input_shapes={"x": [3, 8]})
+
+
+def test_measured_drift_scores_each_expert_by_the_output_it_moves():
+    """--allocate sensitivity: each expert's score is 1 - cosine of the outputs with it removed,
+    measured here on the masked original the test builds itself."""
+    from spa.scoring.experts import drift_scores
+    m = moe_graph(remap=False)
+    an = spa.analyze(m, input_shapes={"x": [16, 8]})
+    layers = find_layers(an.model, an.weights, an.probe.shapes)
+    feeds = [{"x": np.random.default_rng(5).standard_normal((16, 8)).astype(np.float32)}]
+    got = drift_scores(an, layers, feeds)[0]
+    s0 = ort.InferenceSession(an.full_model().SerializeToString())
+    ref = s0.run(None, feeds[0])[0].ravel().astype(np.float64)
+    for e in range(5):
+        s = ort.InferenceSession(masked(an.full_model(), layers, {0: [i for i in range(5) if i != e]}).SerializeToString())
+        y = s.run(None, feeds[0])[0].ravel().astype(np.float64)
+        assert abs(got[e] - (1 - ref @ y / np.linalg.norm(ref) / np.linalg.norm(y))) < 1e-6
+    res = spa.prune(m, target="experts=0.6", allocate="sensitivity", input_shapes={"x": [16, 8]})
+    rep = res.report["experts"]
+    assert rep["scorer"] == "drift" and rep["layers"][0]["kept"] == sorted(np.argsort(-np.array(
+        rep["layers"][0]["scores"]), kind="stable")[:3].tolist())
