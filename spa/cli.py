@@ -515,6 +515,26 @@ def experts():
     """Task expert patterns of mixture-of-experts models (docs/moe.md)."""
 
 
+@experts.command("list")
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--input-shapes", multiple=True, help=SHAPES_HELP)
+def experts_list(model, as_json, input_shapes):
+    """List the MoE layers of MODEL: experts, top-k, and why a layer cannot lose experts."""
+    from .api import analyze
+    from .moe.stage import describe
+    path, shapes = _resolve_model(model, input_shapes)
+    layers = describe(analyze(path, input_shapes=shapes, progress=_progress))
+    if as_json:
+        click.echo(json.dumps(layers, indent=1))
+        return
+    for e in layers:
+        what = f"blocked: {e['blocked']}" if e.get("blocked") else f"cut with it: {', '.join(e['stacked'])}"
+        click.echo(f"layer {e['layer']} ({e['router']}): {e['experts']} experts"
+                   + (f", top {e['top_k']}" if e["top_k"] else "") + f"; {what}")
+    click.echo(f"{len(layers)} MoE layers" + ("" if layers else " (no TopK or MoE op chooses from a router)"))
+
+
 @experts.command("profile")
 @click.argument("model")
 @click.option("--calib", required=True, help="the task's inputs: .npz keyed by input name (or synthetic, random)")

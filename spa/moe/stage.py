@@ -64,6 +64,11 @@ def prune_experts(first, opts, fraction: float, progress=quiet):
     return current, weights, after, report
 
 
+def describe(an) -> list:
+    """Every MoE layer of analysis ``an`` as plain data (``ExpertLayer.summary``): ``spa experts list``."""
+    return [la.summary() for la in find_layers(an.model, an.weights, an.probe.shapes)]
+
+
 def _router_runs(an, calib, calib_batch_size, seed, progress):
     """``(layers, {layer index: (logits, selection)}, description of the data)`` on ``calib``."""
     layers = find_layers(an.model, an.weights, an.probe.shapes)

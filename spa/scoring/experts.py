@@ -105,7 +105,9 @@ def mask_inputs(proto, layers) -> tuple:
 
 
 def _flat(outputs: dict) -> np.ndarray:
-    return np.concatenate([np.asarray(v, np.float64).ravel() for v in outputs.values() if is_float(np.asarray(v).dtype)])
+    """Every float output, flattened into one float64 vector (what the drift's cosine compares)."""
+    return np.concatenate([np.asarray(v, np.float64).ravel() for v in outputs.values()
+                           if is_float(np.asarray(v).dtype)])
 
 
 def drift_scores(an, layers, feeds, progress=None) -> dict:

@@ -4,6 +4,7 @@ Oracle: the pruned model equals the original with the removed experts' router lo
 Add of a 0/-inf vector after the router, built here, not by spa), in onnxruntime at several batch
 and sequence sizes; the unmasked original differs, so the comparison can fail."""
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -152,7 +153,7 @@ def test_ids_read_by_other_ops_get_the_original_numbering(kept):
     assert worst(an.full_model(), full, feeds) > 1e-3
 
 
-def test_an_unknown_reader_of_the_expert_logits_blocks_the_layer():
+def test_an_unknown_reader_of_the_expert_logits_blocks_the_layer(tmp_path):
     m = moe_graph(remap=False)
     m.graph.node.append(helper.make_node("ReduceMax", ["logits"], ["top"], keepdims=0, name="peek"))
     m.graph.output.append(helper.make_tensor_value_info("top", TensorProto.FLOAT, ["N"]))
@@ -161,6 +162,12 @@ def test_an_unknown_reader_of_the_expert_logits_blocks_the_layer():
     assert layers[0].blocked == "ReduceMax 'peek' reads the expert axis and has no expert rule"
     with pytest.raises(SpaError, match="no mixture-of-experts layer can lose experts.*ReduceMax 'peek'"):
         spa.prune(m, target="experts=0.6", input_shapes={"x": [3, 8]})
+    from click.testing import CliRunner
+    from spa.cli import cli
+    onnx.save(m, str(tmp_path / "peek.onnx"))
+    got = CliRunner().invoke(cli, ["experts", "list", str(tmp_path / "peek.onnx"), "--input-shapes", "x:[3,8]"])
+    assert got.exit_code == 0 and "layer 0 (router_gemm): 5 experts; blocked: ReduceMax 'peek' reads" \
+        in got.output, got.output
 
 
 def test_tcess_weighs_selection_by_probability():
@@ -244,7 +251,8 @@ def test_measured_drift_scores_each_expert_by_the_output_it_moves():
     s0 = ort.InferenceSession(an.full_model().SerializeToString())
     ref = s0.run(None, feeds[0])[0].ravel().astype(np.float64)
     for e in range(5):
-        s = ort.InferenceSession(masked(an.full_model(), layers, {0: [i for i in range(5) if i != e]}).SerializeToString())
+        others = {0: [i for i in range(5) if i != e]}
+        s = ort.InferenceSession(masked(an.full_model(), layers, others).SerializeToString())
         y = s.run(None, feeds[0])[0].ravel().astype(np.float64)
         assert abs(got[e] - (1 - ref @ y / np.linalg.norm(ref) / np.linalg.norm(y))) < 1e-6
     res = spa.prune(m, target="experts=0.6", allocate="sensitivity", input_shapes={"x": [16, 8]})
