@@ -15,6 +15,7 @@ from spa.graph.experts import find_layers
 from spa.io import weights as weight_store
 from spa.scoring.experts import selection_share, tcess
 from spa.surgery.experts import cut_experts
+from spa.verify.oracle import feeds_at_every_size
 from exported import deploy as export
 from graphs import masked_router as masked, worst_error as worst
 
@@ -40,7 +41,7 @@ def test_mixtral_experts_removed_equal_the_masked_original(mixtral, kept):
     pruned, w = cut_experts(an.model, an.weights, layers, kept)
     full = weight_store.full_model(pruned, w)
     original = an.full_model()
-    feeds = token_feeds()
+    feeds = token_feeds() + feeds_at_every_size(an)       # ours, and every size the probe ran
     assert worst(masked(original, layers, kept), full, feeds) < EXACT
     assert worst(original, full, feeds) > 1e-3          # the oracle can tell
     dims = {t.name: list(t.dims) for t in pruned.graph.initializer}
