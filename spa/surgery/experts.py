@@ -46,8 +46,10 @@ def cut_experts(proto: onnx.ModelProto, weights: dict, layers: list, kept: dict)
         if len(ids) == layer.experts:
             continue
         for name, dim in layer.slices:
-            value = np.take(weights[name], ids, axis=dim)
-            weight_store.put(out, new_weights, name, np.ascontiguousarray(value), tensor=inits[name])
+            value = np.ascontiguousarray(np.take(weights[name], ids, axis=dim))
+            if weights[name].nbytes > weight_store.RELEASE_ABOVE:   # the original's pages: read once, not kept
+                weight_store.release_pages([weights[name]])
+            weight_store.put(out, new_weights, name, value, tensor=inits[name])
             if not weight_store.is_stub(inits[name]):
                 new_weights.pop(name, None)
         if layer.remaps:
