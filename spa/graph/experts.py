@@ -40,6 +40,7 @@ class ExpertLayer:
     slices: list = field(default_factory=list)   # (constant, dim) cut along the expert axis
     remaps: list = field(default_factory=list)   # (node name, input index) fed the original ids
     blocked: str = ""           # why the layer's experts cannot be removed ("" when they can)
+    users: set = field(default_factory=set)      # the nodes of the layer (router, logit path, sinks)
 
     def summary(self) -> dict:
         return {"layer": self.index, "router": self.router, "experts": self.experts, "top_k": self.top_k,
@@ -73,10 +74,19 @@ def find_layers(proto, consts: dict, shapes: dict) -> list:
             bias = rnode.input[2]
             if np.ndim(consts.get(bias, 0)) and np.shape(consts[bias])[-1] == layer.experts:
                 layer.slices.append((bias, np.ndim(consts[bias]) - 1))
+        layer.users.add(rnode.name)
         out_rank = len(shapes.get(rnode.output[0], ()))
-        _follow_logits(layer, rnode.output[0], out_rank - 1, readers, outputs, consts, shapes)
+        if not out_rank:
+            layer.blocked = f"the router '{rnode.name}' has an output of unknown shape"
+        else:
+            _follow_logits(layer, rnode.output[0], out_rank - 1, readers, outputs, consts, shapes)
         if not layer.blocked and layer.ids:
             _follow_ids(layer, readers, outputs, consts, shapes)
+        for c, _ in layer.slices if not layer.blocked else ():
+            others = [n.name for n, _ in readers.get(c, []) if n.name not in layer.users]
+            if others:   # a weight of this layer read elsewhere (shared, or by another layer) cannot shrink here
+                layer.blocked = f"'{c}', cut with the experts, is also read by '{others[0]}'"
+                break
         if not layer.blocked and not 0 < layer.top_k < layer.experts:
             layer.blocked = f"TopK '{layer.topk}' picks {layer.top_k} of {layer.experts} experts"
         layers.append(layer)
@@ -114,6 +124,7 @@ def _follow_logits(layer, start, dim, readers, outputs, consts, shapes):
             layer.blocked = f"the expert logits '{name}' are a graph output"
             return
         for node, i in readers.get(name, []):
+            layer.users.add(node.name)
             rule = LOGIT_RULES.get(rule_key(node))
             if rule is None:
                 layer.blocked = f"{node.op_type} '{node.name}' reads the expert axis and has no expert rule"
@@ -167,9 +178,6 @@ def _follow_ids(layer, readers, outputs, consts, shapes):
             else:
                 sinks.setdefault((got[1], got[2]), set()).add(node.name)
     for (c, d), users in sinks.items():
-        others = [n.name for n, _ in readers.get(c, []) if n.name not in users]
-        if others:
-            layer.blocked = f"the stacked experts '{c}' are also read by '{others[0]}'"
-            return
+        layer.users |= users
         if (c, d) not in layer.slices:
             layer.slices.append((c, d))

@@ -171,6 +171,16 @@ def test_an_unknown_reader_of_the_expert_logits_blocks_the_layer(tmp_path):
         in got.output, got.output
 
 
+def test_a_stacked_weight_read_elsewhere_blocks_the_layer():
+    m = moe_graph(remap=False)
+    m.graph.node.append(helper.make_node("ReduceSum", ["experts"], ["total"], keepdims=0, name="total"))
+    m.graph.node.append(helper.make_node("Add", ["y", "total"], ["y2"], name="use"))
+    m.graph.output[0].name = "y2"
+    an = spa.analyze(m, input_shapes={"x": [3, 8]})
+    layers = find_layers(an.model, an.weights, an.probe.shapes)
+    assert layers[0].blocked == "'experts', cut with the experts, is also read by 'total'"
+
+
 def test_tcess_weighs_selection_by_probability():
     logits = np.log(np.array([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]]))
     got = tcess(logits, logits, 1)
