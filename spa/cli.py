@@ -353,7 +353,8 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                   if rep.get("target") else ""))
     click.echo(f"params {_human(b['params'])} -> {_human(a['params'])} ({b['params'] / max(a['params'], 1):.2f}x)   "
                f"MACs {_human(b['macs'])} -> {_human(a['macs'])} ({b['macs'] / max(a['macs'], 1):.2f}x)   "
-               f"{pruned_groups} groups pruned, {rep['seconds']:.1f}s")
+               + (f"{sum(e['experts'] - len(e['kept']) for e in rep['experts']['layers'] if 'kept' in e)} experts "
+                  "removed" if "experts" in rep else f"{pruned_groups} groups pruned") + f", {rep['seconds']:.1f}s")
     fid = rep.get("fidelity", {})
     if "min" in fid:
         click.echo(_fidelity_line(fid))

@@ -74,8 +74,7 @@ def _remap(out, layer, ids) -> None:
                 node.input[i] = new
     # a remap reads the ids where they are made: place it right after the producer of its input
     del out.graph.node[:]
-    made = {f.input[1]: f for f in fresh}
-    pending = dict(made)
+    pending = {f.input[1]: f for f in fresh}
     known = {i.name for i in out.graph.input} | {t.name for t in out.graph.initializer}
     for name in list(pending):
         if name in known:
