@@ -45,7 +45,7 @@ def prune_experts(first, opts, fraction: float, progress=quiet):
                                                 wanted=opts.synthetic, progress=progress)
             progress(f"gathering router logits on {desc}")
         scorer, scores = expert_scores(first, layers, feeds=feeds, progress=progress)
-    kept = plan_experts(layers, scores, fraction)
+    kept = plan_experts(layers, scores, fraction, global_rank=opts.global_rank)
     progress(f"removing {sum(la.experts - len(kept[la.index]) for la in layers if la.index in kept)} experts "
              f"from {len(kept)} layers")
     current, weights = cut_experts(first.model, first.weights, layers, kept)

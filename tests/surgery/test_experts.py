@@ -181,6 +181,19 @@ def test_a_stacked_weight_read_elsewhere_blocks_the_layer():
     assert layers[0].blocked == "'experts', cut with the experts, is also read by 'total'"
 
 
+def test_a_global_budget_spreads_the_kept_experts_by_normalised_score():
+    from types import SimpleNamespace as L
+    from spa.planning.experts import plan_experts
+    layers = [L(index=0, experts=4, top_k=2, blocked="", router="a"),
+              L(index=1, experts=4, top_k=1, blocked="", router="b")]
+    scores = {0: [4.0, 3.0, 2.0, 1.0], 1: [10.0, 0.1, 0.1, 0.1]}   # layer 1: one expert carries it
+    assert {i: v.tolist() for i, v in plan_experts(layers, scores, 0.5).items()} == {0: [0, 1], 1: [0, 1]}
+    assert {i: v.tolist() for i, v in plan_experts(layers, scores, 0.5, global_rank=True).items()} == \
+        {0: [0, 1, 2], 1: [0]}
+    with pytest.raises(SpaError, match="--global keeps 2 of 8 experts, but the layers' TopKs need 3"):
+        plan_experts(layers, scores, 0.25, global_rank=True)
+
+
 def test_tcess_weighs_selection_by_probability():
     logits = np.log(np.array([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]]))
     got = tcess(logits, logits, 1)
