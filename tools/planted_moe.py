@@ -1,5 +1,5 @@
 """A mixture-of-experts model with a planted routing structure, and task data for it: the bench of
-task expert patterns (docs/moe.md) and the fixture of tests/surgery/test_patterns.py.
+task expert patterns (docs/moe.md) and the fixture of tests/surgery/test_expert_patterns.py.
 
 The model (onnx.helper, random weights, opset 18): input ``x`` [tokens, 32] float; ``LAYERS`` residual
 MoE layers, each a router MatMul [32, 16] -> Softmax -> TopK (k=2) over 16 experts whose stacked weights
