@@ -366,7 +366,8 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
         click.echo(line)
     for e in rep.get("experts", {}).get("layers", []):
         click.echo(f"experts layer {e['layer']} ({e['router']}): " + (f"kept {len(e['kept'])} of {e['experts']} "
-                   f"{e['kept']}" if "kept" in e else f"all {e['experts']} kept ({e.get('blocked', '')})"))
+                   f"{e['kept']}" if "kept" in e else f"all {e['experts']} kept ({e.get('blocked', '')})")
+                   + (f" ({e['note']})" if "note" in e and "kept" in e else ""))
     for c in rep.get("interface", []):
         click.echo(f"interface: {c['kind']} {c['tensor']} axis {c['axis']}: {c['before']} -> {c['after']}")
     click.echo(f"wrote {output}")
@@ -530,7 +531,8 @@ def experts_list(model, as_json, input_shapes):
         click.echo(json.dumps(layers, indent=1))
         return
     for e in layers:
-        what = f"blocked: {e['blocked']}" if e.get("blocked") else f"cut with it: {', '.join(e['stacked'])}"
+        what = f"blocked: {e['blocked']}" if e.get("blocked") else \
+            e.get("note") or f"cut with it: {', '.join(e['stacked'])}"
         click.echo(f"layer {e['layer']} ({e['router']}): {e['experts']} experts"
                    + (f", top {e['top_k']}" if e["top_k"] else "") + f"; {what}")
     click.echo(f"{len(layers)} MoE layers" + ("" if layers else " (no TopK or MoE op chooses from a router)"))

@@ -41,11 +41,16 @@ class ExpertLayer:
     remaps: list = field(default_factory=list)   # (node name, input index) fed the original ids
     blocked: str = ""           # why the layer's experts cannot be removed ("" when they can)
     users: set = field(default_factory=set)      # the nodes of the layer (router, logit path, sinks)
+    expert_weights: list = field(default_factory=list)   # the per-expert tensors among ``slices`` (not the router's)
 
     def summary(self) -> dict:
+        note = {}
+        if not self.blocked and not self.expert_weights:
+            note = {"note": "no expert weights are indexed by expert id here (per-expert branches?): only the "
+                            "router shrinks; each removed expert's branch stays, weighted 0"}
         return {"layer": self.index, "router": self.router, "experts": self.experts, "top_k": self.top_k,
-                "stacked": [c for c, _ in self.slices[1:]], "remapped": len(self.remaps),
-                **({"blocked": self.blocked} if self.blocked else {})}
+                "stacked": list(self.expert_weights), "remapped": len(self.remaps),
+                **({"blocked": self.blocked} if self.blocked else {}), **note}
 
 
 def find_layers(proto, consts: dict, shapes: dict) -> list:
@@ -142,6 +147,7 @@ def _follow_logits(layer, start, dim, readers, outputs, consts, shapes):
                     layer.ids = node.output[1]
                     continue
                 out, slices = None, got[2]
+                layer.expert_weights += [c for c, _ in slices]
             else:
                 _, out, od, slices = got
             for c, cd in slices:
@@ -181,3 +187,4 @@ def _follow_ids(layer, readers, outputs, consts, shapes):
         layer.users |= users
         if (c, d) not in layer.slices:
             layer.slices.append((c, d))
+            layer.expert_weights.append(c)

@@ -171,6 +171,54 @@ def test_an_unknown_reader_of_the_expert_logits_blocks_the_layer(tmp_path):
         in got.output, got.output
 
 
+def loop_graph(E=4, H=8, O=6):
+    """The per-expert-branch form: router Gemm -> Softmax -> TopK; the routing weights scattered
+    into a dense [N, E] combine (ScatterElements at the ids: a reader needing the original ids);
+    every expert its own MLP branch weighted by its combine column, summed."""
+    rng = np.random.default_rng(6)
+    inits = [numpy_helper.from_array(rng.standard_normal((E, H)).astype(np.float32), "router"),
+             numpy_helper.from_array(np.array([2], np.int64), "k"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([E], np.int64), "width")]
+    nodes = [helper.make_node("Gemm", ["x", "router"], ["logits"], transB=1, name="router_gemm"),
+             helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+             helper.make_node("TopK", ["probs", "k"], ["w", "ids"], axis=-1),
+             helper.make_node("Shape", ["x"], ["xs"]),
+             helper.make_node("Gather", ["xs", "zero"], ["n"], axis=0),
+             helper.make_node("Concat", ["n", "width"], ["nw"], axis=0),
+             helper.make_node("ConstantOfShape", ["nw"], ["zeros"], value=helper.make_tensor("v", TensorProto.FLOAT,
+                                                                                              [1], [0.0])),
+             helper.make_node("ScatterElements", ["zeros", "ids", "w"], ["combine"], axis=1, name="scatter")]
+    parts = []
+    for e in range(E):
+        inits += [numpy_helper.from_array(rng.standard_normal((H, 12)).astype(np.float32), f"w1_{e}"),
+                  numpy_helper.from_array(rng.standard_normal((12, O)).astype(np.float32), f"w2_{e}"),
+                  numpy_helper.from_array(np.array([e], np.int64), f"e{e}")]
+        nodes += [helper.make_node("MatMul", ["x", f"w1_{e}"], [f"a{e}"]),
+                  helper.make_node("Relu", [f"a{e}"], [f"r{e}"]),
+                  helper.make_node("MatMul", [f"r{e}", f"w2_{e}"], [f"b{e}"]),
+                  helper.make_node("Gather", ["combine", f"e{e}"], [f"c{e}"], axis=1),
+                  helper.make_node("Mul", [f"b{e}", f"c{e}"], [f"y{e}"])]
+        parts.append(f"y{e}")
+    nodes.append(helper.make_node("Sum", parts, ["y"]))
+    g = helper.make_graph(nodes, "loop", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", H])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", O])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_per_expert_branches_stay_exact_and_say_that_only_the_router_shrinks():
+    an = spa.analyze(loop_graph(), input_shapes={"x": [3, 8]})
+    layers = find_layers(an.model, an.weights, an.probe.shapes)
+    assert [(la.blocked, la.remaps, la.expert_weights) for la in layers] == [("", [("scatter", 1)], [])]
+    assert "only the router shrinks" in layers[0].summary()["note"]
+    kept = {0: [0, 3]}
+    pruned, w = cut_experts(an.model, an.weights, layers, kept)
+    full = weight_store.full_model(pruned, w)
+    feeds = [{"x": np.random.default_rng(n).standard_normal((n, 8)).astype(np.float32)} for n in (1, 4, 30)]
+    assert worst(masked(an.full_model(), layers, kept), full, feeds) < EXACT
+    assert worst(an.full_model(), full, feeds) > 1e-3
+
+
 def test_a_stacked_weight_read_elsewhere_blocks_the_layer():
     m = moe_graph(remap=False)
     m.graph.node.append(helper.make_node("ReduceSum", ["experts"], ["total"], keepdims=0, name="total"))
