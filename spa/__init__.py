@@ -6,7 +6,7 @@ from .errors import SpaError  # noqa: F401
 
 __version__ = "0.1.0"
 
-_API = ("Analysis", "PruneOptions", "PruneResult", "analyze", "prune")
+_API = ("Analysis", "PruneOptions", "PruneResult", "analyze", "prune", "profile_experts", "match_experts")
 _IO = ("load_model", "save_model")
 
 

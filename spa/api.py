@@ -17,6 +17,7 @@ from .io import weights as weight_store, zoo
 from .io.weights import is_float
 from .mapping import mapfile
 from .mapping.layers import layer_report
+from .moe import stage as moe_stage
 from .planning import ALLOCATIONS, METRICS, allocation, fidelity, layerwise
 from .planning.counting import count_macs, count_params, mac_axes, node_macs
 from .planning.plan import (CostModel, all_units, load_overrides, parse_target, plan as make_plan, plan_target,
@@ -195,6 +196,8 @@ class PruneOptions:
     synthetic: str = "auto"        # without --calib: what synthetic images look like (spa.runtime.synthetic.KINDS)
     fidelity_metric: str = "auto"  # what fidelity measures per output (spa.planning.agreement.METRICS)
     uniform_layers: bool = False   # the same widths in every layer (spa.planning.layerwise; a config can hold them)
+    experts_from: object = None    # --target experts=F: a patterns file whose --task ranks the experts
+    task: str | None = None        # the task of ``experts_from`` to keep the experts of
 
     def checked(self):
         """The criterion's Scorer and the parsed target; one-line errors for bad values."""
@@ -215,7 +218,8 @@ class PruneOptions:
         target = parse_target(self.target)
         if self.allocate not in ALLOCATIONS:
             raise SpaError(f"--allocate must be one of {', '.join(ALLOCATIONS)}, got {self.allocate!r}")
-        if self.allocate in ("sensitivity", "uniform") and (target is None or target[0] not in ("macs", "params")):
+        if self.allocate in ("sensitivity", "uniform") and (target is None or target[0] not in ("macs", "params")) \
+                and not (self.allocate == "sensitivity" and target is not None and target[0] == "experts"):
             raise SpaError(f"--allocate {self.allocate} spreads a size over the groups: use it with --target macs=F or "
                            "params=F (--ratio R is already uniform; --target fidelity=C always allocates by sensitivity)")
         ends = tuple(self.keep_ends) if isinstance(self.keep_ends, (tuple, list)) else ()
@@ -231,6 +235,12 @@ class PruneOptions:
         if self.uniform_layers and (self.allocate == "sensitivity" or (target is not None and target[0] == "fidelity")):
             raise SpaError("--uniform-layers plans by --ratio or --target macs=F/params=F with --allocate global or "
                            "uniform: a measured allocation (sensitivity, fidelity=C) gives each layer its own widths")
+        if (self.experts_from is not None or self.task is not None) and (
+                target is None or target[0] != "experts" or self.experts_from is None or not self.task):
+            raise SpaError("--experts-from FILE and --task NAME go together, with --target experts=F")
+        if target is not None and target[0] == "experts" and (self.steps != 1 or self.map_path is not None):
+            raise SpaError("--target experts=F removes whole experts in one step, without a --map: use it with "
+                           "--steps 1 and no --map")
         if target is not None and target[0] == "fidelity" and self.steps != 1:
             raise SpaError("--target fidelity=C measures one pruned model: use it with --steps 1")
         if target is None and not 0.0 <= self.ratio < 1.0:
@@ -306,12 +316,15 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
         raise SpaError(f"the analysis was made with prune_io={analysis.prune_io!r}, the options ask for "
                        f"{opts.prune_io!r}: analyse with the same prune_io")
     first = analysis or analyze(model, input_shapes=opts.input_shapes, progress=progress, prune_io=opts.prune_io)
-    history, current, current_weights, after = [], first.model, first.weights, first.probe
-    kept_map, compensated = None, set()
     ref = None
     if not opts.prune_io:   # the guard's reference, before any surgery (see fidelity.reference)
         progress("running the original on the fidelity guard's inputs")
         ref = fidelity.reference(first, opts, progress)
+    if target is not None and target[0] == "experts":
+        current, current_weights, after, report = moe_stage.prune_experts(first, opts, target[1], progress)
+        return _finish(model, first, current, current_weights, report, opts, output, progress, t0, ref)
+    history, current, current_weights, after = [], first.model, first.weights, first.probe
+    kept_map, compensated = None, set()
     for k in range(1, opts.steps + 1):
         tag = f"step {k}/{opts.steps}: " if opts.steps > 1 else ""
         if k > 1:
@@ -334,6 +347,13 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
             after = validate(current, first, opts.input_shapes, weights=current_weights)
         history.append(step)
     report = _report(first, history, current, after, opts, target)
+    return _finish(model, first, current, current_weights, report, opts, output, progress, t0, ref, kept_map,
+                   compensated)
+
+
+def _finish(model, first, current, current_weights, report, opts, output, progress, t0, ref, kept_map=None,
+            compensated=()):
+    """The last stages of every prune: the fidelity guard, the map, writing the output."""
     if ref is None or report.get("interface"):
         report["fidelity"] = {"skipped": "the inputs may change (--prune-io): compare with your own loop"}
     else:
@@ -351,6 +371,33 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
         result.save(output, inputs=[model] if isinstance(model, (str, os.PathLike)) else [])
         report["output"] = str(output)
     return result
+
+
+def profile_experts(model, calib, name: str, *, into=None, output=None, input_shapes=None, calib_batch_size=None,
+                    seed: int = 0, progress=quiet, analysis: Analysis | None = None) -> dict:
+    """Task pattern ``name`` of ``model`` on ``calib`` (each MoE layer's TCESS and selection
+    frequencies: ``spa.planning.patterns``), added to ``into`` (a patterns document or file) or to a
+    new document, and safe-written to ``output`` when given.  Returns the document."""
+    an = analysis or analyze(model, input_shapes=input_shapes, progress=progress)
+    named = "<model>" if not isinstance(model, (str, os.PathLike)) else \
+        str(os.path.abspath(model)) if os.path.isfile(model) else str(model)   # a file, or a zoo name
+    doc = moe_stage.profile(an, named, calib, name, into=into, calib_batch_size=calib_batch_size, seed=seed,
+                            progress=progress)
+    if output is not None:
+        import json
+        io.write_text(output, json.dumps(doc, separators=(",", ":")), what="--output",
+                      inputs=[p for p in (model, calib) if isinstance(p, (str, os.PathLike))])
+    return doc
+
+
+def match_experts(patterns, calib, model=None, *, input_shapes=None, calib_batch_size=None, seed: int = 0,
+                  progress=quiet, analysis: Analysis | None = None) -> dict:
+    """Which task of ``patterns`` (a document or file) a query batch ``calib`` is closest to, on
+    ``model`` (default: the model the patterns were made on)."""
+    from .planning.patterns import load
+    doc = load(patterns, "patterns") if isinstance(patterns, (str, os.PathLike)) else patterns
+    an = analysis or analyze(model or doc["model"], input_shapes=input_shapes, progress=progress)
+    return moe_stage.match(an, doc, calib, calib_batch_size=calib_batch_size, seed=seed, progress=progress)
 
 
 def _score(step: Step, scorer, opts: PruneOptions, k: int, tag: str, ranked: bool, progress) -> None:

@@ -186,7 +186,8 @@ def _criteria():
 @click.option("--ratio", type=float, default=0.3, show_default=True, help="fraction of each group's channels to remove")
 @click.option("--target", default=None, metavar="KIND=F",
               help="reach a reduction factor instead of a ratio: macs=2 halves MACs, params=1.5 (global threshold); "
-                   "fidelity=C (0 < C <= 1) removes the most MACs that keep the outputs' cosine to the original's >= C")
+                   "fidelity=C (0 < C <= 1) removes the most MACs that keep the outputs' cosine to the original's "
+                   ">= C; experts=F keeps that fraction of every mixture-of-experts layer's experts (docs/moe.md)")
 @click.option("--criterion", type=click.Choice(_criteria()), default="l2", show_default=True,
               help="act_mean, wanda and flap need --calib; taylor, snip and fisher need --grads")
 @click.option("--reduction", type=click.Choice(["sum", "mean", "max"]), default="sum", show_default=True,
@@ -248,6 +249,9 @@ def _criteria():
 @click.option("--map", "map_path", default=None, type=click.Path(dir_okay=False), metavar="FILE",
               help="write the map back to the framework (kept indices of every sliced initializer) for "
                    "`spa apply-map`")
+@click.option("--experts-from", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+              help="with --target experts=F and --task: rank experts by a task pattern of `spa experts profile`")
+@click.option("--task", default=None, help="the task of --experts-from whose experts to keep")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="write the JSON report here")
 @click.option("--json", "as_json", is_flag=True, help="print the JSON report on stdout instead of the summary")
 @click.option("--input-shapes", multiple=True, help=SHAPES_HELP)
@@ -273,7 +277,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
           hessian, synthetic, fidelity_metric, blas_threads, seed, global_rank, max_ratio, overrides, steps, round_to,
           exclude, uniform_layers, prune_io,
           allocate, keep_ends, compensate, damp,
-          grads, map_path, report, as_json, input_shapes, force,
+          grads, map_path, experts_from, task, report, as_json, input_shapes, force,
           do_check, atol, rtol, do_bench, bench_provider, bench_warmup, bench_iters, quiet, verbose):
     """Remove channels from MODEL and write the smaller model to OUTPUT.
 
@@ -298,7 +302,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                            "write the pruned model elsewhere")
     # every file of the run that spa reads is protected from every file it writes (checked now, before
     # the work, and again at each write)
-    protect = _run_inputs(src, [output, report, map_path], calib, overrides, grads)
+    protect = _run_inputs(src, [output, report, map_path], calib, overrides, grads, experts_from)
     check_target(output, [p for p in protect if not (force and p == src)])
     for target_file in (output, report, map_path):
         if target_file and not Path(target_file).parent.exists():
@@ -322,7 +326,8 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                            calib_batch_size=calib_batch_size, seed=seed, hessian=hessian, input_shapes=shapes,
                            blas_threads=blas_threads, prune_io=prune_io, grads=grads, map_path=map_path,
                            allocate=allocate, keep_ends=keep_ends, compensate=compensate, damp=damp, synthetic=synthetic,
-                           fidelity_metric=fidelity_metric, uniform_layers=uniform_layers)
+                           fidelity_metric=fidelity_metric, uniform_layers=uniform_layers,
+                           experts_from=experts_from, task=task)
     options.checked()  # every option before the load and probe
     an = analyze(src, input_shapes=shapes, progress=_progress, prune_io=prune_io)
     result = do_prune(src, options=options, progress=_progress, analysis=an)
@@ -364,7 +369,8 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                   if rep.get("target") else ""))
     click.echo(f"params {_human(b['params'])} -> {_human(a['params'])} ({b['params'] / max(a['params'], 1):.2f}x)   "
                f"MACs {_human(b['macs'])} -> {_human(a['macs'])} ({b['macs'] / max(a['macs'], 1):.2f}x)   "
-               f"{pruned_groups} groups pruned, {rep['seconds']:.1f}s")
+               + (f"{sum(e['experts'] - len(e['kept']) for e in rep['experts']['layers'] if 'kept' in e)} experts "
+                  "removed" if "experts" in rep else f"{pruned_groups} groups pruned") + f", {rep['seconds']:.1f}s")
     fid = rep.get("fidelity", {})
     if "min" in fid:
         click.echo(_fidelity_line(fid))
@@ -374,6 +380,10 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
         click.echo(f"fidelity not measured: {fid['skipped']}")
     for line in describe_all(rep.get("layers", [])):
         click.echo(line)
+    for e in rep.get("experts", {}).get("layers", []):
+        click.echo(f"experts layer {e['layer']} ({e['router']}): " + (f"kept {len(e['kept'])} of {e['experts']} "
+                   f"{e['kept']}" if "kept" in e else f"all {e['experts']} kept ({e.get('blocked', '')})")
+                   + (f" ({e['note']})" if "note" in e and "kept" in e else ""))
     for c in rep.get("interface", []):
         click.echo(f"interface: {c['kind']} {c['tensor']} axis {c['axis']}: {c['before']} -> {c['after']}")
     click.echo(f"wrote {output}")
@@ -556,6 +566,69 @@ def sweep_command(model, targets, criteria, calib, allocate, out_dir, jobs, ray_
     click.echo(sw.table(res), nl=False)
     for path in sw.write(res, out_dir, inputs=[model] + ([calib] if calib else [])):
         click.echo(f"wrote {path}")
+
+
+@cli.group()
+def experts():
+    """Task expert patterns of mixture-of-experts models (docs/moe.md)."""
+
+
+@experts.command("list")
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--input-shapes", multiple=True, help=SHAPES_HELP)
+def experts_list(model, as_json, input_shapes):
+    """List the MoE layers of MODEL: experts, top-k, and why a layer cannot lose experts."""
+    from .api import analyze
+    from .moe.stage import describe
+    path, shapes = _resolve_model(model, input_shapes)
+    layers = describe(analyze(path, input_shapes=shapes, progress=_progress))
+    if as_json:
+        click.echo(json.dumps(layers, indent=1))
+        return
+    for e in layers:
+        what = f"blocked: {e['blocked']}" if e.get("blocked") else \
+            e.get("note") or f"cut with it: {', '.join(e['stacked'])}"
+        click.echo(f"layer {e['layer']} ({e['router']}): {e['experts']} experts"
+                   + (f", top {e['top_k']}" if e["top_k"] else "") + f"; {what}")
+    click.echo(f"{len(layers)} MoE layers" + ("" if layers else " (no TopK or MoE op chooses from a router)"))
+
+
+@experts.command("profile")
+@click.argument("model")
+@click.option("--calib", required=True, help="the task's inputs: .npz keyed by input name (or synthetic, random)")
+@click.option("--name", required=True, help="the task's name in the patterns")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="the patterns file (JSON); an existing one gains or replaces this task")
+@click.option("--calib-batch-size", type=int, default=None, help="samples per calibration batch")
+@click.option("--input-shapes", multiple=True, help=SHAPES_HELP)
+def experts_profile(model, calib, name, output, calib_batch_size, input_shapes):
+    """Record each MoE layer's expert scores (TCESS) for a task."""
+    from .api import profile_experts
+    path, shapes = _resolve_model(model, input_shapes)
+    into = output if Path(output).is_file() else None
+    doc = profile_experts(path, calib, name, into=into, output=output, input_shapes=shapes,
+                          calib_batch_size=calib_batch_size, progress=_progress)
+    click.echo(f"task {name}: {len(doc['layers'])} MoE layers, {doc['tasks'][name]['tokens']} tokens; "
+               f"{len(doc['tasks'])} task(s) in {output}")
+
+
+@experts.command("match")
+@click.argument("patterns", type=click.Path(dir_okay=False))
+@click.option("--calib", required=True, help="the query's inputs (.npz keyed by input name)")
+@click.option("--model", default=None, help="the model [default: the one the patterns were made on]")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--input-shapes", multiple=True, help=SHAPES_HELP)
+def experts_match(patterns, calib, model, as_json, input_shapes):
+    """Say which stored task a query batch is closest to."""
+    from .api import match_experts
+    shapes = _shapes(input_shapes)
+    got = match_experts(patterns, calib, model, input_shapes=shapes, progress=_progress)
+    if as_json:
+        click.echo(json.dumps(got, indent=1))
+        return
+    click.echo(f"closest task: {got['closest']}  (" + ", ".join(f"{t['task']} {t['similarity']:.3f}"
+                                                            for t in got["tasks"]) + ")")
 
 
 cli.add_command(check_command)

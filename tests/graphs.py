@@ -193,3 +193,36 @@ def typed_input(elem_type):
                       helper.make_node("Add", ["x0", "auxf"], ["x"], name="add")],
                      [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [1, 4]),
                       helper.make_tensor_value_info("aux", elem_type, [1, 4])])
+
+
+# ---------------------------------------------------------------- whole experts: the masked-router oracle
+
+def masked_router(proto, layers, kept):
+    """The original with every removed expert's router logit at -inf."""
+    ref = onnx.ModelProto()
+    ref.CopyFrom(proto)
+    for layer in layers:
+        if layer.index not in kept:
+            continue
+        mask = np.full(layer.experts, -np.inf, np.float32)
+        mask[list(kept[layer.index])] = 0.0
+        node = next(n for n in ref.graph.node if n.name == layer.router)
+        raw = node.output[0] + "/raw"
+        ref.graph.initializer.append(numpy_helper.from_array(mask, node.output[0] + "/mask"))
+        ref.graph.node.insert(list(ref.graph.node).index(node) + 1,
+                              helper.make_node("Add", [raw, node.output[0] + "/mask"], [node.output[0]]))
+        node.output[0] = raw
+    del ref.graph.value_info[:]
+    return ref
+
+
+def worst_error(a, b, feeds):
+    """Largest relative error over the outputs of ``a`` and ``b`` in onnxruntime on ``feeds``."""
+    import onnxruntime as ort
+    sa, sb = ort.InferenceSession(a.SerializeToString()), ort.InferenceSession(b.SerializeToString())
+    err = 0.0
+    for f in feeds:
+        for x, y in zip(sa.run(None, f), sb.run(None, f)):
+            assert x.shape == y.shape
+            err = max(err, float(np.abs(x - y).max() / max(np.abs(x).max(), 0.1)))
+    return err

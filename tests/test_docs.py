@@ -57,6 +57,8 @@ NOT_RUN = {
     "from safetensors.torch import save_file; save_file(m.state_dict(), 'r18.safetensors')\"":
         "a dynamo export of resnet18 at 224 (about a minute, and the safetensors package); the stand-in r18.onnx and "
         "r18.safetensors below are what it writes, and tests/mapping runs the export-prune-apply-map chain",
+    "python tools/planted_moe.py planted": "writes the planted MoE and its task data: the stand-in is the same files "
+                                           "(tools/planted_moe.write), made here",
 }
 
 
@@ -115,6 +117,9 @@ def _stand_ins(folder: Path, text: str) -> None:
     if "pruned.onnx" in text and "-o pruned.onnx" not in text:
         assert CliRunner().invoke(cli, ["prune", str(folder / "original.onnx"), "-o", str(folder / "pruned.onnx"),
                                         "-q"]).exit_code == 0
+    if "planted/" in text:   # docs/moe.md: the planted-routing MoE and its task data
+        from planted_moe import write
+        write(folder / "planted")
     if "llama_kv.onnx" in text or "llama.onnx" in text:
         from exported import transformers
         for name, export in (("llama_kv.onnx", "llama_gqa_kv"), ("llama.onnx", "llama_gqa")):

@@ -103,6 +103,13 @@ Mixture of experts:
                  implementation ("grouped_mm", a custom op ``transformers::grouped_mm_fallback``) has no
                  ONNX translation (DispatchError), and "eager" (a Python loop over ``nonzero()`` hit
                  experts) fails in torch.export on a data-dependent guard.
+``qwen_moe``     transformers.Qwen2MoeForCausalLM, the same sizes and recipe, 8 experts of intermediate 48,
+                 top-2 without renormalisation (``norm_topk_prob=False``), and a shared expert
+                 (intermediate 96) behind a sigmoid gate (Linear 64->1) in every layer.
+``olmoe``        transformers.OlmoeForCausalLM, the same sizes and recipe, 8 experts of intermediate 48,
+                 top-2 (OLMoE's q/k norms in the attention). Both have Mixtral's router pattern
+                 (Gemm -> Softmax -> TopK -> GatherND of stacked weights); ~7 s each.
+                 (DeepseekV3ForCausalLM at these sizes fails in torch.export: a rope broadcast of 8 against 4.)
 
 Reshapes that mix channels and space (TorchScript, opset 17, static shapes):
 
@@ -151,7 +158,7 @@ NAMES = [
     "resnet18_qdq", "resnet18_qdq_pertensor", "resnet18_qop",
     "bert_qdyn", "bert_fused", "gpt2_fused", "llama_fused",
     "gru_tagger", "bilstm_tagger", "crnn_lstm", "lstm_qdyn",
-    "mixtral_moe", "mobilevit_block", "pixel_shuffle", "llama_4bit",
+    "mixtral_moe", "qwen_moe", "olmoe", "mobilevit_block", "pixel_shuffle", "llama_4bit",
 ]
 OPSET = 17
 CALIB_BATCHES = 8
@@ -397,17 +404,48 @@ def _crnn_lstm(tmp):
 
 # ---------------------------------------------------------------- mixture of experts
 
+#: the config fields the MoE causal LMs share (Mixtral's sizes)
+MOE_COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                  max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  attn_implementation="eager", experts_implementation="batched_mm")
+
+
 def _mixtral_moe(tmp):
     import torch
     import transformers as tf
 
-    import export_transformers as et
     torch.manual_seed(0)
-    cfg = tf.MixtralConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, vocab_size=256,
-                           max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                           attn_implementation="eager", experts_implementation="batched_mm")
-    model = tf.MixtralForCausalLM(cfg).float().eval()
+    cfg = tf.MixtralConfig(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, **MOE_COMMON)
+    _export_causal_lm(tf.MixtralForCausalLM(cfg), tmp)
+
+
+def _qwen_moe(tmp):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.Qwen2MoeConfig(intermediate_size=96, moe_intermediate_size=48, shared_expert_intermediate_size=96,
+                            num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, norm_topk_prob=False,
+                            **MOE_COMMON)
+    _export_causal_lm(tf.Qwen2MoeForCausalLM(cfg), tmp)
+
+
+def _olmoe(tmp):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.OlmoeConfig(intermediate_size=48, num_experts=8, num_experts_per_tok=2, **MOE_COMMON)
+    _export_causal_lm(tf.OlmoeForCausalLM(cfg), tmp)
+
+
+def _export_causal_lm(model, tmp):
+    """A transformers causal LM (random weights, fp32) through the dynamo exporter: input_ids in,
+    logits out, dynamic batch and sequence (<= 128), wrapped as export_transformers' causal LMs."""
+    import torch
+
+    import export_transformers as et
+    model = model.float().eval()
 
     class CausalLM(torch.nn.Module):
         def __init__(self, model):
@@ -496,6 +534,8 @@ BUILDERS = {
     "crnn_lstm": _crnn_lstm,
     "lstm_qdyn": _lstm_qdyn,
     "mixtral_moe": _mixtral_moe,
+    "qwen_moe": _qwen_moe,
+    "olmoe": _olmoe,
     "mobilevit_block": _mobilevit_block,
     "pixel_shuffle": _pixel_shuffle,
     "llama_4bit": _llama_4bit,

@@ -90,7 +90,7 @@ def plan(groups, scores, ratio: float, *, global_rank: bool = False, round_to: i
 
 
 def parse_target(target):
-    """'macs=2' / 'params=1.5' / 'fidelity=0.99' (or a (kind, value) pair) -> ('macs', 2.0)."""
+    """'macs=2' / 'params=1.5' / 'fidelity=0.99' / 'experts=0.5' (or a (kind, value) pair) -> ('macs', 2.0)."""
     if target is None:
         return None
     if isinstance(target, (tuple, list)):
@@ -100,17 +100,22 @@ def parse_target(target):
         if not sep:
             raise SpaError(f"--target: expected macs=F or params=F, got {target!r}")
     kind = kind.strip().lower()
-    if kind not in ("macs", "params", "fidelity"):
-        raise SpaError(f"--target: unknown quantity {kind!r}; use macs=F, params=F or fidelity=C")
+    if kind not in ("macs", "params", "fidelity", "experts"):
+        raise SpaError(f"--target: unknown quantity {kind!r}; use macs=F, params=F, fidelity=C or experts=F")
     try:
         factor = float(factor)
     except (TypeError, ValueError):
-        what = "the cosine C" if kind == "fidelity" else "the reduction factor"
+        what = {"fidelity": "the cosine C", "experts": "the fraction F kept"}.get(kind, "the reduction factor")
         raise SpaError(f"--target {kind}=: {what} must be a number, got {factor!r}") from None
     if kind == "fidelity":
         if not 0.0 < factor <= 1.0:   # nan and inf too
             raise SpaError(f"--target fidelity=C: C is the outputs' cosine to the original's, in (0, 1] "
                            f"(0.99 keeps it close; 1 removes only channels that change nothing), got {factor}")
+        return kind, factor
+    if kind == "experts":
+        if not 0.0 < factor <= 1.0:
+            raise SpaError(f"--target experts=F: F is the fraction of each layer's experts kept, in (0, 1] "
+                           f"(0.5 keeps half), got {factor}")
         return kind, factor
     if not 1.0 <= factor < float("inf"):
         raise SpaError(f"--target: the reduction factor must be a finite number >= 1 (2 halves the {kind}), got {factor}")
