@@ -24,11 +24,12 @@ def smollm2(tmp_path_factory):
             "dense": lm.perplexity(path, held)}
 
 
-@pytest.mark.parametrize("calib,bound", [("file", 1.35), ("synthetic", 2.0)])
+@pytest.mark.parametrize("calib,bound", [("file", 1.3), ("synthetic", 2.0)])
 def test_a_tenth_of_a_trained_decoder_goes_and_perplexity_holds(smollm2, calib, bound):
-    """wanda scores, one uniform fraction of every scored exact group, OBS compensation with a ridge of
-    3: measured 1.27x (calibration text) and 1.59x (text the model writes itself) on 16 windows; the
-    global threshold the defaults give cuts layers' MLPs to a tenth (6x)."""
+    """wanda scores, one uniform fraction of every scored exact group but the first layer's (--keep-ends
+    1,0), OBS compensation with a ridge of 3: measured 1.23x (calibration text; 1.27x with the first
+    layer cut too) on 16 windows, the issue's bar 1.3x; the global threshold the defaults give cuts
+    layers' MLPs to a tenth (6x)."""
     out = smollm2["dir"] / f"pruned_{calib}.onnx"
     r = spa.prune(smollm2["path"], options=spa.PruneOptions(
         target="params=1.11", criterion="wanda", allocate="uniform", compensate="obs", damp=3.0,
@@ -36,5 +37,5 @@ def test_a_tenth_of_a_trained_decoder_goes_and_perplexity_holds(smollm2, calib, 
     assert r.report["target_reachable"] and r.report["after"]["params"] <= r.report["before"]["params"] / 1.11 + 1
     ppl = smollm2["lm"].perplexity(out, smollm2["held"])
     assert ppl <= bound * smollm2["dense"], (ppl, smollm2["dense"])
-    widths = {(layer["intermediate_size"][1]) for layer in r.report["layers"]}
-    assert len(widths) == 1 and widths.pop() < 1536          # every layer lost the same share
+    widths = [layer["intermediate_size"][1] for layer in r.report["layers"]]
+    assert widths[0] == 1536 and len(set(widths[1:])) == 1 and widths[1] < 1536   # the first whole, the rest one share
