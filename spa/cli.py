@@ -228,8 +228,9 @@ def _criteria():
 @click.option("--prune-io", default=None, metavar="REGEX",
               help="graph inputs/outputs whose names match may lose channels along their static dims (e.g. "
                    "'past_key_values|present': KV heads and head dims, a smaller cache); the report lists each change")
-@click.option("--allocate", type=click.Choice(list(ALLOCATIONS)), default="global", show_default=True,
-              help="how --target spreads over the groups: one global score threshold; uniform, the one fraction "
+@click.option("--allocate", type=click.Choice(list(ALLOCATIONS)), default="auto", show_default=True,
+              help="how --target spreads over the groups: auto = uniform for a causal language model, else global; "
+                   "global, one score threshold; uniform, the one fraction "
                    "of every exact group that reaches the target; or sensitivity, per-group amounts chosen by the output "
                    "drift each group causes, measured in onnxruntime (--target fidelity=C always does the latter)")
 @click.option("--keep-ends", default="1,0", show_default=True, metavar="FIRST,LAST", callback=lambda c, p, v: _ends(v),
@@ -548,7 +549,7 @@ def report_command(report_json, output):
 @click.option("--targets", required=True, help="comma-separated targets, e.g. macs=1.5,2,3 (or params=F, fidelity=C)")
 @click.option("--criteria", default="l2", show_default=True, help="comma-separated criteria, e.g. l2,obspa")
 @click.option("--calib", default=None, metavar="FILE|synthetic|random", help="calibration data, as for spa prune")
-@click.option("--allocate", type=click.Choice(list(ALLOCATIONS)), default="global", show_default=True)
+@click.option("--allocate", type=click.Choice(list(ALLOCATIONS)), default="auto", show_default=True)
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="folder for sweep.json, sweep.md (the Pareto table) and sweep.svg (the plot)")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="local processes at a time")

@@ -42,7 +42,7 @@ class SpaPrune(Pass):
             "ratio": param(float, 0.3, "the fraction of every prunable group to remove, without a target"),
             "criterion": param(str, "l2", "spa's criterion: l1, l2, lamp, fpgm, bn_scale, random, act_mean, "
                                           "wanda, flap, obspa (spa prune --criterion)"),
-            "allocate": param(str, "global", "how a target spreads over the groups: global, uniform, sensitivity"),
+            "allocate": param(str, "auto", "how a target spreads over the groups: auto, global, uniform, sensitivity"),
             "compensate": param(str, "auto", "OBS update of the weights that read removed channels: auto, obs, none"),
             "calib": param(str, None, "calibration data: an .npz keyed by input name, 'synthetic' or 'random'"),
             "data_config": PassConfigParam(type_=Union[DataConfig, dict], default_value=None, description=(
