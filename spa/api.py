@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -324,6 +324,8 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
     if target is not None and target[0] == "experts":
         current, current_weights, after, report = moe_stage.prune_experts(first, opts, target[1], progress)
         return _finish(model, first, current, current_weights, report, opts, output, progress, t0, ref)
+    allocate, chosen = allocation_for(first, opts) if target is not None else (opts.allocate, "")
+    opts = replace(opts, allocate=allocate)     # every stage sees the allocation the plan uses
     history, current, current_weights, after = [], first.model, first.weights, first.probe
     kept_map, compensated = None, set()
     for k in range(1, opts.steps + 1):
@@ -348,6 +350,8 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
             after = validate(current, first, opts.input_shapes, weights=current_weights)
         history.append(step)
     report = _report(first, history, current, after, opts, target)
+    if chosen and isinstance(report.get("plan"), dict):
+        report["plan"]["allocation_chosen"] = f"{allocate} ({chosen})"
     return _finish(model, first, current, current_weights, report, opts, output, progress, t0, ref, kept_map,
                    compensated)
 
@@ -475,8 +479,7 @@ def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progr
         now = an.macs if kind == "macs" else an.params
         goal = base0 / factor ** (k / n)
         rel = max(now / goal, 1.0) if goal > 0 else 1.0
-        allocate, why = allocation_for(an, opts)
-        if allocate == "uniform":
+        if opts.allocate == "uniform":
             position = {node.name: i for i, node in enumerate(an.model.graph.node)}
             spared = () if opts.uniform_layers else stack_ends(groups, position, *opts.keep_ends)  # one width per kind
             step.removal, step.plan = plan_uniform(groups, step.scores.normalised, CostModel(an), (kind, rel),
@@ -485,9 +488,7 @@ def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progr
         else:
             step.removal, step.plan = plan_target(groups, step.scores.normalised, CostModel(an), (kind, rel),
                                                   overrides=step.overrides, **common)
-        if why:
-            step.plan["allocation_chosen"] = f"{allocate} ({why})"
-        if allocate == "sensitivity":
+        if opts.allocate == "sensitivity":
             step.removal, sens = allocation.allocate(an, step.scores.normalised, kind, int(goal), opts,
                                                      lambda removal: _cut(step, removal), step.removal, progress)
             step.plan = {**sens, "global_plan": step.plan}

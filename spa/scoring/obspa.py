@@ -528,6 +528,10 @@ class Compensation:
         self.damp = DAMP if opts.damp is None else float(opts.damp)
         consumers, self.skipped = find_consumers(an)
         self.per_group = group_consumers(an, consumers)
+        # a uniform allocation keeps approximate groups whole: no costs, no Hessians for them (a decoder's
+        # residual width: every q/k/v/gate/up weight of every layer, 1.1 GB of float64 on SmolLM2-135M)
+        whole = {g.id for g in an.groups if g.approximate} if opts.allocate == "uniform" else set()
+        self.per_group = {gid: items for gid, items in self.per_group.items() if gid not in whole}
         used = [c for items in self.per_group.values() for c, _ in items]
         progress(f"obs: {len(used)} consumer weights in {len(self.per_group)} groups; Hessians: {opts.hessian}")
         self.hs = hessians(an, used, opts.hessian, opts.calib, n_batches=opts.calib_batches,
@@ -535,7 +539,9 @@ class Compensation:
                            synthetic_kind=opts.synthetic, stats=stats)
         self.results = {}
         for g in an.groups:
-            if g.prunable and g.id not in self.per_group:
+            if g.prunable and g.id in whole:
+                scores.notes[g.id] = "approximate, kept whole by the uniform allocation: not scored by OBS"
+            elif g.prunable and g.id not in self.per_group:
                 scores.notes[g.id] = ("obspa: no consumer weight modelled; l2, not compensated" if choose
                                       else "obs: no consumer weight modelled; not compensated")
         if ranked and choose:
