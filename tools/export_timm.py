@@ -27,15 +27,13 @@ import argparse
 import pathlib
 import sys
 import time
-import warnings
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from export_torchvision import (cache_dir, calibrate_parameters, checked_export, import_torchvision,  # noqa: E402
-                                unshare_initializers)
+from export_torchvision import (cache_dir, calibrate_parameters, export_image_model,  # noqa: E402
+                                import_torchvision)
 
 ARCHS = ["efficientformerv2_s0"]
 INITS = ("timm", "calibrated")
-OPSET = 17
 
 
 def default_path(arch: str, size: int = 224, init: str = "calibrated") -> pathlib.Path:
@@ -71,23 +69,10 @@ def build(arch: str, size: int = 224, init: str = "calibrated"):
 
 def export(arch: str, size: int = 224, out: pathlib.Path | None = None, init: str = "calibrated") -> pathlib.Path:
     """Export ``arch`` at ``size`` x ``size``; return the path (skips the export if it exists)."""
-    import onnx
-    import torch
-
     out = pathlib.Path(out) if out is not None else default_path(arch, size, init)
     if out.is_file():
         return out
-    model = build(arch, size, init)
-    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    with checked_export(out) as tmp:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # legacy-exporter DeprecationWarning, TracerWarnings
-            torch.onnx.export(model, (x,), tmp, dynamo=False, opset_version=OPSET, input_names=["input"],
-                              output_names=["logits"], do_constant_folding=True)
-        m = onnx.load(tmp)
-        if unshare_initializers(m):
-            onnx.save(m, tmp)
-    return out
+    return export_image_model(build(arch, size, init), size, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out and len(args.archs) != 1:
         ap.error("--out needs exactly one architecture")
     try:
+        import_torchvision()          # timm imports torchvision (see build)
         import timm  # noqa: F401
     except ImportError:
         print("error: timm is needed: pip install timm", file=sys.stderr)

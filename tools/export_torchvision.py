@@ -188,14 +188,22 @@ def build(arch: str, size: int = 224, init: str = "torchvision"):
 def export(arch: str, size: int = 224, out: pathlib.Path | None = None, dynamic_batch: bool = False,
            keep_shared: bool = False, init: str = "torchvision") -> pathlib.Path:
     """Export ``arch`` at ``size`` x ``size``; return the path (skips the export if it exists)."""
-    import onnx
-    import torch
-
     _check_size(arch, size)
     out = pathlib.Path(out) if out is not None else default_path(arch, size, dynamic_batch, keep_shared, init)
     if out.is_file():
         return out
-    model = build(arch, size, init)
+    return export_image_model(build(arch, size, init), size, out, dynamic_batch=dynamic_batch,
+                              keep_shared=keep_shared)
+
+
+def export_image_model(model, size: int, out: pathlib.Path, *, dynamic_batch: bool = False,
+                       keep_shared: bool = False) -> pathlib.Path:
+    """TorchScript-export an image model (input ``input`` [1, 3, size, size], output ``logits``) to
+    ``out`` through :func:`checked_export`, its shared initializers made one per user unless
+    ``keep_shared``; tools/export_timm.py exports the same way."""
+    import onnx
+    import torch
+
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     with checked_export(out) as tmp:
         # No torch.no_grad(): with grad disabled nn.MultiheadAttention (vit_*) takes its fused fast
