@@ -16,6 +16,7 @@ from .errors import SpaError
 from .planning import ALLOCATIONS, METRICS
 from .progress import printer
 from .scoring import COMPENSATE, CRITERIA
+from .verify import after
 from .verify.commands import bench_command, check_command
 from .verify.flags import parse_input_shapes
 
@@ -160,7 +161,7 @@ def inspect(model, as_json, show_all, input_shapes, graph_file):
     if as_json:
         click.echo(json.dumps(summary, indent=1))
         return
-    click.echo(f"input shapes: {_shape_text(summary['input_shapes'])}")
+    click.echo(f"input shapes: {after.shape_text(summary['input_shapes'])}")
     click.echo(f"{'id':>4} {'chan':>6} {'params':>9} {'MACs':>9}  {'status':<11} ops / reason")
     for g in summary["groups"]:
         if not g["prunable"] and not show_all:
@@ -320,7 +321,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
         raise SpaError("--check and --bench feed both models the same inputs, but with --prune-io the pruned model's "
                        "inputs may be smaller (the report's 'interface' lists them); check it with your own loop")
     if do_bench:
-        _bench_provider_usable(bench_provider)  # fail before pruning, not after
+        after.bench_provider_usable(bench_provider)  # fail before pruning, not after
     options = PruneOptions(ratio=ratio, criterion=criterion, reduction=reduction, normalisation=normalisation,
                            global_rank=global_rank, round_to=round_to, exclude=exclude, max_ratio=max_ratio,
                            target=target, overrides=overrides, steps=steps, calib=calib, calib_batches=calib_batches,
@@ -340,9 +341,9 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
     # check and bench use exactly those
     used = {name: [int(d) for d in np.shape(value)] for name, value in an.probe.inputs.items()}
     if do_check:
-        rep["check"] = _run_check(src, output, used, seed, atol, rtol)
+        rep["check"] = after.run_check(src, output, used, seed, atol, rtol, progress=_progress)
     if do_bench:
-        rep["bench"] = _run_bench(src, output, used, bench_provider, bench_warmup, bench_iters)
+        rep["bench"] = after.run_bench(src, output, used, bench_provider, bench_warmup, bench_iters, progress=_progress)
     if report:
         write_text(report, json.dumps(rep, indent=1), inputs=protect + [output], what="--report")
     failed = do_check and rep["check"]["passed"] is False
@@ -390,120 +391,11 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
     click.echo(f"wrote {output}")
     _fidelity_warning(rep)
     if do_check:
-        click.echo(_format_check(rep["check"]))
+        click.echo(after.format_check(rep["check"]))
     if do_bench:
-        click.echo(_format_bench(rep["bench"]))
+        click.echo(after.format_bench(rep["bench"]))
     if failed:
         sys.exit(1)
-
-
-def _shape_text(shapes) -> str:
-    return ", ".join(f"{k}:[{','.join(map(str, v))}]" for k, v in shapes.items())
-
-
-def _run_check(reference, candidate, shapes, seed, atol, rtol) -> dict:
-    """``spa.verify.check.compare`` of the pruned model against the original, as the report's "check" entry.
-
-    Without tolerances (mode "report") nothing is judged: ``passed`` is null unless the two models
-    cannot be compared at all (signature or output shape mismatch), which is false."""
-    from .verify.check import compare
-    tolerance = atol is not None or rtol is not None
-    _progress(f"checking the pruned model against the original in onnxruntime (cpu; {_shape_text(shapes)})")
-    res = compare(reference, candidate, input_shapes=shapes, seed=seed,
-                  atol=1e-5 if atol is None else atol, rtol=1e-4 if rtol is None else rtol,
-                  providers=["CPUExecutionProvider"], every_size=True)
-    sizes = res.get("sizes", [])
-    if not tolerance:
-        every = res["outputs"] + [o for s in sizes for o in s["outputs"]]
-        comparable = res["signature"]["ok"] and bool(res["outputs"]) \
-            and not any(o.get("error") for o in every) and not any(s.get("error") for s in sizes)
-        res["passed"] = None if comparable else False
-        res["atol"] = res["rtol"] = None
-        for o in every:
-            o["passed"] = False if o.get("error") else None
-        for s in sizes:
-            s["passed"] = False if s.get("error") else None
-    return {"mode": "tolerance" if tolerance else "report", "passed": res["passed"], "atol": res["atol"],
-            "rtol": res["rtol"], "provider": "cpu", "seed": seed, "input_shapes": shapes,
-            "signature": res["signature"], "outputs": res["outputs"], "sizes": sizes}
-
-
-def _fmt(x, spec=".3g"):
-    return "-" if x is None else format(x, spec)
-
-
-def _format_check(chk) -> str:
-    lines = [f"check: pruned vs original in onnxruntime cpu, random inputs {_shape_text(chk['input_shapes'])} "
-             f"(seed {chk['seed']})"]
-    for o in chk["outputs"]:
-        shape = "x".join(map(str, o["shape"])) or "scalar"
-        if o.get("error"):
-            lines.append(f"  {o['name']} [{shape}]: cannot compare: {o['error']}")
-            continue
-        top1 = "" if o["top1"] is None else f"  top-1 {o['top1']:.3f}"
-        verdict = "" if o["passed"] is None else ("  ok" if o["passed"] else "  OUT OF TOLERANCE")
-        lines.append(f"  {o['name']} [{shape}]: cosine {_fmt(o['cosine'], '.6f')}{top1}  "
-                     f"max abs {_fmt(o['max_abs'])}  mean abs {_fmt(o['mean_abs'])}  "
-                     f"max rel {_fmt(o['max_rel'])}  mean rel {_fmt(o['mean_rel'])}{verdict}")
-    for size in chk.get("sizes", []):
-        if size.get("skipped") or size.get("error"):
-            lines.append(f"  at {size['sizes']}: " + (f"skipped ({size['skipped']})" if size.get("skipped")
-                                                        else f"FAILED: {size['error']}"))
-            continue
-        worst = min((o["cosine"] for o in size["outputs"] if o["cosine"] is not None), default=None)
-        bad = [o["name"] for o in size["outputs"] if o.get("error") or o["passed"] is False]
-        lines.append(f"  at {size['sizes']}: lowest cosine {_fmt(worst, '.6f')}"
-                     + (f"  OUT OF TOLERANCE or not comparable: {', '.join(bad)}" if bad else ""))
-    for problem in chk["signature"]["problems"]:
-        lines.append(f"  signature: {problem}")
-    if chk["mode"] == "report":
-        lines.append("  (agreement reported, not judged: pass --atol/--rtol for a pass/fail check)"
-                     if chk["passed"] is None else "check FAILED: the models cannot be compared")
-    else:
-        lines.append(f"check {'PASSED' if chk['passed'] else 'FAILED'} (atol={chk['atol']}, rtol={chk['rtol']}: "
-                     "|pruned - original| <= atol + rtol * |original|)")
-    return "\n".join(lines)
-
-
-def _bench_provider_usable(provider):
-    if provider == "cpu":
-        return
-    import onnxruntime as ort
-    from .verify.bench import PROVIDERS
-    from .verify.check import cuda_available
-    if PROVIDERS[provider][0] not in ort.get_available_providers() or not cuda_available():
-        raise SpaError(f"--bench-provider {provider}: {PROVIDERS[provider][0]} is not usable here "
-                       "(onnxruntime-gpu with a CUDA GPU is needed); use --bench-provider cpu")
-
-
-def _run_bench(dense, pruned, shapes, provider, warmup, iters) -> dict:
-    """``spa.verify.bench.benchmark`` of the original and the pruned model, as the report's "bench" entry."""
-    from .verify.bench import benchmark
-    first = next(iter(shapes.values()), [])
-    batch = first[0] if first else 1  # benchmark sets dim 0 of dynamic inputs to the batch: keep the used one
-    _progress(f"benchmarking original vs pruned ({provider}, {warmup} warmup + {iters} timed runs each, "
-              f"interleaved)")
-    from .verify.bench import BenchError
-    try:
-        res = benchmark([dense, pruned], provider=provider, batches=(batch,), warmup=warmup, iters=iters,
-                        input_shapes=shapes, progress=_progress)
-    except BenchError as exc:  # its advice names `spa bench` flags
-        raise SpaError(str(exc).replace("pass --allow-cpu-fallback to measure on CPU",
-                                        "use --bench-provider cpu")) from None
-    rows = {r["model"]: r for r in res["results"]}
-    d, p = rows.get(str(dense)), rows.get(str(pruned))
-    return {"provider": provider, "batch": batch, "warmup": warmup, "iters": iters, "input_shapes": shapes,
-            "original_ms": d and d["median_ms"], "pruned_ms": p and p["median_ms"],
-            "speedup": p and p["speedup"], **res}
-
-
-def _format_bench(b) -> str:
-    prov = b["results"][-1]["provider"] if b["results"] else b["provider"]
-    head = f"latency: onnxruntime {prov}, batch {b['batch']}, median of {b['iters']} interleaved runs:"
-    if b["original_ms"] is None or b["pruned_ms"] is None:
-        return head + " not measured (" + "; ".join(s["reason"] for s in b["skipped"]) + ")"
-    return (head + f" original {b['original_ms']:.3f} ms -> pruned {b['pruned_ms']:.3f} ms "
-            f"({_fmt(b['speedup'], '.2f')}x speedup)")
 
 
 @cli.command("apply-map")
