@@ -18,11 +18,13 @@ from .io.weights import is_float
 from .mapping import mapfile
 from .mapping.layers import layer_report
 from .moe import stage as moe_stage
-from .planning import ALLOCATIONS, METRICS, allocation, fidelity, layerwise
+from .planning import ALLOCATIONS, METRICS, allocation, fidelity, latency, layerwise
+from .planning.latency import LatencyModel, kept_multiples
 from .planning.counting import count_macs, count_params, mac_axes, node_macs
 from .planning.plan import (CostModel, all_units, load_overrides, parse_target, plan as make_plan, plan_target,
                             plan_uniform, resolve_overrides, stack_ends)
 from .runtime import calib as calib_mod, probing, synthetic, textgen
+from .runtime.latency import DEVICES, LatencyTable, kernel_alignment
 from .runtime.synthetic import KINDS
 from .scoring import COMPENSATE, CRITERIA, compensation, score
 from .scoring.obspa import HESSIANS, moment_axes
@@ -173,7 +175,7 @@ class PruneOptions:
     reduction: str = "sum"
     normalisation: str | None = None
     global_rank: bool = False
-    round_to: int = 1
+    round_to: object = "auto"      # kept counts' multiple: an int, or "auto" (the device's kernels: planning.latency)
     exclude: str | None = None
     max_ratio: float = 0.9
     target: str | None = None
@@ -199,6 +201,8 @@ class PruneOptions:
     uniform_layers: bool = False   # the same widths in every layer (spa.planning.layerwise; a config can hold them)
     experts_from: object = None    # --target experts=F: a patterns file whose --task ranks the experts
     task: str | None = None        # the task of ``experts_from`` to keep the experts of
+    device: str = "cpu"            # the execution provider the widths align to and --target latency= is timed on
+    threads: int | None = None     # onnxruntime intra-op threads of the latency timings (None: its default)
 
     def checked(self):
         """The criterion's Scorer and the parsed target; one-line errors for bad values."""
@@ -219,8 +223,8 @@ class PruneOptions:
         target = parse_target(self.target)
         if self.allocate not in ALLOCATIONS:
             raise SpaError(f"--allocate must be one of {', '.join(ALLOCATIONS)}, got {self.allocate!r}")
-        if self.allocate in ("sensitivity", "uniform") and (target is None or target[0] not in ("macs", "params")) \
-                and not (self.allocate == "sensitivity" and target is not None and target[0] == "experts"):
+        sizes = ("macs", "params", "latency") if self.allocate == "uniform" else ("macs", "params", "experts")
+        if self.allocate in ("sensitivity", "uniform") and (target is None or target[0] not in sizes):
             raise SpaError(f"--allocate {self.allocate} spreads a size over the groups: use it with --target macs=F or "
                            "params=F (--ratio R is already uniform; --target fidelity=C always allocates by sensitivity)")
         ends = tuple(self.keep_ends) if isinstance(self.keep_ends, (tuple, list)) else ()
@@ -248,8 +252,16 @@ class PruneOptions:
             raise SpaError(f"--ratio must be in [0, 1), got {self.ratio}")
         if not 0.0 < self.max_ratio <= 1.0:
             raise SpaError(f"--max-ratio must be in (0, 1], got {self.max_ratio}")
-        if self.round_to < 1:
-            raise SpaError(f"--round-to must be >= 1, got {self.round_to}")
+        if self.round_to != "auto" and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
+                                        or self.round_to < 1):
+            raise SpaError(f"--round-to must be auto or a whole number >= 1, got {self.round_to!r}")
+        if self.device not in DEVICES:
+            raise SpaError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 0):
+            raise SpaError(f"--threads must be a whole number >= 0, got {self.threads!r}")
+        if target is not None and target[0] == "latency" and (self.steps != 1 or self.allocate == "sensitivity"):
+            raise SpaError("--target latency=F times one pruned model: use it with --steps 1 and --allocate auto, "
+                           "global or uniform")
         if self.seed < 0:
             raise SpaError(f"--seed must be >= 0, got {self.seed}")
         if self.blas_threads < 0:
@@ -279,6 +291,8 @@ class Step:
     overrides: dict = field(default_factory=dict)
     removal: dict = field(default_factory=dict)   # group id -> removed units
     plan: dict = field(default_factory=dict)      # what a target plan reports
+    cost: object = None           # the plan's cost model when it is not plain counting (a LatencyModel)
+    widths: dict = field(default_factory=dict)    # how the kept counts were rounded (planning.latency.kept_multiples)
 
 
 def prune(model, ratio: float = 0.3, *, options: PruneOptions | None = None, output=None, progress=quiet,
@@ -335,25 +349,69 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
         step = Step(first if k == 1 else analyze(current, input_shapes=opts.input_shapes, progress=progress,
                                                   weights=current_weights, prune_io=opts.prune_io))
         _score(step, scorer, opts, k, tag, opts.global_rank or target is not None, progress)
-        _plan(step, first, opts, target, k, progress)
-        source, channels = _compensated(step, step.removal, progress)
+        if target is not None and target[0] == "latency":
+            cut = _reach_latency(step, first, opts, target, k, tag, progress)
+        else:
+            cut = _cut_step(step, first, opts, target, k, tag, progress)
         units = all_units(step.removal)
-        progress(f"{tag}removing {len(units)} channels from {len(step.removal)} groups")
         if len(units):
-            current, current_weights = slicing.cut(source, channels, step.analysis.probe, units)
+            current, current_weights, after, channels = cut
             if opts.map_path is not None:
                 step_kept = mapfile.step_map(step.analysis, units)
                 kept_map = step_kept if kept_map is None else mapfile.compose(kept_map, step_kept)
                 compensated |= {n for n, v in channels.consts.items() if v is not step.analysis.channels.consts.get(n)}
-            weight_store.release_pages(channels.consts.values())
-            progress("validating the pruned model in onnxruntime")
-            after = validate(current, first, opts.input_shapes, weights=current_weights)
         history.append(step)
     report = _report(first, history, current, after, opts, target)
     if chosen and isinstance(report.get("plan"), dict):
         report["plan"]["allocation_chosen"] = f"{allocate} ({chosen})"
     return _finish(model, first, current, current_weights, report, opts, output, progress, t0, ref, kept_map,
                    compensated)
+
+
+def _cut_step(step: Step, first: Analysis, opts: PruneOptions, target, k: int, tag: str, progress):
+    """Plan, compensate, cut and validate one step: ``(model, weights, probe, channel model)`` of the
+    pruned model, or Nones when the plan removes nothing."""
+    _plan(step, first, opts, target, k, progress)
+    source, channels = _compensated(step, step.removal, progress)
+    units = all_units(step.removal)
+    progress(f"{tag}removing {len(units)} channels from {len(step.removal)} groups")
+    if not len(units):
+        return None, None, None, channels
+    model, weights = slicing.cut(source, channels, step.analysis.probe, units)
+    weight_store.release_pages(channels.consts.values())
+    progress("validating the pruned model in onnxruntime")
+    return model, weights, validate(model, first, opts.input_shapes, weights=weights), channels
+
+
+def _reach_latency(step: Step, first: Analysis, opts: PruneOptions, target, k: int, tag: str, progress):
+    """``--target latency=F``: plan on the latency table's prediction, time the written model against
+    the original on the device, and re-plan with a corrected goal until the measured speed-up is
+    within ``latency.TOLERANCE`` of F (``latency.reach``).  The report's plan holds every round."""
+    an = step.analysis
+    table = LatencyTable(opts.device, opts.threads, progress=progress)
+    alignment, _ = kernel_alignment(opts.device)
+    step.cost = LatencyModel(an, table, alignment, progress)
+    dense = an.full_model()
+    feed = dict(an.probe.inputs)
+
+    def attempt(goal):
+        got = _cut_step(step, first, opts, ("latency", goal), k, tag, progress)
+        return got, dict(step.removal), dict(step.plan)
+
+    def measure(candidate):
+        model, weights = candidate[0][0], candidate[0][1]
+        if model is None:
+            return {"original_ms": 0.0, "pruned_ms": 0.0, "speedup": 1.0}
+        progress(f"latency: timing the pruned model against the original ({opts.device})")
+        return table.speedup(dense, weight_store.full_model(model, weights), feed)
+
+    (cut, step.removal, plan), rounds, best = latency.reach(target[1], attempt, measure, progress)
+    est = plan.get("estimate", {}).get("latency")
+    step.plan = {**plan, "target": f"latency={target[1]:g}", "planned_for": plan["target"], "latency": {
+        "device": opts.device, "rounds": rounds, "chosen_round": best + 1, "measured_speedup": rounds[best]["speedup"],
+        "predicted_speedup": round(step.cost.base["latency"] / est, 4) if est else 1.0,
+        "model": step.cost.info(), "table": table.summary()}}
+    return cut
 
 
 def _finish(model, first, current, current_weights, report, opts, output, progress, t0, ref, kept_map=None,
@@ -469,7 +527,10 @@ def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progr
             raise SpaError("--uniform-layers: no group runs through one numbered layer's projections (it needs "
                            "the module names a transformers export leaves: model.layers.N...)")
         groups = [g for g in an.groups if g.id in roles]
-    common = dict(round_to=opts.round_to, exclude=opts.exclude, max_ratio=opts.max_ratio)
+    round_to, widths = kept_multiples(an, opts.round_to, opts.device)
+    opts = replace(opts, round_to=round_to)      # the allocations read it from the options
+    common = dict(round_to=round_to, exclude=opts.exclude, max_ratio=opts.max_ratio)
+    cost = step.cost or CostModel(an)
     if target is not None and target[0] == "fidelity":
         step.removal, step.plan = allocation.search(an, step.scores.normalised, target[1], opts,
                                                   lambda removal: _cut(step, removal), progress)
@@ -478,15 +539,15 @@ def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progr
         base0 = first.macs if kind == "macs" else first.params
         now = an.macs if kind == "macs" else an.params
         goal = base0 / factor ** (k / n)
-        rel = max(now / goal, 1.0) if goal > 0 else 1.0
+        rel = factor if kind == "latency" else max(now / goal, 1.0) if goal > 0 else 1.0
         if opts.allocate == "uniform":
             position = {node.name: i for i, node in enumerate(an.model.graph.node)}
             spared = () if opts.uniform_layers else stack_ends(groups, position, *opts.keep_ends)  # one width per kind
-            step.removal, step.plan = plan_uniform(groups, step.scores.normalised, CostModel(an), (kind, rel),
+            step.removal, step.plan = plan_uniform(groups, step.scores.normalised, cost, (kind, rel),
                                                    overrides=step.overrides, unscored=step.scores.notes,
                                                    spared=spared, **common)
         else:
-            step.removal, step.plan = plan_target(groups, step.scores.normalised, CostModel(an), (kind, rel),
+            step.removal, step.plan = plan_target(groups, step.scores.normalised, cost, (kind, rel),
                                                   overrides=step.overrides, **common)
         if opts.allocate == "sensitivity":
             step.removal, sens = allocation.allocate(an, step.scores.normalised, kind, int(goal), opts,
@@ -498,8 +559,9 @@ def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progr
         step.removal = make_plan(groups, step.scores.normalised, r, global_rank=opts.global_rank,
                                  overrides=stepped, **common)
     if roles is not None:
-        step.removal, info = layerwise.equalise(an.groups, step.scores.normalised, step.removal, roles, opts.round_to)
+        step.removal, info = layerwise.equalise(an.groups, step.scores.normalised, step.removal, roles, round_to)
         step.plan = {**step.plan, "uniform_layers": info}
+    step.widths = widths
 
 
 def _compensation_key(opts) -> str:
@@ -515,7 +577,8 @@ def _report(first: Analysis, history: list, pruned, after, opts: PruneOptions, t
     report = {
         "criterion": opts.criterion, "reduction": sc.reduction, "normalisation": sc.normalisation,
         "ratio": None if target else opts.ratio, "global": bool(opts.global_rank or target),
-        "round_to": opts.round_to, "exclude": opts.exclude, "max_ratio": opts.max_ratio, "steps": opts.steps,
+        "round_to": opts.round_to, "widths": last.widths, "exclude": opts.exclude, "max_ratio": opts.max_ratio,
+        "steps": opts.steps,
         "seed": opts.seed,
         "before": {"params": first.params, "macs": first.macs},
         "after": {"params": count_params(pruned), "macs": count_macs(pruned, after.shapes)},
@@ -530,6 +593,7 @@ def _report(first: Analysis, history: list, pruned, after, opts: PruneOptions, t
     if target:
         report["target"] = f"{target[0]}={target[1]:g}"
         reached = last.plan.get("measured", 1.0) if target[0] == "fidelity" else \
+            last.plan["latency"]["measured_speedup"] if target[0] == "latency" else \
             first.macs / max(report["after"]["macs"], 1) if target[0] == "macs" \
             else first.params / max(report["after"]["params"], 1)
         report["target_reached"] = round(reached, 4)

@@ -105,6 +105,15 @@ def _ends(value):
     return first, last
 
 
+def _round_to(value):
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected auto or a whole number, got {value!r}") from None
+
+
 def _shapes(values):
     if not values:
         return None
@@ -187,6 +196,7 @@ def _criteria():
 @click.option("--ratio", type=float, default=0.3, show_default=True, help="fraction of each group's channels to remove")
 @click.option("--target", default=None, metavar="KIND=F",
               help="reach a reduction factor instead of a ratio: macs=2 halves MACs, params=1.5 (global threshold); "
+                   "latency=2 runs twice as fast on --device, timed (docs/latency.md); "
                    "fidelity=C (0 < C <= 1) removes the most MACs that keep the outputs' cosine to the original's "
                    ">= C; experts=F keeps that fraction of every mixture-of-experts layer's experts (docs/moe.md)")
 @click.option("--criterion", type=click.Choice(_criteria()), default="l2", show_default=True,
@@ -221,7 +231,12 @@ def _criteria():
 @click.option("--overrides", default=None, type=click.Path(dir_okay=False),
               help="JSON {group id or node-name regex: ratio} fixing some groups' ratios")
 @click.option("--steps", type=int, default=1, show_default=True, help="prune iteratively, re-scoring after each step")
-@click.option("--round-to", type=int, default=1, show_default=True, help="keep channel counts multiples of N")
+@click.option("--round-to", default="auto", show_default=True, metavar="auto|N", callback=lambda c, p, v: _round_to(v),
+              help="keep channel counts multiples of N; auto: what --device's kernels run whole (16 or 8 on CPU)")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="the execution provider the widths align to and --target latency= is timed on")
+@click.option("--threads", type=click.IntRange(min=0), default=None,
+              help="onnxruntime intra-op threads of the latency timings [default: onnxruntime's]")
 @click.option("--exclude", default=None, help="regex over node names: groups touching them are kept whole")
 @click.option("--uniform-layers", is_flag=True,
               help="the same heads (whole KV groups) and MLP width in every layer, head dims and the residual kept: "
@@ -277,6 +292,7 @@ def _criteria():
 @click.option("-v", "--verbose", is_flag=True, help="also print the table of every prunable group (kept, removed, scores)")
 def prune(model, output, ratio, target, criterion, reduction, normalisation, calib, calib_batches, calib_batch_size,
           hessian, synthetic, fidelity_metric, blas_threads, seed, global_rank, max_ratio, overrides, steps, round_to,
+          device, threads,
           exclude, uniform_layers, prune_io,
           allocate, keep_ends, compensate, damp,
           grads, map_path, experts_from, task, report, as_json, input_shapes, force,
@@ -329,6 +345,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                            blas_threads=blas_threads, prune_io=prune_io, grads=grads, map_path=map_path,
                            allocate=allocate, keep_ends=keep_ends, compensate=compensate, damp=damp, synthetic=synthetic,
                            fidelity_metric=fidelity_metric, uniform_layers=uniform_layers,
+                           device=device, threads=threads,
                            experts_from=experts_from, task=task)
     options.checked()  # every option before the load and probe
     an = analyze(src, input_shapes=shapes, progress=_progress, prune_io=prune_io)
@@ -373,6 +390,12 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                f"MACs {_human(b['macs'])} -> {_human(a['macs'])} ({b['macs'] / max(a['macs'], 1):.2f}x)   "
                + (f"{sum(e['experts'] - len(e['kept']) for e in rep['experts']['layers'] if 'kept' in e)} experts "
                   "removed" if "experts" in rep else f"{pruned_groups} groups pruned") + f", {rep['seconds']:.1f}s")
+    lat = (rep.get("plan") or {}).get("latency")
+    if lat:
+        t = lat["table"]
+        click.echo(f"latency: {lat['measured_speedup']:.2f}x measured on {lat['device']} (predicted "
+                   f"{lat['predicted_speedup']:.2f}x; {len(lat['rounds'])} rounds; {t['measured']} operator timings "
+                   f"made, {t['reused']} from the cache)")
     fid = rep.get("fidelity", {})
     if "min" in fid:
         click.echo(_fidelity_line(fid))

@@ -50,7 +50,7 @@ class SpaPrune(Pass):
             "calib_batches": param(int, 8, "batches of data_config (or of calib random) used for calibration"),
             "exclude": param(str, None, "a regular expression over node names: groups touching them are kept whole"),
             "uniform_layers": param(bool, False, "the same widths in every transformer layer"),
-            "round_to": param(int, 1, "keep channel counts multiples of N"),
+            "round_to": param(str, "auto", "keep channel counts multiples of N, or auto: what the CPU's kernels run whole"),
             "seed": param(int, 0, "the seed of random criteria and inputs"),
         }
 
@@ -66,7 +66,7 @@ class SpaPrune(Pass):
             options = PruneOptions(
                 ratio=config.ratio, target=config.target, criterion=config.criterion, allocate=config.allocate,
                 compensate=config.compensate, calib=calib, calib_batches=config.calib_batches,
-                exclude=config.exclude, uniform_layers=config.uniform_layers, round_to=config.round_to,
+                exclude=config.exclude, uniform_layers=config.uniform_layers, round_to=_round_to(config.round_to),
                 seed=config.seed)
             result = prune(model.model_path, options=options, output=output)
         (output.parent / (output.stem + ".spa.json")).write_text(json.dumps(result.report, indent=1))
@@ -74,6 +74,11 @@ class SpaPrune(Pass):
         if beside:   # external data beside the model: Olive takes the folder
             return ONNXModelHandler(model_path=str(output.parent), onnx_file_name=output.name)
         return ONNXModelHandler(model_path=str(output))
+
+
+def _round_to(value):
+    """Olive passes a string: ``auto`` as it is, a number as the int spa takes."""
+    return "auto" if str(value).strip().lower() == "auto" else int(value)
 
 
 def calibration_file(data_config, model, path: Path, batches: int) -> str:

@@ -16,7 +16,7 @@ from ..io import initializer_arrays
 from ..progress import stepper
 from ..runtime import probing
 from .fidelity import compare_runs, eval_feeds, fidelity_on, meets, metrics_for, reference_runs
-from .plan import CostModel, all_units, n_remove, plan as local_plan, resolve_overrides, selectable
+from .plan import CostModel, all_units, multiple, n_remove, plan as local_plan, resolve_overrides, selectable
 
 
 #: fractions of a group the sensitivity table tries (the lowest-scored channels first)
@@ -45,9 +45,9 @@ class MaskedModel:
         return self.runner.run(feed)
 
 
-def _kept_multiple(k, round_to, n, max_ratio) -> int:
-    """``k`` units to remove from a group of ``n``, moved so that the kept count honours --round-to."""
-    return n_remove(n, k, round_to, max_ratio)
+def _kept_multiple(k, round_to, gid, n, max_ratio) -> int:
+    """``k`` units to remove from group ``gid`` of ``n``, moved so that the kept count honours --round-to."""
+    return n_remove(n, k, multiple(round_to, gid), max_ratio)
 
 
 #: the cosine's weight in a sensitivity table's drift beside the task agreement: a tie-breaker (on a
@@ -67,7 +67,7 @@ def sensitivity(an, scores, chosen, masked, feeds, reference, *, round_to=1, max
         orders[g.id] = order
         levels, seen = [], set()
         for f in FRACTIONS:
-            k = n_remove(g.channels, int(np.floor(g.channels * f)), round_to, max_ratio)
+            k = n_remove(g.channels, int(np.floor(g.channels * f)), multiple(round_to, g.id), max_ratio)
             if k <= 0 or k in seen:
                 continue
             seen.add(k)
@@ -190,7 +190,8 @@ def search(an, scores, target: float, opts, attempt, progress=None):
     if lo < len(t.path):   # the next step went too far: take part of it (its group's lowest-scored units)
         a, b = t.partial_range(lo)
         while b - a > 1:
-            k = _kept_multiple((a + b) // 2, t.round_to, t.order[t.path[lo][0]].size, t.max_ratio)
+            gid = t.path[lo][0]
+            k = _kept_multiple((a + b) // 2, t.round_to, gid, t.order[gid].size, t.max_ratio)
             if k <= a or k >= b:
                 break
             removal = t.removal(lo, partial=k)
@@ -221,7 +222,8 @@ def allocate(an, scores, kind: str, goal: int, opts, attempt, alternative: dict,
     if 0 < steps:   # the last step may overshoot: as few of its group's units as reach the goal
         a, b = t.partial_range(steps - 1)
         while b - a > 1:
-            k = _kept_multiple((a + b) // 2, t.round_to, t.order[t.path[steps - 1][0]].size, t.max_ratio)
+            gid = t.path[steps - 1][0]
+            k = _kept_multiple((a + b) // 2, t.round_to, gid, t.order[gid].size, t.max_ratio)
             if k <= a or k >= b:
                 break
             if t.estimate(t.removal(steps - 1, partial=k)) <= goal:

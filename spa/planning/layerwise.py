@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from ..graph.modules import layer_of, module_of
-from .plan import n_remove
+from .plan import multiple, n_remove
 
 _PROJECTIONS = ("MatMul", "Gemm")
 
@@ -67,7 +67,7 @@ def equalise(groups, scores, removal: dict, roles: dict, round_to: int = 1) -> t
     for role, members in by_role.items():
         planned = [len(removal.get(g.id, ())) for g in members]
         want = int(math.floor(float(np.mean(planned)) + 0.5))
-        n = n_remove(members[0].channels, want, round_to, 1.0)
+        n = n_remove(members[0].channels, want, multiple(round_to, members[0].id), 1.0)
         for g in members:
             if n:
                 order = np.argsort(scores[g.units], kind="stable")

@@ -27,6 +27,19 @@ def n_remove(n: int, want: int, round_to: int, max_ratio: float) -> int:
     return max(0, min(want, n - 1))
 
 
+def multiple(round_to, group_id: int) -> int:
+    """The multiple group ``group_id``'s kept count honours: ``round_to`` is one number for every
+    group, or {group id: multiple} (``--round-to auto``: ``spa.planning.latency.multiples``; absent
+    ids: 1)."""
+    return int(round_to.get(group_id, 1)) if isinstance(round_to, dict) else int(round_to)
+
+
+def check_round_to(round_to) -> None:
+    values = round_to.values() if isinstance(round_to, dict) else [round_to]
+    if any(int(v) < 1 for v in values):
+        raise SpaError(f"--round-to must be >= 1, got {round_to}")
+
+
 def selectable(groups, exclude: str | None = None):
     """Prunable groups not protected by ``exclude`` (a regex matched against node names)."""
     pattern = None
@@ -55,13 +68,13 @@ def plan(groups, scores, ratio: float, *, global_rank: bool = False, round_to: i
     overrides = dict(overrides or {})
     if not 0.0 <= ratio < 1.0:
         raise SpaError(f"--ratio must be in [0, 1), got {ratio}")
-    if round_to < 1:
-        raise SpaError(f"--round-to must be >= 1, got {round_to}")
+    check_round_to(round_to)
     chosen = selectable(groups, exclude)
     removal = {}
     for g in chosen:
         if g.id in overrides:
-            n = n_remove(g.channels, int(math.floor(g.channels * overrides[g.id] + 1e-9)), round_to, 1.0)
+            want = int(math.floor(g.channels * overrides[g.id] + 1e-9))
+            n = n_remove(g.channels, want, multiple(round_to, g.id), 1.0)
             if n:
                 order = np.argsort(scores[g.units], kind="stable")
                 removal[g.id] = np.sort(g.units[order[:n]])
@@ -78,7 +91,7 @@ def plan(groups, scores, ratio: float, *, global_rank: bool = False, round_to: i
     else:
         wants = {g.id: int(math.floor(g.channels * ratio + 1e-9)) for g in chosen}
     for g in chosen:
-        n = n_remove(g.channels, wants[g.id], round_to, max_ratio if global_rank else 1.0)
+        n = n_remove(g.channels, wants[g.id], multiple(round_to, g.id), max_ratio if global_rank else 1.0)
         if n:
             order = np.argsort(scores[g.units], kind="stable")
             removal[g.id] = np.sort(g.units[order[:n]])
@@ -90,7 +103,8 @@ def plan(groups, scores, ratio: float, *, global_rank: bool = False, round_to: i
 
 
 def parse_target(target):
-    """'macs=2' / 'params=1.5' / 'fidelity=0.99' / 'experts=0.5' (or a (kind, value) pair) -> ('macs', 2.0)."""
+    """'macs=2' / 'params=1.5' / 'latency=2' / 'fidelity=0.99' / 'experts=0.5' (or a (kind, value) pair)
+    -> ('macs', 2.0)."""
     if target is None:
         return None
     if isinstance(target, (tuple, list)):
@@ -100,8 +114,8 @@ def parse_target(target):
         if not sep:
             raise SpaError(f"--target: expected macs=F or params=F, got {target!r}")
     kind = kind.strip().lower()
-    if kind not in ("macs", "params", "fidelity", "experts"):
-        raise SpaError(f"--target: unknown quantity {kind!r}; use macs=F, params=F, fidelity=C or experts=F")
+    if kind not in ("macs", "params", "latency", "fidelity", "experts"):
+        raise SpaError(f"--target: unknown quantity {kind!r}; use macs=F, params=F, latency=F, fidelity=C or experts=F")
     try:
         factor = float(factor)
     except (TypeError, ValueError):
@@ -118,7 +132,8 @@ def parse_target(target):
                            f"(0.5 keeps half), got {factor}")
         return kind, factor
     if not 1.0 <= factor < float("inf"):
-        raise SpaError(f"--target: the reduction factor must be a finite number >= 1 (2 halves the {kind}), got {factor}")
+        what = "a speed-up (2 runs twice as fast)" if kind == "latency" else f"a reduction factor (2 halves the {kind})"
+        raise SpaError(f"--target {kind}=F: F must be a finite number >= 1, {what}; got {factor}")
     return kind, factor
 
 
@@ -193,10 +208,10 @@ def _removal_at(chosen, ranked, threshold, round_to, max_ratio, fixed):
         units, s = ranked[g.id]
         if g.id in fixed:
             want = int(math.floor(g.channels * fixed[g.id] + 1e-9))
-            n = n_remove(g.channels, want, round_to, 1.0)
+            n = n_remove(g.channels, want, multiple(round_to, g.id), 1.0)
         else:
             want = int(np.searchsorted(s, threshold, side="right"))
-            n = n_remove(g.channels, want, round_to, max_ratio)
+            n = n_remove(g.channels, want, multiple(round_to, g.id), max_ratio)
         if n:
             removal[g.id] = np.sort(units[:n])
     return removal
@@ -207,12 +222,16 @@ class CostModel:
 
     A Conv/Gemm/MatMul's MACs scale with the kept fraction of its input-channel axis times that of
     its output-channel axis; a weight's size with the product of the kept fractions of its axes.
+    ``base`` holds the totals by kind; another quantity (``spa.planning.latency``) adds a kind with
+    items whose axes may carry a curve: the item's kept share at each kept width, instead of the
+    kept fraction.
     """
 
     def __init__(self, an):
         cm = an.channels
         self.cm = cm
         self.params, self.macs = an.params, an.macs
+        self.base = {"params": an.params, "macs": an.macs}
         self.items = {"macs": [], "params": []}
         shapes = an.probe.shapes
         for node in an.model.graph.node:
@@ -223,27 +242,43 @@ class CostModel:
             if is_float(value.dtype) and value.ndim:
                 self._add("params", value.size, [(name, d) for d in range(value.ndim)])
 
-    def _add(self, kind, cost, axes):
-        ranges = [self.cm.axis_index[a] for a in axes if a in self.cm.axis_index and self.cm.axis_index[a][1] > 1]
-        if ranges:
-            self.items[kind].append((float(cost), ranges))
+    def _add(self, kind, cost, axes, curves=None):
+        """One item of ``kind``: ``cost`` times the product, over its prunable ``axes``, of the kept
+        fraction (or of ``curves[i][kept width]`` where a curve is given)."""
+        curves = curves or [None] * len(axes)
+        picked = [(self.cm.axis_index[a], c) for a, c in zip(axes, curves)
+                  if a in self.cm.axis_index and self.cm.axis_index[a][1] > 1]
+        if picked:
+            self.items.setdefault(kind, []).append((float(cost), [r for r, _ in picked], [c for _, c in picked]))
+
+    def rank_weights(self, groups, kind: str, round_to) -> dict:
+        """{group id: how much more than the average a channel of the group saves}: the global threshold
+        ranks score / weight.  Params and MACs rank by score alone (what measured best on the
+        criteria bench); a latency model weighs by measured milliseconds."""
+        return {}
 
     def estimate(self, units) -> dict:
         units = np.asarray(units, np.int64)
         if len(units) == 0:
-            return {"params": self.params, "macs": self.macs}
+            return dict(self.base)
         mask = self.cm.removed_atoms(units)
         cs = np.concatenate([[0], np.cumsum(mask)])
         out = {}
-        for kind, base in (("params", self.params), ("macs", self.macs)):
+        for kind, base in self.base.items():
             saved = 0.0
-            for cost, ranges in self.items[kind]:
+            for cost, ranges, curves in self.items[kind]:
                 kept = 1.0
-                for off, size in ranges:
-                    kept *= 1.0 - (cs[off + size] - cs[off]) / size
+                for (off, size), curve in zip(ranges, curves):
+                    gone = cs[off + size] - cs[off]
+                    kept *= 1.0 - gone / size if curve is None else curve[size - gone]
                 saved += cost * (1.0 - kept)
-            out[kind] = int(round(base - saved))
+            out[kind] = base - saved if kind not in ("params", "macs") else int(round(base - saved))
         return out
+
+
+def _goal(kind, goal):
+    """What a plan reports as its goal: counts are whole, milliseconds are not."""
+    return round(float(goal), 4) if kind == "latency" else int(round(goal))
 
 
 def all_units(removal) -> np.ndarray:
@@ -260,12 +295,13 @@ def plan_target(groups, scores, cost: CostModel, target, *, round_to: int = 1, e
     per group at a time) whose estimated cost meets the target.
     """
     kind, factor = parse_target(target)
-    if round_to < 1:
-        raise SpaError(f"--round-to must be >= 1, got {round_to}")
+    check_round_to(round_to)
     chosen = selectable(groups, exclude)
     fixed = dict(overrides or {})
     ranked = _ranked(chosen, scores)
-    base = cost.params if kind == "params" else cost.macs
+    for gid, w in cost.rank_weights(chosen, kind, round_to).items():   # score per unit of cost saved
+        ranked[gid] = (ranked[gid][0], ranked[gid][1] / w)
+    base = cost.base[kind]
     goal = base / factor
     free = [g for g in chosen if g.id not in fixed]
     cands = np.unique(np.concatenate([ranked[g.id][1] for g in free])) if free else np.zeros(0)
@@ -286,7 +322,7 @@ def plan_target(groups, scores, cost: CostModel, target, *, round_to: int = 1, e
             else:
                 lo = mid + 1
         rem, est = at(hi)
-    info = {"target": f"{kind}={factor:g}", "goal": int(round(goal)), "estimate": est,
+    info = {"target": f"{kind}={factor:g}", "goal": _goal(kind, goal), "estimate": est,
             "reachable": bool(reachable), "threshold": float(cands[hi]) if np.isfinite(cands[hi]) else None}
     return rem, info
 
@@ -337,13 +373,13 @@ def plan_uniform(groups, scores, cost: CostModel, target, *, round_to: int = 1, 
     whole = [g for g in selectable(groups, exclude) if g.id not in fixed and (g.approximate or g.id in unscored)]
     chosen = [g for g in selectable(groups, exclude) if g.id in fixed or g not in whole]
     ranked = _ranked(chosen, scores)
-    goal = (cost.params if kind == "params" else cost.macs) / factor
+    goal = cost.base[kind] / factor
 
     def at(f):
         removal = {}
         for g in chosen:
             share = fixed.get(g.id, f)
-            n = n_remove(g.channels, int(math.floor(g.channels * share + 1e-9)), round_to,
+            n = n_remove(g.channels, int(math.floor(g.channels * share + 1e-9)), multiple(round_to, g.id),
                          1.0 if g.id in fixed else max_ratio)
             if n:
                 removal[g.id] = np.sort(ranked[g.id][0][:n])
@@ -360,7 +396,7 @@ def plan_uniform(groups, scores, cost: CostModel, target, *, round_to: int = 1, 
             else:
                 lo = mid
         rem, est = at(hi)
-    info = {"target": f"{kind}={factor:g}", "goal": int(round(goal)), "estimate": est, "reachable": bool(reachable),
+    info = {"target": f"{kind}={factor:g}", "goal": _goal(kind, goal), "estimate": est, "reachable": bool(reachable),
             "allocation": "uniform", "fraction": hi, "kept_whole": [g.id for g in whole],
             "ends_kept": sorted(gid for gid in spared if fixed.get(gid) == 0.0)}
     return rem, info

@@ -133,7 +133,8 @@ def test_cli_options(tmp_path):
 def test_uniform_allocation_cuts_every_exact_group_by_one_fraction(kind, factor):
     """--allocate uniform: every exact group loses floor(f n) of its lowest-scored channels for one f,
     the smallest that reaches the target."""
-    r = spa.prune(graphs.attention(n=6, d=32, heads=4), target=f"{kind}={factor}", allocate="uniform")
+    r = spa.prune(graphs.attention(n=6, d=32, heads=4), target=f"{kind}={factor}", allocate="uniform",
+                  round_to=1)
     rep = r.report
     assert rep["plan"]["allocation"] == "uniform" and rep["target_reachable"]
     assert rep["after"][kind] <= rep["before"][kind] / factor + 1
@@ -144,7 +145,8 @@ def test_uniform_allocation_cuts_every_exact_group_by_one_fraction(kind, factor)
     for g in exact:   # the lowest-scored channels went
         kept = np.delete(np.asarray(g["scores"]), g["removed_channels"])
         assert not g["removed"] or max(np.asarray(g["scores"])[g["removed_channels"]]) <= min(kept)
-    smaller = spa.prune(graphs.attention(n=6, d=32, heads=4), target=f"{kind}={factor * 0.9}", allocate="uniform")
+    smaller = spa.prune(graphs.attention(n=6, d=32, heads=4), target=f"{kind}={factor * 0.9}", allocate="uniform",
+                        round_to=1)
     assert smaller.report["plan"]["fraction"] < f
 
 
