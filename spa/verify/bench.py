@@ -3,7 +3,7 @@
 Python API::
 
     benchmark(models, provider="cpu", batches=(1,), threads=None, warmup=10, iters=50,
-              input_shapes=None, allow_fallback=False, progress=None) -> dict
+              input_shapes=None, allow_fallback=False, progress=None, io_binding=None) -> dict
     format_bench(result) -> str
     plot_bench(result, path)
 
@@ -27,6 +27,7 @@ from spa.verify.flags import PROVIDERS
 from spa.errors import SpaError
 from spa.runtime.feeds import for_ort
 from spa.io import write_atomic
+from spa.io.weights import BFLOAT16
 
 _SHORT = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda",
           "TensorrtExecutionProvider": "tensorrt"}
@@ -60,8 +61,12 @@ def _cpu_name() -> str:
 
 
 def _gpu_name():
+    """The name of the GPU sessions run on (device 0 of CUDA_VISIBLE_DEVICES, which nvidia-smi
+    itself ignores), or None without nvidia-smi."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    select = ["-i", visible] if visible else []
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", *select],
                              capture_output=True, text=True, timeout=10, check=True).stdout
         return out.strip().splitlines()[0] if out.strip() else None
     except (OSError, subprocess.SubprocessError):
@@ -89,23 +94,51 @@ def _make_session(model, provider, threads, allow_fallback):
     return sess, used
 
 
-def _runner(sess, used, inputs):
-    """A no-argument callable that runs the model once. On a GPU, inputs are copied to the
-    device once and outputs stay there (IO binding), so host/device copies are not timed."""
-    if used == "cpu":
-        feed = for_ort({i.name: inputs[i.name] for i in sess.get_inputs()})
-        return lambda: sess.run(None, feed)
+#: the device an execution provider's tensors live on (OrtValue / IOBinding device names)
+_DEVICE = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}
+
+
+def bound_runner(sess, inputs, device="cpu", device_id=0):
+    """A no-argument callable that runs ``sess`` once through IO binding and returns the binding
+    (``binding.copy_outputs_to_cpu()`` gives the outputs).
+
+    Why: on a GPU, ``session.run`` copies every input to the device and every output back on each
+    call, so a timed loop over it measures PCIe traffic as well as the model (and a pruned model's
+    logits are as big as the dense one's). Here the inputs are copied to ``device`` once, before
+    the loop; outputs are bound to ``device`` and stay there. ``device="cpu"`` runs the very same
+    code path, which is how the CPU tests exercise it. bfloat16 inputs, which numpy cannot hand
+    to onnxruntime, are allocated with their ONNX type and filled in place.
+    """
     binding = sess.io_binding()
     for i in sess.get_inputs():
-        binding.bind_ortvalue_input(i.name, ort.OrtValue.ortvalue_from_numpy(inputs[i.name],
-                                                                             "cuda", 0))
+        x = np.ascontiguousarray(inputs[i.name])
+        if BFLOAT16 is not None and x.dtype == BFLOAT16:
+            value = ort.OrtValue.ortvalue_from_shape_and_type(list(x.shape), onnx.TensorProto.BFLOAT16,
+                                                              device, device_id)
+            value.update_inplace(x.view(np.uint16))
+        else:
+            value = ort.OrtValue.ortvalue_from_numpy(x, device, device_id)
+        binding.bind_ortvalue_input(i.name, value)
     for o in sess.get_outputs():
-        binding.bind_output(o.name, "cuda")
+        binding.bind_output(o.name, device, device_id)
+    binding.synchronize_inputs()  # the copies are finished before anything is timed
 
     def run():
         sess.run_with_iobinding(binding)
+        # the timer stops when the device is done, whatever the provider's own end-of-run sync does
+        binding.synchronize_outputs()
+        return binding
 
     return run
+
+
+def _runner(sess, used, inputs, io_binding):
+    """A no-argument callable that runs the model once: through IO binding on the device of the
+    provider actually ``used`` (``bound_runner``) when ``io_binding``, else ``session.run``."""
+    if io_binding:
+        return bound_runner(sess, inputs, _DEVICE.get(used, "cuda"))
+    feed = for_ort({i.name: inputs[i.name] for i in sess.get_inputs()})
+    return lambda: sess.run(None, feed)
 
 
 def _skip_reason(model, batch):
@@ -117,7 +150,7 @@ def _skip_reason(model, batch):
 
 
 def benchmark(models, provider="cpu", batches=(1,), threads=None, warmup=10, iters=50,
-              input_shapes=None, allow_fallback=False, progress=None) -> dict:
+              input_shapes=None, allow_fallback=False, progress=None, io_binding=None) -> dict:
     """Median/p90/p99 latency of each model at each batch size, measured interleaved.
 
     ``models``: paths or ModelProtos. ``provider``: "cpu", "cuda" or "tensorrt".
@@ -126,6 +159,11 @@ def benchmark(models, provider="cpu", batches=(1,), threads=None, warmup=10, ite
     ``result["skipped"]``). ``input_shapes`` (name → shape) fixes other dynamic dimensions; a
     name must be an input of at least one model. ``threads`` sets intra_op_num_threads.
     ``progress``, if given, is called with one line of text per model and batch.
+    ``io_binding`` (``bound_runner``): None means on where the provider actually used is a GPU
+    one (cuda, tensorrt) and off on CPU; True or False forces it (True on CPU is the same code
+    path as on a GPU, with tensors in host memory). Inputs are made in each input's own dtype
+    (float16 for an fp16 model). Every result row records ``provider`` (the one actually used),
+    ``device`` (the GPU's name from nvidia-smi, or the CPU's) and ``io_binding``.
     """
     if not models:
         raise BenchError("no models to benchmark")
@@ -147,7 +185,9 @@ def benchmark(models, provider="cpu", batches=(1,), threads=None, warmup=10, ite
         raise BenchError(f"--input-shapes names {', '.join(unknown)}, not an input of any model")
 
     sessions = [_make_session(m, provider, threads, allow_fallback) for m in models]
-    gpu = any(used != "cpu" for _, used in sessions)
+    gpu = _gpu_name() if any(used != "cpu" for _, used in sessions) else None
+    cpu = _cpu_name()
+    binding_flags = {}
     results, skipped = [], []
     for batch in batches:
         runners, active = [], []
@@ -160,8 +200,11 @@ def benchmark(models, provider="cpu", batches=(1,), threads=None, warmup=10, ite
                 continue
             shapes = {n: s for n, s in input_shapes.items() if n in names[k]}
 
+            bound = (used != "cpu") if io_binding is None else bool(io_binding)
+            binding_flags[k] = bound
+
             def first(feed):  # run once: fail early, outside the timed loop
-                run = _runner(sess, used, feed)
+                run = _runner(sess, used, feed, bound)
                 run()
                 return run
 
@@ -186,7 +229,9 @@ def benchmark(models, provider="cpu", batches=(1,), threads=None, warmup=10, ite
             median = float(np.median(ms))
             if k == 0:
                 base = median
-            row = {"model": labels[k], "provider": sessions[k][1], "batch": batch,
+            row = {"model": labels[k], "provider": sessions[k][1],
+                   "device": cpu if sessions[k][1] == "cpu" else (gpu or "unknown GPU"),
+                   "io_binding": binding_flags[k], "batch": batch,
                    "median_ms": median, "p90_ms": float(np.percentile(ms, 90)),
                    "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
                    "throughput": batch / (median / 1e3) if median > 0 else None,
@@ -195,8 +240,7 @@ def benchmark(models, provider="cpu", batches=(1,), threads=None, warmup=10, ite
             if progress:
                 progress(f"{labels[k]} batch {batch} [{row['provider']}]: "
                          f"median {median:.3f} ms, p90 {row['p90_ms']:.3f} ms")
-    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "onnxruntime": ort.__version__,
-               "gpu": _gpu_name() if gpu else None}
+    machine = {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": ort.__version__, "gpu": gpu}
     return {"machine": machine, "results": results, "skipped": skipped}
 
 
@@ -207,7 +251,7 @@ def format_bench(result) -> str:
              + (f", gpu: {m['gpu']}" if m.get("gpu") else "")]
     header = ["model", "provider", "batch", "median ms", "p90 ms", "p99 ms", "mean ms",
               "samples/s", "speedup"]
-    rows = [[r["model"], r["provider"], str(r["batch"]), f"{r['median_ms']:.3f}",
+    rows = [[r["model"], r["provider"] + (" (io binding)" if r.get("io_binding") else ""), str(r["batch"]), f"{r['median_ms']:.3f}",
              f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['mean_ms']:.3f}",
              "-" if r["throughput"] is None else f"{r['throughput']:.1f}",
              "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"]

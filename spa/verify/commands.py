@@ -99,11 +99,14 @@ def check_command(original, other, inputs_path, input_shapes, seed, atol, rtol, 
               help="Shapes of inputs, e.g. 'x:[1,3,224,224]' (repeatable or comma-separated).")
 @click.option("--allow-cpu-fallback", is_flag=True,
               help="Measure on CPU when the requested GPU provider is not available.")
+@click.option("--io-binding/--no-io-binding", default=None,
+              help="Run through IO binding: inputs copied to the device once, outputs kept there, so "
+                   "host/device copies are not timed. Default: on for cuda/tensorrt, off for cpu.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Save a bar chart to this file (needs matplotlib).")
 def bench_command(models, provider, batches, threads, warmup, iters, input_shapes,
-                  allow_cpu_fallback, as_json, plot):
+                  allow_cpu_fallback, io_binding, as_json, plot):
     """Measure the latency of MODELS (paths or zoo models' names) in ONNX Runtime.
 
     Models run interleaved (round-robin) in one process; speedup is relative to the first
@@ -115,7 +118,7 @@ def bench_command(models, provider, batches, threads, warmup, iters, input_shape
             plot_available()  # fail before measuring, not after
         result = benchmark(list(models), provider=provider, batches=batches, threads=threads,
                            warmup=warmup, iters=iters, input_shapes=input_shapes or None,
-                           allow_fallback=allow_cpu_fallback, progress=say)
+                           allow_fallback=allow_cpu_fallback, progress=say, io_binding=io_binding)
         if plot:
             plot_bench(result, plot)
             say(f"wrote the plot to {plot}")

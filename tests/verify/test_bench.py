@@ -14,7 +14,7 @@ from spa.verify.commands import bench_command
 from spa.verify.check import cuda_available
 
 FAST = dict(warmup=1, iters=3)
-KEYS = {"model", "provider", "batch", "median_ms", "p90_ms", "p99_ms", "mean_ms", "throughput",
+KEYS = {"model", "provider", "device", "io_binding", "batch", "median_ms", "p90_ms", "p99_ms", "mean_ms", "throughput",
         "speedup"}
 
 
@@ -58,8 +58,8 @@ def test_benchmark_json_keys_and_interleaving(paths, monkeypatch):
     calls = []
     real_runner = bench._runner
 
-    def recording_runner(sess, used, inputs):
-        run = real_runner(sess, used, inputs)
+    def recording_runner(sess, used, inputs, io_binding):
+        run = real_runner(sess, used, inputs, io_binding)
         tag = (id(sess), inputs["x"].shape[0])
 
         def wrapped():
@@ -78,6 +78,7 @@ def test_benchmark_json_keys_and_interleaving(paths, monkeypatch):
         (paths["dyn"], 1), (paths["small"], 1), (paths["dyn"], 2), (paths["small"], 2)]
     for r in rows:
         assert set(r) >= KEYS and r["provider"] == "cpu" and r["median_ms"] > 0
+        assert r["io_binding"] is False and r["device"] == result["machine"]["cpu"]
         assert r["throughput"] == pytest.approx(r["batch"] / (r["median_ms"] / 1e3))
     assert rows[0]["speedup"] == 1.0 and rows[2]["speedup"] == 1.0
     assert rows[1]["speedup"] == pytest.approx(rows[0]["median_ms"] / rows[1]["median_ms"])
@@ -170,3 +171,77 @@ def test_cuda_unavailable_errors_or_falls_back(paths):
 def test_cuda_missing_from_available_providers(paths, monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     _check_unavailable(paths)
+
+
+# IO binding: the GPU path (inputs copied to the device once, outputs bound there) run on the CPU,
+# so that every machine tests the code the CUDA measurements will use.
+
+def _fp16(model):
+    from to_fp16 import to_fp16  # tools/, on sys.path through conftest
+    return to_fp16(model)
+
+
+def _bf16_model():
+    """A bfloat16 input cast to float: numpy cannot hand bfloat16 to onnxruntime directly."""
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["c"], to=TensorProto.FLOAT), helper.make_node("Relu", ["c"], ["y"])],
+        "bf16", [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("kind", ["float32", "float16", "bfloat16"])
+def test_bound_runner_on_cpu_equals_session_run(kind):
+    from spa.runtime.feeds import for_ort
+    from spa.verify.check import make_inputs
+    model = {"float32": build, "float16": lambda: _fp16(build()), "bfloat16": _bf16_model}[kind]()
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    inputs = make_inputs(model, batch=2)
+    run = bench.bound_runner(sess, inputs, "cpu")
+    run()  # the binding is reused run after run, as in the timed loop
+    got = run().copy_outputs_to_cpu()
+    want = sess.run(None, for_ort(inputs))
+    assert [o.name for o in sess.get_outputs()] and len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    if kind == "float16":
+        assert inputs["x"].dtype == np.float16 and got[0].dtype == np.float16
+
+
+def test_io_binding_on_cpu_benchmark_and_cli(paths, tmp_path):
+    result = benchmark([paths["dyn"], paths["small"]], batches=(1, 2), io_binding=True, **FAST)
+    assert [r["io_binding"] for r in result["results"]] == [True] * 4
+    assert {r["provider"] for r in result["results"]} == {"cpu"}
+    assert "cpu (io binding)" in format_bench(result)
+    # an fp16 pair (tools/to_fp16.py): inputs are made in the model's dtype
+    fp16 = []
+    for name in ("dyn", "small"):
+        fp16.append(str(tmp_path / f"{name}16.onnx"))
+        onnx.save(_fp16(onnx.load(paths[name])), fp16[-1])
+    res = CliRunner().invoke(bench_command, fp16 + ["--io-binding", "--json", "--iters", "2",
+                                                    "--warmup", "0", "--batch", "1,3"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output[res.output.index("{"):])["results"]
+    assert len(rows) == 4 and all(r["io_binding"] for r in rows)
+    res = CliRunner().invoke(bench_command, [paths["dyn"], "--no-io-binding", "--json", "--iters", "2",
+                                             "--warmup", "0"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output[res.output.index("{"):])["results"][0]["io_binding"] is False
+
+
+def test_io_binding_defaults_to_the_provider_used(paths, monkeypatch):
+    """On for a GPU provider, off on CPU, and off again when a GPU request fell back to CPU:
+    the flag follows the provider actually used, and binding to 'cuda' there would fail."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    result = benchmark([paths["dyn"]], provider="cuda", allow_fallback=True, **FAST)
+    (row,) = result["results"]
+    assert row["provider"] == "cpu" and row["io_binding"] is False and result["machine"]["gpu"] is None
+    seen = []
+    real = bench.bound_runner
+    monkeypatch.setattr(bench, "bound_runner", lambda s, i, d: seen.append(d) or real(s, i, "cpu"))
+    monkeypatch.setattr(bench, "_make_session", lambda m, p, t, a: (
+        ort.InferenceSession(m if isinstance(m, str) else m.SerializeToString(),
+                             providers=["CPUExecutionProvider"]), "cuda"))
+    monkeypatch.setattr(bench, "_gpu_name", lambda: "Fake GPU")
+    (row,) = benchmark([paths["dyn"]], provider="cuda", **FAST)["results"]
+    assert row["io_binding"] is True and row["device"] == "Fake GPU" and set(seen) == {"cuda"}
