@@ -89,9 +89,12 @@ def cpu_name() -> str:
 
 
 def gpu_name():
-    """The first GPU's name by nvidia-smi, or None."""
+    """The name of the GPU sessions run on (device 0 of CUDA_VISIBLE_DEVICES, which nvidia-smi
+    itself ignores), or None without nvidia-smi."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    select = ["-i", visible] if visible else []
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", *select],
                              capture_output=True, text=True, timeout=10, check=True).stdout
         return out.strip().splitlines()[0] if out.strip() else None
     except (OSError, subprocess.SubprocessError):

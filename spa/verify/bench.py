@@ -13,8 +13,6 @@ CLI: ``spa bench MODEL [MODEL...] ...`` (``spa.verify.commands``).
 from __future__ import annotations
 
 import os
-import platform
-import subprocess
 import time
 
 import numpy as np
@@ -26,6 +24,7 @@ from spa.verify.check import CheckError, input_specs, load_proto, one_line, cuda
 from spa.verify.flags import PROVIDERS
 from spa.errors import SpaError
 from spa.runtime.feeds import for_ort
+from spa.runtime.latency import cpu_name, gpu_name
 from spa.io import write_atomic
 from spa.io.weights import BFLOAT16
 
@@ -47,30 +46,6 @@ def _schedule(n_models: int, iters: int) -> list[int]:
     """Model indices in run order: each iteration runs every model once, and the starting
     model rotates by one per iteration (0 1 2, 1 2 0, 2 0 1, ...)."""
     return [(i + k) % n_models for i in range(iters) for k in range(n_models)]
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _gpu_name():
-    """The name of the GPU sessions run on (device 0 of CUDA_VISIBLE_DEVICES, which nvidia-smi
-    itself ignores), or None without nvidia-smi."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-    select = ["-i", visible] if visible else []
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", *select],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
-        return out.strip().splitlines()[0] if out.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _make_session(model, provider, threads, allow_fallback):
@@ -185,8 +160,8 @@ def benchmark(models, provider="cpu", batches=(1,), threads=None, warmup=10, ite
         raise BenchError(f"--input-shapes names {', '.join(unknown)}, not an input of any model")
 
     sessions = [_make_session(m, provider, threads, allow_fallback) for m in models]
-    gpu = _gpu_name() if any(used != "cpu" for _, used in sessions) else None
-    cpu = _cpu_name()
+    gpu = gpu_name() if any(used != "cpu" for _, used in sessions) else None
+    cpu = cpu_name()
     binding_flags = {}
     results, skipped = [], []
     for batch in batches:

@@ -242,6 +242,6 @@ def test_io_binding_defaults_to_the_provider_used(paths, monkeypatch):
     monkeypatch.setattr(bench, "_make_session", lambda m, p, t, a: (
         ort.InferenceSession(m if isinstance(m, str) else m.SerializeToString(),
                              providers=["CPUExecutionProvider"]), "cuda"))
-    monkeypatch.setattr(bench, "_gpu_name", lambda: "Fake GPU")
+    monkeypatch.setattr(bench, "gpu_name", lambda: "Fake GPU")
     (row,) = benchmark([paths["dyn"]], provider="cuda", **FAST)["results"]
     assert row["io_binding"] is True and row["device"] == "Fake GPU" and set(seen) == {"cuda"}
