@@ -390,8 +390,8 @@ def _reach_latency(step: Step, first: Analysis, opts: PruneOptions, target, k: i
     an = step.analysis
     table = LatencyTable(opts.device, opts.threads, progress=progress)
     alignment, _ = kernel_alignment(opts.device)
-    step.cost = LatencyModel(an, table, alignment, progress)
     dense = an.full_model()
+    step.cost = LatencyModel(an, table, alignment, progress, dense=dense)
     feed = dict(an.probe.inputs)
 
     def attempt(goal):
@@ -410,7 +410,8 @@ def _reach_latency(step: Step, first: Analysis, opts: PruneOptions, target, k: i
     step.plan = {**plan, "target": f"latency={target[1]:g}", "planned_for": plan["target"], "latency": {
         "device": opts.device, "rounds": rounds, "chosen_round": best + 1, "measured_speedup": rounds[best]["speedup"],
         "predicted_speedup": round(step.cost.base["latency"] / est, 4) if est else 1.0,
-        "model": step.cost.info(), "table": table.summary()}}
+        "model": step.cost.info(), "table": table.summary(),
+        "groups": step.cost.group_curves([g for g in an.groups if g.prunable])}}
     return cut
 
 

@@ -182,7 +182,8 @@ class _Node:
 class LatencyModel(CostModel):
     """Params, MACs and predicted milliseconds (kind ``latency``) after a removal; see the module."""
 
-    def __init__(self, an, table, alignment: int, progress=None):
+    def __init__(self, an, table, alignment: int, progress=None, dense=None):
+        """``dense``: the full original model when the caller has it (it is timed whole; else made here)."""
         super().__init__(an)
         say = progress or (lambda msg: None)
         t0 = time.perf_counter()
@@ -236,7 +237,7 @@ class LatencyModel(CostModel):
             self._add("latency", full, axes[:2], curves)
             if (i + 1) % 25 == 0:
                 say(f"latency: {i + 1}/{len(timed)} operators timed")
-        self.dense_ms = table.time_model(an.full_model(), dict(an.probe.inputs))
+        self.dense_ms = table.time_model(dense if dense is not None else an.full_model(), dict(an.probe.inputs))
         self.ops_ms = ops_ms
         rest = max(self.dense_ms - ops_ms, 0.0)
         sizes = {}
@@ -268,6 +269,17 @@ class LatencyModel(CostModel):
         mean = float(np.mean([v for v in saved.values() if v > 0] or [1.0]))
         floor = 0.05 * mean      # a group the table says saves nothing still goes last, not never
         return {gid: max(v, floor) / mean for gid, v in saved.items()}
+
+    def group_curves(self, groups, top: int = 12) -> dict:
+        """{group id: [[kept channels, predicted model ms], ...]} for the ``top`` groups whose removal
+        saves the most: the model's predicted time with only that group cut (the steps of its kernels),
+        what ``spa report`` plots."""
+        out = {}
+        for g in groups:
+            kept = sorted({max(1, int(round(g.channels * f))) for f in (0.1, 0.3, 0.5, 0.7, 0.85, 1.0)})
+            out[g.id] = [[k, round(self.estimate(g.units[: g.channels - k])["latency"], 4)] for k in kept]
+        best = sorted(out, key=lambda gid: out[gid][0][1])[:top]
+        return {str(gid): out[gid] for gid in best}
 
     def info(self) -> dict:
         return {"original_ms": round(self.dense_ms, 4), "timed_operators": self.timed,

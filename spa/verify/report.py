@@ -206,6 +206,19 @@ def render(report: dict) -> str:
             "measured fidelity against MACs removed",
             [("rounds", [(r["macs_saved"], r["fidelity"], f"round {i}") for i, r in enumerate(rounds)], False)],
             "MACs removed", "fidelity")]
+    lat = (report.get("plan") or {}).get("latency")
+    if lat:
+        body += ["<h2>Latency target</h2>",
+                 f"<p>measured {lat['measured_speedup']:.3f}x on {_e(lat['device'])} (predicted "
+                 f"{lat['predicted_speedup']:.3f}x); {lat['table']['measured']} operator timings made, "
+                 f"{lat['table']['reused']} from the cache</p>",
+                 table(["round", "planned for", "original ms", "pruned ms", "measured"],
+                       [[i + 1, r["goal"], r["original_ms"], r["pruned_ms"], r["speedup"]]
+                        for i, r in enumerate(lat["rounds"])], sortable=False),
+                 svg_scatter("predicted model time with one group cut (the groups that save most)",
+                             [(f"group {gid}", [(k, ms, f"{k} kept") for k, ms in pts], True)
+                              for gid, pts in list(lat.get("groups", {}).items())[:6]],
+                             "channels kept", "predicted ms", width=960)]
     bench = report.get("bench")
     if bench and bench.get("results"):
         keys = [k for k in ("model", "provider", "batch", "median_ms", "speedup") if k in bench["results"][0]]

@@ -16,6 +16,7 @@ from spa.planning.latency import LatencyModel, kept_multiples, multiples
 from spa.planning.plan import CostModel, all_units, plan
 from spa.runtime.latency import LatencyTable, OpSpec, kernel_alignment
 from spa.verify.check import compare
+from spa.verify.report import render
 from tests.graphs import G
 
 
@@ -130,6 +131,10 @@ def test_target_latency_prunes_times_and_reports_every_round(tmp_path):
     assert lat["table"]["measured"] > 0 and lat["model"]["timed_operators"] >= 5
     assert rep["after"]["macs"] < rep["before"]["macs"]
     json.dumps(rep)                                    # the report stays JSON
+    curves = lat["groups"]
+    assert curves and all(pts[-1][1] >= pts[0][1] for pts in curves.values())   # more channels, no less time
+    html = render(rep)
+    assert "Latency target" in html and html.count("<polyline") >= min(len(curves), 6)
     out, dense = tmp_path / "small.onnx", tmp_path / "dense.onnx"
     res.save(out)
     onnx.save(model, dense)
