@@ -46,8 +46,7 @@ MODELS = {
     "resnet50": (CACHE / "torchvision" / "resnet50_224_cal.onnx", None, {}),
     "vit_b_16": (CACHE / "torchvision" / "vit_b_16_224_cal.onnx", None, {}),
     "yolov8n": ("yolov8n", None, {}),
-    "smollm2": (CACHE / "llm" / "smollm2" / "smollm2.onnx", {"input_ids": [1, 128], "attention_mask": [1, 128]},
-                {}),
+    "smollm2": (CACHE / "llm" / "smollm2" / "smollm2.onnx", {"input_ids": [1, 128]}, {}),
 }
 
 

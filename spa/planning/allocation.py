@@ -111,7 +111,7 @@ class Table:
     channels first), the MACs each level saves (``spa.planning.plan.CostModel``), the removal fixed by
     ``--overrides``, and the evaluation inputs with the original's outputs on them."""
 
-    def __init__(self, an, scores, opts, progress=None, kind: str = "macs"):
+    def __init__(self, an, scores, opts, progress=None, kind: str = "macs", cost=None):
         say = progress or (lambda msg: None)
         fixed = resolve_overrides(an.groups, opts.overrides)
         self.base = local_plan(an.groups, scores, 0.0, overrides=fixed, round_to=opts.round_to,
@@ -128,8 +128,8 @@ class Table:
                                               self.reference[:few], round_to=opts.round_to,
                                               max_ratio=opts.max_ratio, progress=say, metrics=self.metrics)
         self.round_to, self.max_ratio = opts.round_to, opts.max_ratio
-        self.cost, self.kind = CostModel(an), kind
-        self.base_cost = an.macs if kind == "macs" else an.params
+        self.cost, self.kind = cost or CostModel(an), kind     # a LatencyModel for latency=F
+        self.base_cost = self.cost.base[kind]
         self.saved = {gid: [self.base_cost - self.cost.estimate(units)[kind] for units, _ in lv]
                       for gid, lv in self.levels.items()}
 
@@ -209,14 +209,15 @@ def search(an, scores, target: float, opts, attempt, progress=None):
                      "rounds": tried, "inputs": t.inputs}
 
 
-def allocate(an, scores, kind: str, goal: int, opts, attempt, alternative: dict, progress=None):
+def allocate(an, scores, kind: str, goal: float, opts, attempt, alternative: dict, progress=None, table=None):
     """``--allocate sensitivity`` with a MACs or params target (``kind``, ``goal``: what may be left):
     the shortest prefix of the greedy path (least drift for the MACs or params saved) whose estimate
     reaches the goal, the last step taken in part.  Drift does not add up exactly (removals
     interact), so the result is pruned and measured beside ``alternative`` (the global threshold's
     or the uniform fraction's removal for the same target) and the closer one wins; the report says
-    which.  Returns ``(removal, plan report)``."""
-    t = Table(an, scores, opts, progress, kind)
+    which.  ``table``: a :class:`Table` made before for the same scores (``--target latency=F`` plans
+    several times).  Returns ``(removal, plan report)``."""
+    t = table or Table(an, scores, opts, progress, kind)
     steps = next((n for n in range(len(t.path) + 1) if t.estimate(t.removal(n)) <= goal), len(t.path))
     removal = t.removal(steps)
     if 0 < steps:   # the last step may overshoot: as few of its group's units as reach the goal
@@ -242,5 +243,6 @@ def allocate(an, scores, kind: str, goal: int, opts, attempt, alternative: dict,
     final = removal if chosen == "sensitivity" else alternative
     left = t.estimate(final)
     return final, {"allocation": chosen, "fidelity_by_allocation": {k: round(v, 6) for k, v in measured.items()},
-                   "steps": steps, "path": len(t.path), f"{kind}_estimate": int(left),
-                   "reachable": left <= goal, "inputs": t.inputs}
+                   "steps": steps, "path": len(t.path),
+                   f"{kind}_estimate": round(float(left), 4) if kind == "latency" else int(left),
+                   "reachable": bool(left <= goal), "inputs": t.inputs}

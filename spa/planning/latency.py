@@ -268,7 +268,7 @@ class LatencyModel(CostModel):
                 saved[g.id] = max(self.base["latency"] - self.estimate(g.units[:k])["latency"], 0.0) / k
         mean = float(np.mean([v for v in saved.values() if v > 0] or [1.0]))
         floor = 0.05 * mean      # a group the table says saves nothing still goes last, not never
-        return {gid: max(v, floor) / mean for gid, v in saved.items()}
+        return {gid: (max(v, floor) / mean) ** RANK_POWER for gid, v in saved.items()}
 
     def group_curves(self, groups, top: int = 12) -> dict:
         """{group id: [[kept channels, predicted model ms], ...]} for the ``top`` groups whose removal
@@ -288,6 +288,8 @@ class LatencyModel(CostModel):
 
 
 
+#: the power of the milliseconds a channel saves in the global ranking (score / saved ** power)
+RANK_POWER = 1.0
 #: --target latency=F: a measured speed-up within this fraction of F is taken
 TOLERANCE = 0.05
 TRIES = 4

@@ -127,6 +127,7 @@ def test_target_latency_prunes_times_and_reports_every_round(tmp_path):
     rep = res.report
     lat = rep["plan"]["latency"]
     assert rep["target"] == "latency=1.5" and 1 <= len(lat["rounds"]) <= latency.TRIES
+    assert rep["plan"]["allocation_chosen"].startswith("sensitivity")    # auto: drift per millisecond
     assert rep["target_reached"] == lat["measured_speedup"] == lat["rounds"][lat["chosen_round"] - 1]["speedup"]
     assert lat["table"]["measured"] > 0 and lat["model"]["timed_operators"] >= 5
     assert rep["after"]["macs"] < rep["before"]["macs"]
@@ -142,7 +143,7 @@ def test_target_latency_prunes_times_and_reports_every_round(tmp_path):
     assert chk["signature"]["ok"] and all(o["cosine"] is not None for o in chk["outputs"])
 
 
-def test_latency_target_refuses_steps_and_sensitivity():
+def test_latency_target_refuses_steps_and_factors_below_one():
     with pytest.raises(SpaError, match="latency=F times one pruned model"):
         spa.prune(conv_net(), target="latency=2", steps=2)
     with pytest.raises(SpaError, match="--target"):
