@@ -232,7 +232,7 @@ class LatencyModel(CostModel):
                 n = got[1]
                 ws = np.array([w for w, _ in pts] + [n], float)
                 ts = np.array([t for _, t in pts] + [full], float) / full
-                widths = np.minimum([_ceil(w, alignment) for w in range(n + 1)], n)
+                widths = np.minimum(np.ceil(np.arange(n + 1) / alignment) * alignment, n)
                 curves.append(np.minimum(np.interp(widths, ws, ts), 1.0))
             self._add("latency", full, axes[:2], curves)
             if (i + 1) % 25 == 0:
