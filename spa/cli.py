@@ -245,7 +245,8 @@ def _criteria():
               help="graph inputs/outputs whose names match may lose channels along their static dims (e.g. "
                    "'past_key_values|present': KV heads and head dims, a smaller cache); the report lists each change")
 @click.option("--allocate", type=click.Choice(list(ALLOCATIONS)), default="auto", show_default=True,
-              help="how --target spreads over the groups: auto = uniform for a causal language model, else global; "
+              help="how --target spreads over the groups: auto = uniform for a causal language model, sensitivity "
+                   "for latency=F, else global; "
                    "global, one score threshold; uniform, the one fraction "
                    "of every exact group that reaches the target; or sensitivity, per-group amounts chosen by the output "
                    "drift each group causes, measured in onnxruntime (--target fidelity=C always does the latter)")

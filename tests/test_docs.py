@@ -40,6 +40,8 @@ NOT_RUN = {
     "spa bench MODEL [MODEL...]": "a synopsis: MODEL is a placeholder",
     "python -m spa.scoring.obs CASE [MAX_STEPS|none] [float64|float32]": "a synopsis: CASE is a placeholder",
     "spa bench original.onnx pruned.onnx --provider cuda --json > bench.json": "needs a CUDA GPU and onnxruntime-gpu",
+    "python tools/bench_latency.py --threads 1 --out docs/latency.md --json bench_latency.json":
+        "the latency benchmark: four models, dozens of prunes and timings, about 15 minutes",
     "SPA_CACHE=/tmp/spacache python tools/bench_zoo.py --iters 30 --warmup 5 --threads 1 --round-to 1 8 "
     "--out docs/benchmarks.md --json bench_zoo.json": "the zoo benchmark: exports and times every model, tens of minutes",
     "spa prune resnet50_224_cal.onnx --ratio 0.3 [--round-to 8|16] -o r50_0.3[_rt8|_rt16].onnx":

@@ -162,6 +162,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=pathlib.Path, default=None)
     ap.add_argument("--json", type=pathlib.Path, default=None)
     ap.add_argument("--alignment", action="store_true", help="only print where the CPU's Conv kernels step")
+    ap.add_argument("--keep-cache", action="store_true", help="use the user's latency cache instead of a fresh one")
     args = ap.parse_args(argv)
     if args.alignment:
         for r in alignment_table(args.threads):
@@ -169,6 +170,8 @@ def main(argv=None) -> int:
         return 0
     results = []
     with tempfile.TemporaryDirectory(prefix="spa-bench-latency-") as tmp:
+        if not args.keep_cache:      # a fresh latency cache: the first prune's timings are all made here
+            os.environ["SPA_LATENCY_CACHE"] = str(pathlib.Path(tmp) / "latency-cache")
         for name in args.models:
             print(f"== {name}", flush=True)
             res = run_model(name, args.threads, pathlib.Path(tmp), args.factor, args.iters)
