@@ -28,7 +28,7 @@ from .runtime.latency import DEVICES, LatencyTable, kernel_alignment
 from .runtime.synthetic import KINDS
 from .scoring import COMPENSATE, CRITERIA, compensation, score
 from .scoring.obspa import HESSIANS, moment_axes
-from .surgery import slicing
+from .surgery import slicing, vocab
 from .surgery.validate import interface_changes, validate
 
 
@@ -169,6 +169,7 @@ class PruneOptions:
     off by default) lets the graph inputs and outputs it matches lose channels along their static
     dims: a KV-cache export's ``past_key_values|present`` then loses KV heads and head dims, so the
     cache itself shrinks; the report's ``interface`` lists every change for the generation loop.
+    ``keep_tokens`` (a file of token ids) instead cuts a causal LM's vocabulary to them (``spa.surgery.vocab``).
     """
     ratio: float = 0.3
     criterion: str = "l2"
@@ -203,6 +204,7 @@ class PruneOptions:
     task: str | None = None        # the task of ``experts_from`` to keep the experts of
     device: str = "cpu"            # the execution provider the widths align to and --target latency= is timed on
     threads: int | None = None     # onnxruntime intra-op threads of the latency timings (None: its default)
+    keep_tokens: object = None     # a file of token ids: keep only them in the vocabulary (a mode of its own)
 
     def checked(self):
         """The criterion's Scorer and the parsed target; one-line errors for bad values."""
@@ -246,6 +248,11 @@ class PruneOptions:
         if target is not None and target[0] == "experts" and (self.steps != 1 or self.map_path is not None):
             raise SpaError("--target experts=F removes whole experts in one step, without a --map: use it with "
                            "--steps 1 and no --map")
+        if self.keep_tokens is not None:
+            vocab.read_ids(self.keep_tokens)    # readable token ids, before the load and probe
+        if self.keep_tokens is not None and (target is not None or self.steps != 1):
+            raise SpaError("--keep-tokens cuts the vocabulary in a run of its own (no --target, --steps): prune "
+                           "channels with a second spa prune of its output")
         if target is not None and target[0] == "fidelity" and self.steps != 1:
             raise SpaError("--target fidelity=C measures one pruned model: use it with --steps 1")
         if target is None and not 0.0 <= self.ratio < 1.0:
@@ -331,6 +338,10 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
         raise SpaError(f"the analysis was made with prune_io={analysis.prune_io!r}, the options ask for "
                        f"{opts.prune_io!r}: analyse with the same prune_io")
     first = analysis or analyze(model, input_shapes=opts.input_shapes, progress=progress, prune_io=opts.prune_io)
+    if opts.keep_tokens is not None:   # the vocabulary only: its own stage (spa.surgery.vocab)
+        current, current_weights, report, kept = vocab.prune_vocab(first, opts.keep_tokens, opts.input_shapes,
+                                                                   opts.seed, progress)
+        return _finish(model, first, current, current_weights, report, opts, output, progress, t0, None, kept)
     ref = None
     if not opts.prune_io:   # the guard's reference, before any surgery (see fidelity.reference)
         progress("running the original on the fidelity guard's inputs")
@@ -419,7 +430,8 @@ def _finish(model, first, current, current_weights, report, opts, output, progre
             compensated=()):
     """The last stages of every prune: the fidelity guard, the map, writing the output."""
     if ref is None or report.get("interface"):
-        report["fidelity"] = {"skipped": "the inputs may change (--prune-io): compare with your own loop"}
+        report["fidelity"] = {"skipped": "the inputs may change (--prune-io, --keep-tokens): compare with your own "
+                                         "loop"}
     else:
         progress("measuring the pruned model's fidelity to the original")
         report["fidelity"] = fidelity.guard(ref, current, current_weights, opts)

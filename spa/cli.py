@@ -267,6 +267,10 @@ def _criteria():
 @click.option("--map", "map_path", default=None, type=click.Path(dir_okay=False), metavar="FILE",
               help="write the map back to the framework (kept indices of every sliced initializer) for "
                    "`spa apply-map`")
+@click.option("--keep-tokens", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+              help="cut a causal LM's vocabulary to the token ids of FILE (JSON or text list, or .npz/.npy such as a "
+                   "--calib file's input_ids; list BOS/EOS/specials there): the model takes ids 0..K-1, the report's "
+                   "vocabulary.ids maps them back; a run of its own")
 @click.option("--experts-from", default=None, type=click.Path(dir_okay=False), metavar="FILE",
               help="with --target experts=F and --task: rank experts by a task pattern of `spa experts profile`")
 @click.option("--task", default=None, help="the task of --experts-from whose experts to keep")
@@ -296,7 +300,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
           device, threads,
           exclude, uniform_layers, prune_io,
           allocate, keep_ends, compensate, damp,
-          grads, map_path, experts_from, task, report, as_json, input_shapes, force,
+          grads, map_path, keep_tokens, experts_from, task, report, as_json, input_shapes, force,
           do_check, atol, rtol, do_bench, bench_provider, bench_warmup, bench_iters, quiet, verbose):
     """Remove channels from MODEL and write the smaller model to OUTPUT.
 
@@ -321,7 +325,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                            "write the pruned model elsewhere")
     # every file of the run that spa reads is protected from every file it writes (checked now, before
     # the work, and again at each write)
-    protect = _run_inputs(src, [output, report, map_path], calib, overrides, grads, experts_from)
+    protect = _run_inputs(src, [output, report, map_path], calib, overrides, grads, experts_from, keep_tokens)
     check_target(output, [p for p in protect if not (force and p == src)])
     for target_file in (output, report, map_path):
         if target_file and not Path(target_file).parent.exists():
@@ -334,9 +338,10 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
         if Path(map_path).resolve() in (Path(output).resolve(), Path(report).resolve() if report else None):
             raise SpaError(f"--map {map_path}: is the output model's or the report's path; choose another file")
         check_target(map_path, protect + [output], what="--map")
-    if prune_io and (do_check or do_bench):
-        raise SpaError("--check and --bench feed both models the same inputs, but with --prune-io the pruned model's "
-                       "inputs may be smaller (the report's 'interface' lists them); check it with your own loop")
+    if (prune_io or keep_tokens) and (do_check or do_bench):
+        raise SpaError("--check and --bench feed both models the same inputs, but with --prune-io or --keep-tokens "
+                       "the pruned model's inputs may differ (the report's 'interface' lists them); check it with your "
+                       "own loop")
     if do_bench:
         after.bench_provider_usable(bench_provider)  # fail before pruning, not after
     options = PruneOptions(ratio=ratio, criterion=criterion, reduction=reduction, normalisation=normalisation,
@@ -347,7 +352,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                            allocate=allocate, keep_ends=keep_ends, compensate=compensate, damp=damp, synthetic=synthetic,
                            fidelity_metric=fidelity_metric, uniform_layers=uniform_layers,
                            device=device, threads=threads,
-                           experts_from=experts_from, task=task)
+                           experts_from=experts_from, task=task, keep_tokens=keep_tokens)
     options.checked()  # every option before the load and probe
     an = analyze(src, input_shapes=shapes, progress=_progress, prune_io=prune_io)
     result = do_prune(src, options=options, progress=_progress, analysis=an)

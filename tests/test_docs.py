@@ -59,6 +59,10 @@ NOT_RUN = {
     "from safetensors.torch import save_file; save_file(m.state_dict(), 'r18.safetensors')\"":
         "a dynamo export of resnet18 at 224 (about a minute, and the safetensors package); the stand-in r18.onnx and "
         "r18.safetensors below are what it writes, and tests/mapping runs the export-prune-apply-map chain",
+    "spa prune smollm2.onnx -o small.onnx --keep-tokens calib_python_docs_32x256.npz --report r.json":
+        "the real SmolLM2-135M export (540 MB, tools/export_smollm2.py); tests/surgery/test_vocab.py runs --keep-tokens",
+    "python tools/bench_vocab.py": "the SmolLM2 vocabulary measurement (the real export, a minute)",
+    "python tools/bench_vocab.py --heldout heldout_licenses_16x256.npy": "the same on the other held-out text",
     "python tools/planted_moe.py planted": "writes the planted MoE and its task data: the stand-in is the same files "
                                            "(tools/planted_moe.write), made here",
 }
