@@ -23,7 +23,7 @@ from .planning.latency import LatencyModel, kept_multiples
 from .planning.counting import count_macs, count_params, mac_axes, node_macs
 from .planning.plan import (CostModel, all_units, load_overrides, parse_target, plan as make_plan, plan_target,
                             plan_uniform, resolve_overrides, stack_ends)
-from .runtime import calib as calib_mod, probing, synthetic, textgen
+from .runtime import calib as calib_mod, probing, synthetic
 from .runtime.latency import DEVICES, LatencyTable, kernel_alignment
 from .runtime.synthetic import KINDS
 from .scoring import COMPENSATE, CRITERIA, compensation, score
@@ -193,7 +193,7 @@ class PruneOptions:
     grads: object = None           # gradient criteria: per-initializer gradients (.npz/.safetensors path or dict)
     map_path: object = None        # where to write the map back to the framework (spa.mapping), or None
     allocate: str = "auto"         # a target: "global" score threshold, "uniform", "sensitivity" (measured drift);
-                                   # auto: uniform for a causal language model, else global (allocation_for)
+                                   # auto: uniform for a causal language model, else global (planning.allocation.choose)
     keep_ends: tuple = (1, 0)      # uniform: the first/last groups of every stack of repeated blocks kept whole
     compensate: str = "auto"       # the criterion's own (obspa), "none", or "obs" (OBS update of the kept weights)
     damp: float | None = None      # OBS: ridge on each Hessian, a multiple of its mean diagonal (None: obspa's DAMP)
@@ -349,7 +349,7 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
     if target is not None and target[0] == "experts":
         current, current_weights, after, report = moe_stage.prune_experts(first, opts, target[1], progress)
         return _finish(model, first, current, current_weights, report, opts, output, progress, t0, ref)
-    allocate, chosen = allocation_for(first, opts) if target is not None else (opts.allocate, "")
+    allocate, chosen = allocation.choose(first, opts.allocate, target) if target is not None else (opts.allocate, "")
     opts = replace(opts, allocate=allocate)     # every stage sees the allocation the plan uses
     history, current, current_weights, after = [], first.model, first.weights, first.probe
     kept_map, compensated = None, set()
@@ -513,23 +513,6 @@ def _cut(step: Step, removal: dict):
     fidelity search measures."""
     source, channels = _compensated(step, removal)
     return slicing.cut(source, channels, step.analysis.probe, all_units(removal))
-
-
-def allocation_for(an: Analysis, opts: PruneOptions) -> tuple[str, str]:
-    """``(allocation, why)``: ``opts.allocate``, or for ``auto`` uniform on a causal language model
-    (one global threshold over a trained decoder's scores, which are not comparable across layers,
-    cut single layers' MLPs to a tenth: SmolLM2-135M at params=1.11, flap, 6.0x the dense perplexity;
-    uniform 1.5x, docs/llm_quality.md) and the global threshold elsewhere (CNNs, where it measured
-    better); for ``--target latency=F`` elsewhere the measured drift per millisecond saved
-    (sensitivity): YOLOv8n at a measured 2x, fidelity 0.985 against 0.77 for the global threshold
-    (docs/latency.md)."""
-    if opts.allocate != "auto":
-        return opts.allocate, ""
-    if textgen.causal_lm(an) is not None:
-        return "uniform", "auto: a causal language model"
-    if parse_target(opts.target)[0] == "latency":
-        return "sensitivity", "auto: a latency target (drift per millisecond saved)"
-    return "global", "auto"
 
 
 def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progress=quiet) -> None:

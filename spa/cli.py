@@ -396,6 +396,10 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                f"MACs {_human(b['macs'])} -> {_human(a['macs'])} ({b['macs'] / max(a['macs'], 1):.2f}x)   "
                + (f"{sum(e['experts'] - len(e['kept']) for e in rep['experts']['layers'] if 'kept' in e)} experts "
                   "removed" if "experts" in rep else f"{pruned_groups} groups pruned") + f", {rep['seconds']:.1f}s")
+    if "vocabulary" in rep:
+        v = rep["vocabulary"]
+        click.echo(f"vocabulary: kept {v['kept']} of {v['original']} tokens ({'tied' if v.get('tied') else 'untied'} "
+                   "head); new id i is original id vocabulary.ids[i] in the report")
     lat = (rep.get("plan") or {}).get("latency")
     if lat:
         t = lat["table"]
