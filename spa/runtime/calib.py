@@ -249,6 +249,16 @@ def exposure_groups(an, tensors, feed, budget=CALIB_BUDGET) -> list:
     return groups
 
 
+def _trim() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``): without an arena,
+    onnxruntime's buffers are freed to malloc's per-thread heaps, which keep them otherwise."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _accumulate(stats, outer, v, axes, moments) -> None:
     """Add one tensor's value ``v`` to the running sums of its ``axes`` and ``moments``."""
     if not is_float(v.dtype):
@@ -315,6 +325,8 @@ def collect(an, feeds, *, axes=None, progress=_quiet, source: str = "", moments=
             for t in fetch:
                 _accumulate(stats, outer, values.pop(t), *by_tensor[t])
             del values
+            if len(sessions) > 1:
+                _trim()
         stats.samples += next(iter(feed.values())).shape[0] if feed else 0
         stats.batches += 1
     for axis in list(outer):
