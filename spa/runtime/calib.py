@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from . import probing
 from .feeds import random_value
+from ..io import remove_dead
 from ..io.weights import BFLOAT16, is_float
 from ..errors import SpaError
 from ..progress import stepper
@@ -197,64 +199,140 @@ def _batch_dynamic(an) -> bool:
     return all(dyn.get(name) is not None and len(dyn[name]) and dyn[name][0] for name in an.probe.inputs)
 
 
-def exposing_session(an, tensors):
+#: ``collect`` exposes at most about this many bytes of tensors per onnxruntime run (more: the
+#: tensors are split into groups, each run in a session of its own, one after another)
+CALIB_BUDGET = probing.PROBE_BUDGET
+
+
+def exposing_session(an, tensors, *, arena=True):
     """``(runner, fetch)``: an onnxruntime runner over the analysed model (weights fed from the
-    analysis, never copied) with ``tensors`` exposed as extra outputs, and the names among them to
-    fetch (graph inputs come from the feed instead); ``runner.run(feed, fetch) -> {name: value}``."""
+    analysis, never copied) whose outputs are ``tensors``, and the names among them to fetch
+    (graph inputs come from the feed instead); ``runner.run(feed, fetch) -> {name: value}``.
+
+    The graph's own outputs are left out unless asked for, and so is every node that the fetched
+    tensors do not need: a session keeps all its outputs alive to the end of a run, and a causal
+    LM's logits are [batch, seq, vocab] floats (200 MB at 4 x 256 tokens for a 49 k vocabulary)
+    that nobody reads here, made by its largest MatMul.  ``arena``: see ``probing.session``."""
     inputs = {i.name for i in an.model.graph.input}
-    outputs = [o.name for o in an.model.graph.output] + [t for t in tensors if t not in inputs]
-    runner = probing.output_runner(an.model, an.probe.consts, outputs=list(dict.fromkeys(outputs)))
-    return runner, [t for t in tensors if t in set(runner.outputs)]
+    fetch = list(dict.fromkeys(t for t in tensors if t not in inputs))
+    if not fetch:
+        runner = probing.output_runner(an.model, an.probe.consts, arena=arena)
+        return runner, []
+    model = onnx.ModelProto()
+    model.CopyFrom(an.model)    # big weights are stubs (spa.io.weights): a copy of the graph only
+    del model.graph.output[:]
+    model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in fetch)
+    remove_dead(model)
+    runner = probing.output_runner(model, an.probe.consts, outputs=fetch, arena=arena)
+    return runner, [t for t in fetch if t in set(runner.outputs)]
 
 
-def collect(an, feeds, *, axes=None, progress=_quiet, source: str = "", moments=()) -> ActStats:
+def exposure_groups(an, tensors, feed, budget=CALIB_BUDGET) -> list:
+    """``tensors`` (graph inputs left out) in graph order, cut into groups of about ``budget`` bytes
+    at the sizes of ``feed``: each group is one session's outputs, so that one run never holds more.
+    Sizes are the probe's scaled by how much larger the feed is than the probe's inputs (the
+    tensors exposed here are [positions, channels]: they grow with batch and sequence alike); a
+    group ends where the graph does, so early groups run only the layers before them."""
+    order = {o: i for i, node in enumerate(an.model.graph.node) for o in node.output}
+    names = sorted((t for t in dict.fromkeys(tensors) if t in order), key=order.__getitem__)
+    pr = an.probe
+    probed = sum(np.prod(v.shape, dtype=np.float64) for v in pr.inputs.values()) or 1.0
+    scale = sum(np.prod(np.shape(v), dtype=np.float64) for v in feed.values()) / probed
+    groups, total = [], 0.0
+    for t in names:
+        size = np.prod(pr.shapes.get(t, ()), dtype=np.float64) * np.dtype(pr.dtypes.get(t) or np.float32).itemsize * scale
+        if not groups or (total + size > budget and groups[-1]):
+            groups.append([])
+            total = 0.0
+        groups[-1].append(t)
+        total += size
+    return groups
+
+
+def _trim() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``): without an arena,
+    onnxruntime's buffers are freed to malloc's per-thread heaps, which keep them otherwise."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _accumulate(stats, outer, v, axes, moments) -> None:
+    """Add one tensor's value ``v`` to the running sums of its ``axes`` and ``moments``."""
+    if not is_float(v.dtype):
+        return
+    for axis in axes:
+        if axis[1] >= v.ndim:
+            continue
+        x = np.moveaxis(v, axis[1], -1).reshape(-1, v.shape[axis[1]]).astype(np.float64)
+        got = stats.axes.get(axis)
+        if got is None:
+            c = x.shape[1]
+            got = stats.axes[axis] = ChannelStats(0, np.zeros(c), np.zeros(c), np.zeros(c))
+        got.n += x.shape[0]
+        got.abs_sum += np.abs(x).sum(0)
+        got.sum += x.sum(0)
+        got.sq_sum += np.einsum("ij,ij->j", x, x)
+    for axis in moments:
+        if axis[1] >= v.ndim:
+            continue
+        x = np.moveaxis(v, axis[1], -1).reshape(-1, v.shape[axis[1]]).astype(np.float32)
+        acc = outer.setdefault(axis, [np.zeros((x.shape[1], x.shape[1])), np.zeros(x.shape[1]), 0])
+        acc[0] += x.T @ x                 # float32 GEMM, float64 running sum (as obspa's own pass)
+        acc[1] += x.sum(0, dtype=np.float64)
+        acc[2] += len(x)
+
+
+def collect(an, feeds, *, axes=None, progress=_quiet, source: str = "", moments=(), budget=CALIB_BUDGET) -> ActStats:
     """Run ``feeds`` through the model and keep per-channel running sums on ``axes`` (default: sinks),
     and on ``moments`` (axes) the full second moment ``E[x x^T]`` and mean too, in the same pass: what
-    an OBS compensation of the same data needs (``stats.moments``), without a second run over it."""
+    an OBS compensation of the same data needs (``stats.moments``), without a second run over it.
+
+    Memory: onnxruntime holds every output of a run until it returns, so the exposed tensors are
+    split into groups of about ``budget`` bytes (``exposure_groups``), one session each, and every
+    value is added to the sums and dropped as soon as it arrives.  The sums are the same whatever
+    the grouping (each axis sees the same batches in the same order).  Several groups run without
+    onnxruntime's arena: an arena per session would each keep its peak (measured: 1.50 GB for 3
+    groups with arenas, 1.13 GB without, 1.44 GB for one group with its arena; one arena shared
+    by the groups held its peak to the end of the prune, which then peaked higher).  A single
+    group keeps its arena: faster, and it is freed with the session."""
     axes = sink_axes(an) if axes is None else list(axes)
     moments = [m for m in dict.fromkeys(moments)]
     stats = ActStats(source=source)
     if not (axes or moments) or not feeds:
         return stats
-    tensors = sorted({ax[0] for ax in axes} | {ax[0] for ax in moments})
+    by_tensor = {}
+    for kind, wanted in enumerate((axes, moments)):
+        for axis in wanted:
+            by_tensor.setdefault(axis[0], ([], []))[kind].append(axis)
+    fed = [t for t in by_tensor if t in feeds[0]]
+    groups = exposure_groups(an, [t for t in by_tensor if t not in fed], feeds[0], budget)
+    sessions = [exposing_session(an, group, arena=len(groups) == 1) for group in groups]
     outer = {}
-    runner, wanted = exposing_session(an, tensors)
     step = stepper(progress, len(feeds), "calibration batch")
     for i, feed in enumerate(feeds):
         step(i)
-        try:
-            values = runner.run(feed, wanted)
-        except Exception as exc:
-            msg = str(exc).strip().splitlines()[-1][:300]
-            raise SpaError(f"--calib: onnxruntime cannot run the calibration batch ({msg})") from None
-        values.update({k: v for k, v in feed.items() if k in tensors})
-        for axis in axes:
-            v = values.get(axis[0])
-            if v is None or not is_float(v.dtype) or axis[1] >= v.ndim:
-                continue
-            x = np.moveaxis(v, axis[1], -1).reshape(-1, v.shape[axis[1]]).astype(np.float64)
-            got = stats.axes.get(axis)
-            if got is None:
-                c = x.shape[1]
-                got = stats.axes[axis] = ChannelStats(0, np.zeros(c), np.zeros(c), np.zeros(c))
-            got.n += x.shape[0]
-            got.abs_sum += np.abs(x).sum(0)
-            got.sum += x.sum(0)
-            got.sq_sum += np.einsum("ij,ij->j", x, x)
-        for axis in moments:
-            v = values.get(axis[0])
-            if v is None or not is_float(v.dtype) or axis[1] >= v.ndim:
-                continue
-            x = np.moveaxis(v, axis[1], -1).reshape(-1, v.shape[axis[1]]).astype(np.float32)
-            acc = outer.setdefault(axis, [np.zeros((x.shape[1], x.shape[1])), np.zeros(x.shape[1]), 0])
-            acc[0] += x.T @ x                 # float32 GEMM, float64 running sum (as obspa's own pass)
-            acc[1] += x.sum(0, dtype=np.float64)
-            acc[2] += len(x)
-        del values
+        for t in fed:
+            _accumulate(stats, outer, feed[t], *by_tensor[t])
+        for runner, fetch in sessions:
+            try:
+                values = runner.run(feed, fetch)
+            except Exception as exc:
+                msg = str(exc).strip().splitlines()[-1][:300]
+                raise SpaError(f"--calib: onnxruntime cannot run the calibration batch ({msg})") from None
+            for t in fetch:
+                _accumulate(stats, outer, values.pop(t), *by_tensor[t])
+            del values
+            if len(sessions) > 1:
+                _trim()
         stats.samples += next(iter(feed.values())).shape[0] if feed else 0
         stats.batches += 1
-    for axis, (S, total, n) in outer.items():
-        stats.moments[axis] = (S / max(n, 1), total / max(n, 1))
+    for axis in list(outer):
+        S, total, n = outer.pop(axis)
+        S /= max(n, 1)                    # in place: the float64 sums are the size of the result
+        stats.moments[axis] = (S, total / max(n, 1))
     return stats
 
 

@@ -119,14 +119,18 @@ def has_dynamic_inputs(proto) -> bool:
                for i in graph_inputs(proto) for d in i.type.tensor_type.shape.dim)
 
 
-def session(proto_or_bytes, providers=None, optimize=False, *, oneshot=False):
+def session(proto_or_bytes, providers=None, optimize=False, *, oneshot=False, arena=True):
     """An onnxruntime session (CPU unless ``providers``), unoptimised unless ``optimize``.
+    ``arena=False``: every tensor is malloc'd and freed, none kept in a growing arena, so that
+    exposed outputs go back to the system when their arrays die and sessions run one after
+    another (``calib.collect``'s groups) do not each keep the peak of their runs.
     ``oneshot`` (probes: one or two runs) turns off weight prepacking, which is only a copy for so
     few runs, and the thread pool's spinning, which on a busy machine costs more than it saves
     (a ViT-B probe run: 1.5-1.8 s spinning, 1.2-1.4 s not, under load 3 on 2 cores)."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.log_severity_level = 4  # errors come back as exceptions; keep the C++ log quiet
+    so.enable_cpu_mem_arena = arena
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if oneshot:
@@ -216,7 +220,8 @@ class _Runner:
     optimisation, no prepacking, big initializers fed from ``consts`` without copies).  A bfloat16
     model runs as its float16 twin (``fp16_twin``): feeds are converted, outputs come back float16."""
 
-    def __init__(self, proto, consts, outputs):
+    def __init__(self, proto, consts, outputs, arena=True):
+        self.arena = arena
         self.twin = has_bf16(proto)
         if self.twin:
             proto, consts = fp16_twin(proto), _twin_arrays(consts)
@@ -224,7 +229,7 @@ class _Runner:
         self.fed = _fed_initializers(proto, consts)
         self.ran = False
         try:
-            self.sess = session(skeleton(proto, self.fed, outputs, weights=consts), oneshot=True)
+            self.sess = session(skeleton(proto, self.fed, outputs, weights=consts), oneshot=True, arena=self.arena)
         except Exception:
             if not self.fed:
                 raise
@@ -234,7 +239,7 @@ class _Runner:
     def _embed(self):
         """An operator that insists on constant weights: embed them all (the plain, costly way)."""
         self.fed = {}
-        self.sess = session(skeleton(self.proto, {}, self.exposed, weights=self.consts), oneshot=True)
+        self.sess = session(skeleton(self.proto, {}, self.exposed, weights=self.consts), oneshot=True, arena=self.arena)
 
     def run(self, feed, names=None) -> dict:
         import onnxruntime as ort
@@ -255,7 +260,7 @@ class _Runner:
                 # embedding did not help: the sizes were refused, not the fed weights; feed them
                 # again (embedded weights cost a copy of the model for the rest of the probe)
                 self.fed = _fed_initializers(self.proto, self.consts)
-                self.sess = session(skeleton(self.proto, self.fed, self.exposed, weights=self.consts), oneshot=True)
+                self.sess = session(skeleton(self.proto, self.fed, self.exposed, weights=self.consts), oneshot=True, arena=self.arena)
                 raise
         self.ran = True
         return dict(zip(names, out))
@@ -289,11 +294,12 @@ def _exposed(proto) -> list:
     return names
 
 
-def output_runner(proto, consts=None, outputs=None):
+def output_runner(proto, consts=None, outputs=None, *, arena=True):
     """A probe-style session over ``proto`` (big weights fed from ``consts``) exposing its graph
-    outputs, or the tensors ``outputs``: ``run(feed[, names]) -> {name: value}``."""
+    outputs, or the tensors ``outputs``: ``run(feed[, names]) -> {name: value}`` (``arena``: see
+    ``session``)."""
     consts = initializer_arrays(proto) if consts is None else consts
-    return _Runner(proto, consts, [o.name for o in proto.graph.output] if outputs is None else outputs)
+    return _Runner(proto, consts, [o.name for o in proto.graph.output] if outputs is None else outputs, arena)
 
 
 def run_all(proto, feed, consts=None):
