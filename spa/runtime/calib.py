@@ -285,6 +285,15 @@ def _accumulate(stats, outer, v, axes, moments) -> None:
         acc[2] += len(x)
 
 
+def run_batch(runner, feed, fetch) -> dict:
+    """``runner.run(feed, fetch)`` for one calibration batch; onnxruntime's failure as a one-line SpaError."""
+    try:
+        return runner.run(feed, fetch)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[-1][:300]
+        raise SpaError(f"--calib: onnxruntime cannot run the calibration batch ({msg})") from None
+
+
 def collect(an, feeds, *, axes=None, progress=_quiet, source: str = "", moments=(), budget=CALIB_BUDGET) -> ActStats:
     """Run ``feeds`` through the model and keep per-channel running sums on ``axes`` (default: sinks),
     and on ``moments`` (axes) the full second moment ``E[x x^T]`` and mean too, in the same pass: what
@@ -317,11 +326,7 @@ def collect(an, feeds, *, axes=None, progress=_quiet, source: str = "", moments=
         for t in fed:
             _accumulate(stats, outer, feed[t], *by_tensor[t])
         for runner, fetch in sessions:
-            try:
-                values = runner.run(feed, fetch)
-            except Exception as exc:
-                msg = str(exc).strip().splitlines()[-1][:300]
-                raise SpaError(f"--calib: onnxruntime cannot run the calibration batch ({msg})") from None
+            values = run_batch(runner, feed, fetch)
             for t in fetch:
                 _accumulate(stats, outer, values.pop(t), *by_tensor[t])
             del values

@@ -138,6 +138,7 @@ class LatencyTable:
             except (OSError, ValueError, AttributeError):
                 self.ms = {}     # a damaged cache is measured again, never trusted
         self.cached = set(self.ms)
+        self._dense = None            # (the original model, its session): speedup() reuses it
         self.measured, self._reused = 0, set()
         self.seconds = 0.0
         self.progress = progress or (lambda msg: None)
@@ -195,7 +196,9 @@ class LatencyTable:
     def speedup(self, dense: onnx.ModelProto, pruned: onnx.ModelProto, feed: dict, rounds: int = 15) -> dict:
         """The pruned model's measured speed-up over the dense one: both sessions run in turn on ``feed``
         (the pruned one first every other round), one warm-up each, medians of ``rounds``."""
-        sessions = [self._session(m) for m in (dense, pruned)]
+        if self._dense is None or self._dense[0] is not dense:   # every round of a prune times the same original
+            self._dense = (dense, self._session(dense))
+        sessions = [self._dense[1], self._session(pruned)]
         feeds = [{i.name: feed[i.name] for i in s.get_inputs() if i.name in feed} for s in sessions]
         for s, f in zip(sessions, feeds):
             s.run(None, f)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import SpaError
 from ..io.weights import is_float
 from ..runtime import calib as calib_mod, probing
 
@@ -37,11 +36,7 @@ def router_logits(an, layers, feeds, progress=None) -> dict:
     for j, feed in enumerate(feeds):
         if progress is not None:
             progress(f"router logits: calibration batch {j + 1}/{len(feeds)}")
-        try:
-            values = runner.run(feed, fetch)
-        except Exception as exc:
-            msg = str(exc).strip().splitlines()[-1][:300]
-            raise SpaError(f"--calib: onnxruntime cannot run the calibration batch ({msg})") from None
+        values = calib_mod.run_batch(runner, feed, fetch)
         for layer in layers:
             for k, t in enumerate((layer.logits, layer.scores)):
                 v = np.asarray(values[t], np.float64)
