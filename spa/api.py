@@ -17,6 +17,7 @@ from .io import weights as weight_store, zoo
 from .io.weights import is_float
 from .mapping import mapfile
 from .mapping.layers import layer_report
+from .depth import stage as depth_stage
 from .moe import stage as moe_stage
 from .planning import ALLOCATIONS, METRICS, allocation, fidelity, latency, layerwise
 from .planning.latency import LatencyModel, kept_multiples
@@ -225,7 +226,7 @@ class PruneOptions:
         target = parse_target(self.target)
         if self.allocate not in ALLOCATIONS:
             raise SpaError(f"--allocate must be one of {', '.join(ALLOCATIONS)}, got {self.allocate!r}")
-        sizes = ("macs", "params", "latency") + (("experts",) if self.allocate == "sensitivity" else ())
+        sizes = ("macs", "params", "latency") + (("experts", "blocks") if self.allocate == "sensitivity" else ())
         if self.allocate in ("sensitivity", "uniform") and (target is None or target[0] not in sizes):
             raise SpaError(f"--allocate {self.allocate} spreads a size over the groups: use it with --target macs=F or "
                            "params=F (--ratio R is already uniform; --target fidelity=C always allocates by sensitivity)")
@@ -248,6 +249,10 @@ class PruneOptions:
         if target is not None and target[0] == "experts" and (self.steps != 1 or self.map_path is not None):
             raise SpaError("--target experts=F removes whole experts in one step, without a --map: use it with "
                            "--steps 1 and no --map")
+        if target is not None and target[0] == "blocks" and (self.steps != 1 or self.map_path is not None
+                                                             or self.prune_io):
+            raise SpaError("--target blocks=N removes whole residual blocks in one step, without a --map or "
+                           "--prune-io: prune channels with a second spa prune of its output")
         if self.keep_tokens is not None:
             vocab.read_ids(self.keep_tokens)    # readable token ids, before the load and probe
         if self.keep_tokens is not None and (target is not None or self.steps != 1):
@@ -349,6 +354,9 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
     if target is not None and target[0] == "experts":
         current, current_weights, after, report = moe_stage.prune_experts(first, opts, target[1], progress)
         return _finish(model, first, current, current_weights, report, opts, output, progress, t0, ref)
+    if target is not None and target[0] == "blocks":
+        current, current_weights, after, report = depth_stage.prune_blocks(first, opts, target[1], ref, progress)
+        return _finish(model, first, current, current_weights, report, opts, output, progress, t0, ref)
     allocate, chosen = allocation.choose(first, opts.allocate, target) if target is not None else (opts.allocate, "")
     opts = replace(opts, allocate=allocate)     # every stage sees the allocation the plan uses
     history, current, current_weights, after = [], first.model, first.weights, first.probe
@@ -430,8 +438,8 @@ def _finish(model, first, current, current_weights, report, opts, output, progre
             compensated=()):
     """The last stages of every prune: the fidelity guard, the map, writing the output."""
     if ref is None or report.get("interface"):
-        report["fidelity"] = {"skipped": "the inputs may change (--prune-io, --keep-tokens): compare with your own "
-                                         "loop"}
+        report["fidelity"] = {"skipped": "the inputs may change (--prune-io, --keep-tokens, a removed block's cache "
+                                         "pair): compare with your own loop"}
     else:
         progress("measuring the pruned model's fidelity to the original")
         report["fidelity"] = fidelity.guard(ref, current, current_weights, opts)

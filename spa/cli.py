@@ -198,7 +198,8 @@ def _criteria():
               help="reach a reduction factor instead of a ratio: macs=2 halves MACs, params=1.5 (global threshold); "
                    "latency=2 runs twice as fast on --device, timed (docs/latency.md); "
                    "fidelity=C (0 < C <= 1) removes the most MACs that keep the outputs' cosine to the original's "
-                   ">= C; experts=F keeps that fraction of every mixture-of-experts layer's experts (docs/moe.md)")
+                   ">= C; experts=F keeps that fraction of every mixture-of-experts layer's experts (docs/moe.md); "
+                   "blocks=N removes N whole residual blocks (docs/depth.md)")
 @click.option("--criterion", type=click.Choice(_criteria()), default="l2", show_default=True,
               help="act_mean, wanda and flap need --calib; taylor, snip and fisher need --grads")
 @click.option("--reduction", type=click.Choice(["sum", "mean", "max"]), default="sum", show_default=True,
@@ -395,7 +396,12 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
     click.echo(f"params {_human(b['params'])} -> {_human(a['params'])} ({b['params'] / max(a['params'], 1):.2f}x)   "
                f"MACs {_human(b['macs'])} -> {_human(a['macs'])} ({b['macs'] / max(a['macs'], 1):.2f}x)   "
                + (f"{sum(e['experts'] - len(e['kept']) for e in rep['experts']['layers'] if 'kept' in e)} experts "
-                  "removed" if "experts" in rep else f"{pruned_groups} groups pruned") + f", {rep['seconds']:.1f}s")
+                  "removed" if "experts" in rep else f"{len(rep['blocks']['removed'])} of {rep['blocks']['found']} "
+                  "blocks removed" if "blocks" in rep else f"{pruned_groups} groups pruned") + f", {rep['seconds']:.1f}s")
+    if "blocks" in rep:
+        gone = [e for e in rep["blocks"]["blocks"] if e["removed"]]
+        click.echo(f"blocks removed ({rep['blocks']['scorer']}): " +
+                   ", ".join(f"{e['block']} {e['kind']} ({e['add']})" for e in gone))
     if "vocabulary" in rep:
         v = rep["vocabulary"]
         click.echo(f"vocabulary: kept {v['kept']} of {v['original']} tokens ({'tied' if v.get('tied') else 'untied'} "
@@ -420,7 +426,8 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                    f"{e['kept']}" if "kept" in e else f"all {e['experts']} kept ({e.get('blocked', '')})")
                    + (f" ({e['note']})" if "note" in e and "kept" in e else ""))
     for c in rep.get("interface", []):
-        click.echo(f"interface: {c['kind']} {c['tensor']} axis {c['axis']}: {c['before']} -> {c['after']}")
+        click.echo(f"interface: {c['kind']} {c['tensor']} " + ("removed" if c.get("removed") else
+                                                                 f"axis {c['axis']}: {c['before']} -> {c['after']}"))
     click.echo(f"wrote {output}")
     _fidelity_warning(rep)
     if do_check:

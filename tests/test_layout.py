@@ -136,9 +136,10 @@ def test_no_private_names_across_modules():
 #: the pipeline's folders, lowest first: a module imports only from its own folder or a lower one
 #: (``spa`` is spa/__init__.py and spa/__main__.py; ``zoo`` is spa/zoo.py, the public name of spa.io.zoo;
 #: ``progress`` is spa/progress.py, the progress lines every stage may print; ``sweep`` is spa/sweep.py, many
-#: prunes of one model; ``olive`` is spa/olive.py, the Olive pass; ``moe`` the whole-expert stage)
+#: prunes of one model; ``olive`` is spa/olive.py, the Olive pass; ``moe`` the whole-expert stage, ``depth``
+#: the residual-block stage)
 LAYERS = [("errors", "progress"), ("io",), ("runtime",), ("ops",), ("graph",), ("scoring",), ("planning",), ("surgery",),
-          ("verify", "mapping", "moe"), ("api",), ("sweep", "olive"), ("cli",), ("spa", "zoo", "__main__")]
+          ("verify", "mapping", "moe", "depth"), ("api",), ("sweep", "olive"), ("cli",), ("spa", "zoo", "__main__")]
 
 
 def _folder(name: str) -> str:

@@ -15,7 +15,7 @@ from ..graph.masks import insert_masks
 from ..io import initializer_arrays
 from ..progress import stepper
 from ..runtime import probing, textgen
-from .fidelity import compare_runs, eval_feeds, fidelity_on, meets, metrics_for, reference_runs
+from .fidelity import drift_of, eval_feeds, fidelity_on, meets, metrics_for, reference_runs
 from .plan import CostModel, all_units, multiple, n_remove, plan as local_plan, resolve_overrides, selectable
 
 
@@ -50,9 +50,6 @@ def _kept_multiple(k, round_to, gid, n, max_ratio) -> int:
     return n_remove(n, k, multiple(round_to, gid), max_ratio)
 
 
-#: the cosine's weight in a sensitivity table's drift beside the task agreement: a tie-breaker (on a
-#: few samples, top-1 or CTC agreement stays at 1 for many removals that do move the outputs)
-COSINE_TIE = 0.01
 
 
 def sensitivity(an, scores, chosen, masked, feeds, reference, *, round_to=1, max_ratio=0.9, progress=None,
@@ -72,9 +69,7 @@ def sensitivity(an, scores, chosen, masked, feeds, reference, *, round_to=1, max
                 continue
             seen.add(k)
             units = np.sort(order[:k])
-            got = compare_runs(reference, (masked.run(fd, units) for fd in feeds), None, metrics, feeds)
-            drift = (1.0 - got["min"]) + COSINE_TIE * (1.0 - min(got["cosine"].values(), default=1.0))
-            levels.append((units, max(drift, 0.0)))
+            levels.append((units, drift_of(reference, (masked.run(fd, units) for fd in feeds), metrics, feeds)))
         table[g.id] = levels
     return table, orders
 

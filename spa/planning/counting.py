@@ -15,23 +15,29 @@ def count_params(proto: onnx.ModelProto) -> int:
     """Elements of floating-point initializers (Constant nodes are moved there at load), and of
     quantized weights: integer initializers of two or more dims (zero points are 1-D), MatMulNBits'
     packed blocks as their K x N weights."""
-    packed = {}
-    for n in proto.graph.node:
-        if n.op_type == "MatMulNBits" and len(n.input) > 1:
-            a = {x.name: x.i for x in n.attribute}
-            packed[n.input[1]] = int(a.get("K", 0)) * int(a.get("N", 0))
-    total = 0
-    for t in proto.graph.initializer:
-        if t.name in packed:
-            total += packed[t.name]
-        elif t.data_type in _FLOATS or (t.data_type in _QUANTIZED and len(t.dims) >= 2):
-            total += int(np.prod(t.dims)) if len(t.dims) else 1
+    total = sum(initializer_params(proto).values())
     for n in proto.graph.node:
         if n.op_type == "Constant":
             for a in n.attribute:
                 if a.name == "value" and a.t.data_type == onnx.TensorProto.FLOAT:
                     total += int(np.prod(a.t.dims)) if len(a.t.dims) else 1
     return total
+
+
+def initializer_params(proto: onnx.ModelProto) -> dict:
+    """{initializer name: the parameters it counts for in :func:`count_params`} (those that count)."""
+    packed = {}
+    for n in proto.graph.node:
+        if n.op_type == "MatMulNBits" and len(n.input) > 1:
+            a = {x.name: x.i for x in n.attribute}
+            packed[n.input[1]] = int(a.get("K", 0)) * int(a.get("N", 0))
+    out = {}
+    for t in proto.graph.initializer:
+        if t.name in packed:
+            out[t.name] = packed[t.name]
+        elif t.data_type in _FLOATS or (t.data_type in _QUANTIZED and len(t.dims) >= 2):
+            out[t.name] = int(np.prod(t.dims)) if len(t.dims) else 1
+    return out
 
 
 def node_macs(node, shapes) -> int:

@@ -214,6 +214,19 @@ def eval_feeds(an, opts, n: int = 2, progress=None) -> tuple[list, str]:
     return got, f"{what} at the probe's sizes"
 
 
+#: the cosine's weight in a measured drift beside the task agreement: a tie-breaker (on a few samples a
+#: discrete agreement stays at 1 for removals that do move the outputs)
+COSINE_TIE = 0.01
+
+
+def drift_of(reference: list, outputs, metrics: dict | None = None, feeds: list | None = None) -> float:
+    """How far ``outputs`` moved from ``reference`` (:func:`compare_runs`): 1 - the task agreement,
+    plus ``COSINE_TIE`` times 1 - the cosine; >= 0.  What the sensitivity table and the depth
+    prune's iterative removal minimise."""
+    got = compare_runs(reference, outputs, None, metrics, feeds)
+    return max((1.0 - got["min"]) + COSINE_TIE * (1.0 - min(got["cosine"].values(), default=1.0)), 0.0)
+
+
 def fidelity_on(reference: list, outputs, metrics: dict | None = None, feeds: list | None = None) -> float:
     """Fidelity over a set of batches (:func:`compare_runs`): the smallest agreement over the outputs
     (the cosine without ``metrics``), unrounded (``meets`` compares it with a target)."""

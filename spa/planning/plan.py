@@ -103,8 +103,8 @@ def plan(groups, scores, ratio: float, *, global_rank: bool = False, round_to: i
 
 
 def parse_target(target):
-    """'macs=2' / 'params=1.5' / 'latency=2' / 'fidelity=0.99' / 'experts=0.5' (or a (kind, value) pair)
-    -> ('macs', 2.0)."""
+    """'macs=2' / 'params=1.5' / 'latency=2' / 'fidelity=0.99' / 'experts=0.5' / 'blocks=4' (or a
+    (kind, value) pair) -> ('macs', 2.0); blocks=N -> ('blocks', N) with N an int."""
     if target is None:
         return None
     if isinstance(target, (tuple, list)):
@@ -114,18 +114,25 @@ def parse_target(target):
         if not sep:
             raise SpaError(f"--target: expected macs=F or params=F, got {target!r}")
     kind = kind.strip().lower()
-    if kind not in ("macs", "params", "latency", "fidelity", "experts"):
-        raise SpaError(f"--target: unknown quantity {kind!r}; use macs=F, params=F, latency=F, fidelity=C or experts=F")
+    if kind not in ("macs", "params", "latency", "fidelity", "experts", "blocks"):
+        raise SpaError(f"--target: unknown quantity {kind!r}; use macs=F, params=F, latency=F, fidelity=C, experts=F "
+                       "or blocks=N")
     try:
         factor = float(factor)
     except (TypeError, ValueError):
-        what = {"fidelity": "the cosine C", "experts": "the fraction F kept"}.get(kind, "the reduction factor")
+        what = {"fidelity": "the cosine C", "experts": "the fraction F kept",
+                "blocks": "the count N of blocks removed"}.get(kind, "the reduction factor")
         raise SpaError(f"--target {kind}=: {what} must be a number, got {factor!r}") from None
     if kind == "fidelity":
         if not 0.0 < factor <= 1.0:   # nan and inf too
             raise SpaError(f"--target fidelity=C: C is the outputs' cosine to the original's, in (0, 1] "
                            f"(0.99 keeps it close; 1 removes only channels that change nothing), got {factor}")
         return kind, factor
+    if kind == "blocks":
+        if not (factor >= 1 and factor == int(factor)):
+            raise SpaError(f"--target blocks=N: N is how many residual blocks to remove, a whole number >= 1, "
+                           f"got {factor:g}")
+        return kind, int(factor)
     if kind == "experts":
         if not 0.0 < factor <= 1.0:
             raise SpaError(f"--target experts=F: F is the fraction of each layer's experts kept, in (0, 1] "

@@ -35,14 +35,15 @@ def validate(pruned: onnx.ModelProto, an, input_shapes=None, *, every_size: bool
     changes = interface_changes(an.model, pruned)
     if input_shapes is None:  # the sizes the analysis ran with
         input_shapes = {k: list(np.shape(v)) for k, v in an.probe.inputs.items()}
-    input_shapes = _resized(input_shapes, changes)
+    present = {i.name for i in pruned.graph.input}
+    input_shapes = {k: v for k, v in _resized(input_shapes, changes).items() if k in present}
     try:
         pr = probing.probe(pruned, input_shapes, consts=io.initializer_arrays(pruned, weights), dynamic=False)
     except SpaError as exc:
         raise SpaError(f"internal: pruned model does not run in onnxruntime: {exc}") from None
     want = _resized({o.name: an.probe.shapes.get(o.name) for o in an.model.graph.output}, changes)
-    for out in an.model.graph.output:
-        if pr.shapes.get(out.name) != want[out.name]:
+    for out in pruned.graph.output:
+        if pr.shapes.get(out.name) != want.get(out.name):
             raise SpaError(f"internal: output '{out.name}' changed shape "
                            f"{an.probe.shapes.get(out.name)} -> {pr.shapes.get(out.name)}")
     if every_size:
@@ -55,12 +56,15 @@ def validate(pruned: onnx.ModelProto, an, input_shapes=None, *, every_size: bool
 
 def interface_changes(original, pruned) -> list:
     """Every static dim of a graph input or output that differs between the two models (what
-    ``prune_io`` let shrink): ``{"tensor", "kind": "input"|"output", "axis", "before", "after"}``."""
+    ``prune_io`` let shrink): ``{"tensor", "kind": "input"|"output", "axis", "before", "after"}``,
+    and every input or output the pruned model no longer has (a removed block's KV cache pair):
+    ``{"tensor", "kind", "removed": True}``."""
     out = []
     for kind in ("input", "output"):
         new = {vi.name: vi for vi in getattr(pruned.graph, kind)}
         for vi in getattr(original.graph, kind):
             if vi.name not in new:
+                out.append({"tensor": vi.name, "kind": kind, "removed": True})
                 continue
             for d, (a, b) in enumerate(zip(vi.type.tensor_type.shape.dim, new[vi.name].type.tensor_type.shape.dim)):
                 if a.HasField("dim_value") and b.HasField("dim_value") and a.dim_value != b.dim_value:
@@ -74,7 +78,7 @@ def _resized(shapes: dict, changes: list) -> dict:
     out = {k: None if v is None else tuple(v) for k, v in shapes.items()}
     for c in changes:
         v = out.get(c["tensor"])
-        if v is not None and c["axis"] < len(v):
+        if v is not None and "axis" in c and c["axis"] < len(v):
             out[c["tensor"]] = v[:c["axis"]] + (c["after"],) + v[c["axis"] + 1:]
     return out
 
@@ -92,7 +96,7 @@ def _validate_other_sizes(pruned, an, pr: probing.Probe, changes=()) -> None:
     if changes:  # the pruned inputs' static dims
         dims = dict(plan.dims)
         for c in changes:
-            if c["kind"] == "input" and isinstance(dims.get((c["tensor"], c["axis"])), int):
+            if c["kind"] == "input" and "axis" in c and isinstance(dims.get((c["tensor"], c["axis"])), int):
                 dims[(c["tensor"], c["axis"])] = c["after"]
         plan = dataclasses.replace(plan, dims=dims)
     runner = probing.output_runner(pruned, pr.consts)
