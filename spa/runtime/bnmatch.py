@@ -8,7 +8,7 @@ the noise spa would feed is given a scale and an offset (per channel of a small 
 of each) so that the inputs of the first few BatchNorms reached from it have the statistics those
 BatchNorms expect.  The search is gradient-free (a coarse grid over one shared scale and offset, then
 Nelder-Mead over all of them), each step one onnxruntime run of only the layers before those
-BatchNorms on a batch or two: a few seconds at most.
+BatchNorms on one batch: a few seconds at most (:data:`MAX_SECONDS`).
 
 Nothing changes where there is nothing to match (no BatchNormalization reached, as when the
 exporter folded every BN into its Conv: YOLOv8n, open_nsfw, torchvision's eval-mode exports), where
@@ -38,10 +38,10 @@ GAIN, GOOD = 0.5, 0.25
 #: input's shared ones
 SPREAD = 2.0
 #: the search stops after this many onnxruntime runs, or this many seconds
-MAX_EVALS, MAX_SECONDS = 300, 4.0
+MAX_EVALS, MAX_SECONDS = 300, 3.0
 #: the coarse grid: scales (powers of two) and offsets in units of the scale
 GRID_SCALES = 2.0 ** np.arange(-3, 8)
-GRID_OFFSETS = np.array([-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0])
+GRID_OFFSETS = np.array([-3.0, -1.0, 0.0, 1.0, 3.0])
 EPS = 1e-6
 
 
@@ -150,7 +150,7 @@ def nelder_mead(f, x0, step, max_evals, deadline):
     return pts[best], vals[best]
 
 
-def match(an, noise: list, *, fit_feeds: int = 2, progress=None) -> Match | None:
+def match(an, noise: list, *, fit_feeds: int = 1, progress=None) -> Match | None:
     """Give the noise images ``noise`` (``(feed, name, image, x)``: ``x`` the [N, C, H, W] unit noise
     that ``feed[name]`` holds in ``image``'s layout) a scale and an offset that bring the inputs of the
     model's first BatchNorms to their running statistics, and write them into the feeds in place.
@@ -220,8 +220,13 @@ def match(an, noise: list, *, fit_feeds: int = 2, progress=None) -> Match | None
     if plain < CLOSE:
         return None
     grid = [(np.log(s), o * s) for s in GRID_SCALES for o in GRID_OFFSETS]
-    best, ls, b = min(((loss(full(np.tile([ls, b], len(names)))), ls, b) for ls, b in grid), key=lambda t: t[0])
-    budget = MAX_EVALS - len(grid) - 1
+    scored = []
+    for ls, b in grid:
+        scored.append((loss(full(np.tile([ls, b], len(names)))), ls, b))
+        if time.monotonic() > deadline:
+            break
+    best, ls, b = min(scored, key=lambda t: t[0])
+    budget = MAX_EVALS - len(scored) - 1
     q, fx = nelder_mead(lambda q: loss(full(q)), np.tile([ls, b], len(names)),
                         np.tile([0.5, max(np.exp(ls), 1e-3)], len(names)), budget // 2, deadline)
     x = full(q)
