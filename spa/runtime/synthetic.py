@@ -9,6 +9,8 @@ sensitivity table and the fidelity search all run on these inputs.
   ("pink") noise, made channels first and laid out as the input is: a trained network's convolutions
   see spatially correlated inputs, and white noise gives their Hessians the wrong structure
   (docs/obspa.md).  A layout read from the shape alone is a guess, and the description says so.
+  Where BatchNorms the images reach are left in the graph, the noise gets the scale and offset that
+  match their running statistics (``spa.runtime.bnmatch``), and the description says so.
 * **Text recognisers** that name their characters in their metadata (PaddleOCR's ``character``
   entry: a CTC model over that dictionary) get **rendered text lines** of their own characters,
   preprocessed the way PaddleOCR feeds its recognisers (height kept, width by aspect, ``(x/255 -
