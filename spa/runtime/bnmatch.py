@@ -13,8 +13,13 @@ BatchNorms on one batch: a few seconds at most (:data:`MAX_SECONDS`).
 Nothing changes where there is nothing to match (no BatchNormalization reached, as when the
 exporter folded every BN into its Conv: YOLOv8n, open_nsfw, torchvision's eval-mode exports), where
 the plain noise already matches (mismatch below :data:`CLOSE`), or where the fit does not come close
-(:data:`GOOD`) or does not lower the mismatch to at most :data:`GAIN` of the plain noise's.  Only 1/f noise for images is matched:
-rendered text is already preprocessed as the model's data is, and token ids and masks are not noise.
+(:data:`GOOD`) or does not lower the mismatch to at most :data:`GAIN` of the plain noise's.  Only 1/f
+noise for images is matched: rendered text is already preprocessed as the model's data is, and token
+ids and masks are not noise.
+
+A BatchNorm sees its input only through the layers before it: openWakeWord's embedder has filters that
+sum to zero before its first BatchNorm, so the level of its log-mel frames is invisible there and the
+fit sets only their scale (docs/fidelity_bench.md, issue 24's section).
 """
 from __future__ import annotations
 

@@ -74,7 +74,7 @@ def test_statistics_no_affine_map_of_noise_reaches_keep_the_plain_noise():
 def test_mismatch():
     t = [bnmatch.Norm("a", np.array([8.0, 0.0]), np.array([4.0, 1.0]))]
     rng = np.random.default_rng(0)
-    v = rng.standard_normal((64, 2, 8, 8)) * np.array([2.0, 1.0])[None, :, None, None] + np.array([8.0, 0.0])[None, :, None, None]
+    v = rng.standard_normal((64, 2, 8, 8)) * np.array([2.0, 1.0])[:, None, None] + np.array([8.0, 0.0])[:, None, None]
     assert bnmatch.mismatch({"a": v}, t) < 0.01
     assert bnmatch.mismatch({"a": v - 8.0}, t) > 7      # the first channel's mean off by 4 deviations: 16 / 2
     assert bnmatch.mismatch({"a": v[:, :1]}, t) == float("inf")
