@@ -19,7 +19,7 @@ ids and masks are not noise.
 
 A BatchNorm sees its input only through the layers before it: openWakeWord's embedder has filters that
 sum to zero before its first BatchNorm, so the level of its log-mel frames is invisible there and the
-fit sets only their scale (docs/fidelity_bench.md, issue 24's section).
+fit sets their scale, and an offset that only the zero-padded borders see (docs/fidelity_bench.md).
 """
 from __future__ import annotations
 
