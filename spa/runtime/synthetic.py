@@ -9,6 +9,8 @@ sensitivity table and the fidelity search all run on these inputs.
   ("pink") noise, made channels first and laid out as the input is: a trained network's convolutions
   see spatially correlated inputs, and white noise gives their Hessians the wrong structure
   (docs/obspa.md).  A layout read from the shape alone is a guess, and the description says so.
+  Where BatchNorms the images reach are left in the graph, the noise gets the scale and offset that
+  match their running statistics (``spa.runtime.bnmatch``), and the description says so.
 * **Text recognisers** that name their characters in their metadata (PaddleOCR's ``character``
   entry: a CTC model over that dictionary) get **rendered text lines** of their own characters,
   preprocessed the way PaddleOCR feeds its recognisers (height kept, width by aspect, ``(x/255 -
@@ -37,7 +39,7 @@ import numpy as np
 
 from ..errors import SpaError
 from ..io.weights import is_float
-from . import calib, kinds, textgen
+from . import bnmatch, calib, kinds, textgen
 from .probing import dynamic_dims
 from .shapes import recogniser_characters
 
@@ -192,7 +194,7 @@ def feeds(an, n_batches, seed=0, wanted: str = "auto", progress=None):
     reader = kinds.text_reader(an.model, an.probe) if wanted != "noise" else None
     characters = (recogniser_characters(an.model) or LATIN) if what == "text lines" else None
     upside_down = what == "text lines" and reader is not None and reader[0] == "orientation"
-    lines = 0
+    lines, noise = 0, []
     for feed in out:
         for name, v in list(feed.items()):
             image = images.get(name)
@@ -211,14 +213,18 @@ def feeds(an, n_batches, seed=0, wanted: str = "auto", progress=None):
                             feed[other] = np.repeat(u, n // max(v.shape[0], 1), axis=0)
             else:
                 x = pink(rng, shape)
+                noise.append((feed, name, image, x))
             feed[name] = image.from_nchw(x).astype(v.dtype)
-    return f"synthetic ({n_batches} batches, {describe(an, what, reader, images.values(), lines, upside_down)})", out
+    matched = bnmatch.match(an, noise, progress=progress)
+    desc = describe(an, what, reader, images.values(), lines, upside_down, matched)
+    return f"synthetic ({n_batches} batches, {desc})", out
 
 
-def describe(an, what, reader, images, lines=0, upside_down=False) -> str:
+def describe(an, what, reader, images, lines=0, upside_down=False, matched=None) -> str:
     """What the synthetic inputs of ``an`` are, in words: the images (``what``: :func:`kind`), what
-    spa took the model for (``reader``: ``kinds.text_reader``), their layout when it is not channels
-    first or was guessed, and the other inputs."""
+    spa took the model for (``reader``: ``kinds.text_reader``), whether the noise was matched to its
+    BatchNorm statistics (``matched``: ``bnmatch.match``), their layout when it is not channels first
+    or was guessed, and the other inputs."""
     whose = "the model's characters" if recogniser_characters(an.model) else "Latin characters"
     parts = []
     if what == "text lines":
@@ -228,7 +234,7 @@ def describe(an, what, reader, images, lines=0, upside_down=False) -> str:
         if reader is not None and reader[0] != "characters":
             parts[-1] += f" (taken for {reader[1]})"
     elif what != "none":
-        parts.append(f"{what} for images")
+        parts.append(f"{what} for images" + (f" {matched.describe()}" if matched is not None else ""))
     for image in images:
         if not image.sure:
             parts.append(f"'{image.name}' taken for an {image.layout} image, {image.why}: spa is not sure what it "
