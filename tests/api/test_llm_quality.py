@@ -39,3 +39,17 @@ def test_a_tenth_of_a_trained_decoder_goes_and_perplexity_holds(smollm2, calib, 
     assert ppl <= bound * smollm2["dense"], (ppl, smollm2["dense"])
     widths = [layer["intermediate_size"][1] for layer in r.report["layers"]]
     assert widths[0] == 1536 and len(set(widths[1:])) == 1 and widths[1] < 1536   # the first whole, the rest one share
+
+
+def test_depth_removes_the_blocks_that_turn_the_stream_least(smollm2):
+    """--target blocks=4 (block influence on the calibration text): measured 1.19x on the same 16 windows,
+    with 4 of the 60 sub-blocks gone, all attention (the cheap ones: 0.88M parameters each, an MLP
+    2.65M); the bound is 1.3x."""
+    out = smollm2["dir"] / "pruned_blocks.onnx"
+    r = spa.prune(smollm2["path"], options=spa.PruneOptions(target="blocks=4", calib=smollm2["calib"],
+                                                             calib_batch_size=4), output=str(out))
+    gone = [b for b in r.report["blocks"]["blocks"] if b["removed"]]
+    assert r.report["blocks"]["found"] == 60 and len(gone) == 4 and r.report["interface"] == []
+    assert r.report["before"]["params"] - r.report["after"]["params"] == sum(b["params"] for b in gone)
+    ppl = smollm2["lm"].perplexity(out, smollm2["held"])
+    assert ppl <= 1.3 * smollm2["dense"], (ppl, smollm2["dense"])
