@@ -64,9 +64,9 @@ def find_blocks(proto: onnx.ModelProto, shapes: dict, params: dict) -> list:
     graph_inputs = {i.name for i in proto.graph.input}
     sizes = params
     constants = {t.name for t in proto.graph.initializer}
-    found, inside = [], set()
+    found = []
     for a_idx, add in enumerate(nodes):
-        if add.op_type != "Add" or len(add.input) != 2 or a_idx in inside:
+        if add.op_type != "Add" or len(add.input) != 2:
             continue
         for s, y in (add.input, add.input[::-1]):
             if s in constants or y in constants or y not in producer:
@@ -81,7 +81,6 @@ def find_blocks(proto: onnx.ModelProto, shapes: dict, params: dict) -> list:
             if block is not None:
                 block.index = len(found)
                 found.append(block)
-                inside |= branch
                 break
     # a branch nested inside another's: the outer one takes it
     nested = {b.add for b in found for o in found if o is not b and b.add in o.nodes}

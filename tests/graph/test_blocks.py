@@ -175,3 +175,22 @@ def test_cli_blocks(tmp_path):
     assert res.exit_code == 0, res.output
     assert "1 of 3 blocks removed" in res.output and "blocks removed (block influence" in res.output
     assert len(onnx.load(out).graph.node) == 2 * 4 + 1   # two blocks of 4 nodes and the head
+
+
+def test_a_block_inside_another_is_left_to_the_outer_one():
+    rng = np.random.default_rng(1)
+    w = {k: numpy_helper.from_array(rng.standard_normal((D, D)).astype(np.float32) * 0.5, k) for k in ("w1", "w2", "w3")}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"], name="in"),
+             helper.make_node("Tanh", ["a"], ["t"], name="act"),
+             helper.make_node("MatMul", ["t", "w2"], ["m"], name="inner_mm"),
+             helper.make_node("Add", ["a", "m"], ["inner"], name="inner_add"),
+             helper.make_node("MatMul", ["inner", "w3"], ["y"], name="out"),
+             helper.make_node("Add", ["x", "y"], ["z"], name="outer_add")]
+    graph = helper.make_graph(nodes, "nested", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, D])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3, D])], list(w.values()))
+    an = spa.analyze(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    blocks, worst, tells = check_every_block(an, [an.probe.inputs])
+    assert [(b.add, len(b.nodes), b.params) for b in blocks] == [("outer_add", 5, 3 * D * D)]
+    assert worst < EXACT and tells > 1e-3
+    pruned, _ = cut_blocks(an.model, an.weights, blocks, [0])
+    assert [n.op_type for n in pruned.graph.node] == ["Identity"]   # z is a graph output: it keeps its name
