@@ -28,7 +28,7 @@ from .runtime import calib as calib_mod, probing, synthetic
 from .runtime.latency import DEVICES, LatencyTable, kernel_alignment
 from .runtime.synthetic import KINDS
 from .scoring import COMPENSATE, CRITERIA, compensation, score
-from .scoring.obspa import HESSIANS, moment_axes
+from .scoring.obspa import HESSIANS, SELECTIONS, moment_axes
 from .surgery import slicing, vocab
 from .surgery.validate import interface_changes, validate
 
@@ -198,6 +198,7 @@ class PruneOptions:
     keep_ends: tuple = (1, 0)      # uniform: the first/last groups of every stack of repeated blocks kept whole
     compensate: str = "auto"       # the criterion's own (obspa), "none", or "obs" (OBS update of the kept weights)
     damp: float | None = None      # OBS: ridge on each Hessian, a multiple of its mean diagonal (None: obspa's DAMP)
+    obs_selection: str = "auto"    # obspa: "obs" (greedy) or "diagonal" (OBD); auto: scoring.obspa.selection
     synthetic: str = "auto"        # without --calib: what synthetic images look like (spa.runtime.synthetic.KINDS)
     fidelity_metric: str = "auto"  # what fidelity measures per output (spa.planning.agreement.METRICS)
     uniform_layers: bool = False   # the same widths in every layer (spa.planning.layerwise; a config can hold them)
@@ -289,6 +290,9 @@ class PruneOptions:
             raise SpaError(f"--fidelity-metric must be one of {', '.join(METRICS)}, got {self.fidelity_metric!r}")
         if self.hessian not in HESSIANS:
             raise SpaError(f"unknown Hessian source {self.hessian!r}; choose one of {', '.join(HESSIANS)}")
+        if self.obs_selection not in SELECTIONS or (self.obs_selection != "auto" and self.criterion != "obspa"):
+            raise SpaError(f"--obs-selection ({', '.join(SELECTIONS)}) is how --criterion obspa chooses channels, "
+                           f"got {self.obs_selection!r} with --criterion {self.criterion}")
         return scorer, target
 
 

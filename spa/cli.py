@@ -262,6 +262,10 @@ def _criteria():
 @click.option("--damp", type=float, default=None,
               help="OBS (obspa, --compensate obs): ridge added to each Hessian, a multiple of its mean diagonal "
                    "[default: 0.01]; larger trusts the calibration data less")
+@click.option("--obs-selection", type=click.Choice(["auto", "obs", "diagonal"]), default="auto", show_default=True,
+              help="--criterion obspa: how it chooses channels: obs = the greedy OBS cost (trusts the Hessian's "
+                   "correlations), diagonal = each channel's uncompensated cost under the Hessian's diagonal (OBD), "
+                   "then OBS compensates; auto = diagonal for a causal language model, else obs")
 @click.option("--grads", default=None, type=click.Path(dir_okay=False), metavar="FILE",
               help="taylor, snip and fisher: per-initializer gradients (.npz or .safetensors keyed by ONNX "
                    "initializer name; tools/grads_from_torch.py)")
@@ -300,7 +304,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
           hessian, synthetic, fidelity_metric, blas_threads, seed, global_rank, max_ratio, overrides, steps, round_to,
           device, threads,
           exclude, uniform_layers, prune_io,
-          allocate, keep_ends, compensate, damp,
+          allocate, keep_ends, compensate, damp, obs_selection,
           grads, map_path, keep_tokens, experts_from, task, report, as_json, input_shapes, force,
           do_check, atol, rtol, do_bench, bench_provider, bench_warmup, bench_iters, quiet, verbose):
     """Remove channels from MODEL and write the smaller model to OUTPUT.
@@ -350,7 +354,8 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                            target=target, overrides=overrides, steps=steps, calib=calib, calib_batches=calib_batches,
                            calib_batch_size=calib_batch_size, seed=seed, hessian=hessian, input_shapes=shapes,
                            blas_threads=blas_threads, prune_io=prune_io, grads=grads, map_path=map_path,
-                           allocate=allocate, keep_ends=keep_ends, compensate=compensate, damp=damp, synthetic=synthetic,
+                           allocate=allocate, keep_ends=keep_ends, compensate=compensate, damp=damp, obs_selection=obs_selection,
+                           synthetic=synthetic,
                            fidelity_metric=fidelity_metric, uniform_layers=uniform_layers,
                            device=device, threads=threads,
                            experts_from=experts_from, task=task, keep_tokens=keep_tokens)

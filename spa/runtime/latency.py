@@ -68,7 +68,9 @@ class OpSpec:
         out = helper.make_tensor_value_info("y", self.inputs[0][1], None)
         graph = helper.make_graph([node], "op", graph_inputs, [out], inits)
         opsets = [helper.make_opsetid("", self.opset)] + ([helper.make_opsetid(self.domain, 1)] if self.domain else [])
-        return helper.make_model(graph, opset_imports=opsets)
+        # the oldest IR version these opsets allow, not the onnx package's newest (onnx 1.23 writes IR 14,
+        # which onnxruntime builds older than the package refuse to load)
+        return helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
 
     def feed(self) -> dict:
         rng = np.random.default_rng(1)

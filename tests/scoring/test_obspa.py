@@ -188,3 +188,54 @@ def test_calibration_pass_gathers_the_hessians_obs_would_measure(tmp_path):
         np.testing.assert_allclose(shared.mean[key], own.mean[key], rtol=1e-4, atol=1e-6)
     r = spa.prune(m, target="params=1.3", criterion="wanda", calib=spec, compensate="obs", allocate="uniform")
     assert r.report["compensation"]["source"] == r.report["calibration"]["source"]
+
+
+def test_diagonal_selection_ranks_by_the_uncompensated_cost_and_compensates_that_choice(tmp_path):
+    """--obs-selection diagonal: a channel's score is sum ||W[:, j]||^2 E[x_j^2] over its consumers
+    (the measured second moments, without a synthetic Hessian's ridge); the lowest go and OBS compensates
+    exactly those.  On the redundant model the greedy OBS cost removes the channel the others predict
+    (0, 1 or 5), the diagonal cost the one whose output matters least alone."""
+    m = redundant_model()
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float32))
+    an = spa.analyze(m)
+    consumers, _ = obspa.find_consumers(an)
+    per_group = obspa.group_consumers(an, consumers)
+    hs = obspa.hessians(an, [c for items in per_group.values() for c, _ in items], "auto", str(calib))
+    (gid, items), = per_group.items()
+    got = obspa.diagonal_scores(an, per_group, hs)[gid]
+    (c, _), = items
+    W = c.matrix(an.channels.consts[c.weight])                     # [out, in * 9]
+    expect = ((W ** 2).sum(0) * np.diag(hs.H[c.key])).reshape(6, 9).sum(1)
+    np.testing.assert_allclose(got, expect, rtol=1e-6)
+    diag = spa.prune(m, 0.17, criterion="obspa", calib=str(calib), obs_selection="diagonal")
+    grp = next(g for g in diag.report["groups"] if g["removed"])
+    assert grp["removed_channels"] == [int(np.argmin(expect))]
+    assert diag.report["obspa"]["selection"] == "diagonal"
+    dropped = spa.prune(m, 0.17, criterion="l2", overrides={str(grp["id"]): 0.17})
+    feed = _feed(m)
+    assert compare_outputs(m, diag.model, feed) <= compare_outputs(m, dropped.model, feed) + 1e-6
+    assert spa.prune(m, 0.17, criterion="obspa", calib=str(calib)).report["obspa"]["selection"] == "obs (auto)"
+
+
+def test_synthetic_hessians_record_their_ridge():
+    """The ridge a synthetic Hessian gets is recorded, and second_moments takes it back out."""
+    m = redundant_model()
+    an = spa.analyze(m)
+    consumers, _ = obspa.find_consumers(an)
+    hs = obspa.hessians(an, consumers, "synthetic")
+    assert hs.H and set(hs.ridge) == set(hs.H)
+    for key in hs.H:
+        measured = np.diag(hs.H[key]) - hs.ridge[key]
+        np.testing.assert_allclose(hs.second_moments(key), measured)
+        assert hs.ridge[key] > 0 and np.mean(measured) * obspa.SYNTHETIC_RIDGE == pytest.approx(hs.ridge[key], rel=1e-6)
+
+
+def test_obs_selection_is_obspas_and_the_cli_offers_every_one():
+    with pytest.raises(spa.SpaError, match="obs-selection"):
+        spa.prune(redundant_model(), 0.3, criterion="l2", obs_selection="diagonal")
+    with pytest.raises(spa.SpaError, match="obs-selection"):
+        spa.prune(redundant_model(), 0.3, criterion="obspa", obs_selection="greedy")
+    from spa.cli import prune
+    choices = {p.name: p.type.choices for p in prune.params if hasattr(p.type, "choices")}
+    assert tuple(choices["obs_selection"]) == obspa.SELECTIONS and tuple(choices["hessian"]) == obspa.HESSIANS
