@@ -187,7 +187,7 @@ def inspect(model, as_json, show_all, input_shapes, graph_file):
 
 
 def _criteria():
-    return list(CRITERIA)
+    return ["auto"] + list(CRITERIA)
 
 
 @cli.command()
@@ -200,8 +200,9 @@ def _criteria():
                    "fidelity=C (0 < C <= 1) removes the most MACs that keep the outputs' cosine to the original's "
                    ">= C; experts=F keeps that fraction of every mixture-of-experts layer's experts (docs/moe.md); "
                    "blocks=N removes N whole residual blocks (docs/depth.md)")
-@click.option("--criterion", type=click.Choice(_criteria()), default="l2", show_default=True,
-              help="act_mean, wanda and flap need --calib; taylor, snip and fisher need --grads")
+@click.option("--criterion", type=click.Choice(_criteria()), default="auto", show_default=True,
+              help="auto = l2, or for a causal language model wanda + OBS compensation with --calib and obspa "
+                   "without; act_mean, wanda and flap need --calib; taylor, snip and fisher need --grads")
 @click.option("--reduction", type=click.Choice(["sum", "mean", "max"]), default="sum", show_default=True,
               help="how a channel's parameter slices (or consumers) are combined")
 @click.option("--normalisation", type=click.Choice(["mean", "max", "none"]), default=None,

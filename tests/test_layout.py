@@ -137,9 +137,9 @@ def test_no_private_names_across_modules():
 #: (``spa`` is spa/__init__.py and spa/__main__.py; ``zoo`` is spa/zoo.py, the public name of spa.io.zoo;
 #: ``progress`` is spa/progress.py, the progress lines every stage may print; ``sweep`` is spa/sweep.py, many
 #: prunes of one model; ``olive`` is spa/olive.py, the Olive pass; ``moe`` the whole-expert stage, ``depth``
-#: the residual-block stage)
+#: the residual-block stage; ``options`` is spa/options.py, PruneOptions and its checks)
 LAYERS = [("errors", "progress"), ("io",), ("runtime",), ("ops",), ("graph",), ("scoring",), ("planning",), ("surgery",),
-          ("verify", "mapping", "moe", "depth"), ("api",), ("sweep", "olive"), ("cli",), ("spa", "zoo", "__main__")]
+          ("verify", "mapping", "moe", "depth"), ("options",), ("api",), ("sweep", "olive"), ("cli",), ("spa", "zoo", "__main__")]
 
 
 def _folder(name: str) -> str:

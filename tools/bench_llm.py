@@ -169,7 +169,7 @@ def bench(name: str, ratio: float, work: pathlib.Path) -> dict:
     shutil.rmtree(out)
     out.mkdir()
     r = measure([sys.executable, "-m", "spa.cli", "prune", str(src), "-o", str(out / "model.onnx"),
-                 "--ratio", str(ratio), "--report", str(out / "report.json")])
+                 "--ratio", str(ratio), "--criterion", "l2", "--report", str(out / "report.json")])
     row["prune"] = {k: r[k] for k in ("rc", "seconds", "peak")}
     row["stages"] = stages(r["stderr"])
     if r["rc"]:
@@ -233,7 +233,7 @@ def markdown(rows, ratio: float) -> str:
     out = ["# LLM scale: measurements", "",
            f"Measured by `python tools/bench_llm.py run --out docs/llm_bench.md` ({_machine()}); every number is one fresh",
            "process; peak = the process's peak resident memory (`ru_maxrss`, memory-mapped weights included).",
-           f"`spa prune MODEL -o OUT --ratio {ratio:g}` with the defaults (l2); the models are Llama decoders with random",
+           f"`spa prune MODEL -o OUT --ratio {ratio:g} --criterion l2`; the models are Llama decoders with random",
            "weights exported by `torch.onnx.export(dynamo=True)` with dynamic batch and sequence (see the tool's docstring).",
            "",
            "| model | on disk (GB) | onnx load+save: s / peak GB | spa prune: s / peak GB | peak / disk | params | MACs (seq 16) | pruned on disk (GB) | pruned runs at [2,9], [1,23] |",

@@ -79,7 +79,7 @@ def build(seed: int = 0):
     nodes.append(helper.make_node("Identity", [h], ["y"]))
     g = helper.make_graph(nodes, "planted_moe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", H])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", H])], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
 
 
 def task_tokens(task: int, n: int, seed: int = 0) -> np.ndarray:

@@ -136,7 +136,8 @@ def test_obspa_compensated_tensors_are_listed(chain, tmp_path):
     summary = mapfile.apply_map(tmp_path / "map.json", chain / "ckpt.npz", tmp_path / "out.npz")
     out, pruned = dict(np.load(tmp_path / "out.npz")), initializers(tmp_path / "p.onnx")
     assert summary["compensated"] == sorted(doc["compensated"])
-    assert any(line.startswith(f"warning: obspa's compensation rewrote {len(doc['compensated'])} of these tensors")
+    warning = f"warning: the OBS compensation (obspa, --compensate obs) rewrote {len(doc['compensated'])} of these tensors"
+    assert any(line.startswith(warning)
                for line in summary["lines"])
     # the others are the pruned model's; the rewritten ones are the original values at the kept positions
     rest = [n for n in out if n in pruned and n not in doc["compensated"]]
@@ -444,7 +445,7 @@ def test_llama_map_has_the_layers_and_rebuilds_the_hugging_face_model(tmp_path):
     tf = pytest.importorskip("transformers")
     import export_transformers as et
     path = et.export("llama_gqa")
-    res = spa.prune(str(path), 0.3, exclude="node_embedding", map_path=tmp_path / "map.json",
+    res = spa.prune(str(path), 0.3, criterion="l2", exclude="node_embedding", map_path=tmp_path / "map.json",
                     output=tmp_path / "p.onnx")
     doc = json.loads((tmp_path / "map.json").read_text())
     assert doc["layers"] == json.loads(json.dumps(res.report["layers"]))

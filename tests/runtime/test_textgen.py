@@ -96,3 +96,29 @@ def test_a_step_computes_the_last_positions_logits_only_and_they_are_the_models(
     finally:
         textgen.CANDIDATES = old
     assert np.array_equal(a, b)
+
+
+def test_criterion_auto_picks_what_works_on_a_causal_lm(tmp_path):
+    """--criterion auto (the default): l2 for other models; for a causal LM wanda with an OBS compensation
+    of ridge LM_DAMP when --calib data is given, obspa (diagonal selection) without data, wanda on text
+    the model writes under --compensate none or with a --map; an explicit --damp stays the user's.  The
+    report says why."""
+    from spa.scoring import LM_DAMP
+    assert spa.prune(residual_chain(), 0.3).report["criterion"] == "l2"
+    path = export("llama_gqa")
+    an = spa.analyze(path)
+    ids = textgen.generate(an, 8, 12, seed=3)
+    np.savez(tmp_path / "text.npz", input_ids=ids)
+    calib = spa.prune(path, target="params=1.1", calib=str(tmp_path / "text.npz"), analysis=an).report
+    assert calib["criterion"] == "wanda" and calib["compensation"]["damp"] == LM_DAMP
+    assert calib["criterion_chosen"].startswith("auto: a causal language model with calibration data")
+    damped = spa.prune(path, target="params=1.1", calib=str(tmp_path / "text.npz"), damp=0.5, analysis=an).report
+    assert damped["compensation"]["damp"] == 0.5
+    nodata = spa.prune(path, target="params=1.1", analysis=an).report
+    assert nodata["criterion"] == "obspa" and nodata["obspa"]["selection"].startswith("diagonal")
+    plain = spa.prune(path, target="params=1.1", compensate="none", analysis=an).report
+    assert plain["criterion"] == "wanda" and "compensation" not in plain
+    mapped = spa.prune(path, target="params=1.1", calib=str(tmp_path / "text.npz"), map_path=tmp_path / "m.json",
+                       analysis=an).report                 # a map's rebuild cannot carry a compensation
+    assert mapped["criterion"] == "wanda" and "compensation" not in mapped
+    assert spa.prune(path, target="params=1.1", criterion="l2", analysis=an).report["criterion"] == "l2"

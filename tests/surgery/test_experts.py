@@ -135,7 +135,7 @@ def moe_graph(remap=True):
         outputs.append(helper.make_tensor_value_info("usage", TensorProto.FLOAT, ["N"]))
     g = helper.make_graph(nodes, "moe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", H])],
                           outputs, inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
 
 
 @pytest.mark.parametrize("kept", [[0, 2, 4], [1, 3], [0, 1, 2, 3]])
@@ -203,7 +203,7 @@ def loop_graph(E=4, H=8, O=6):
     nodes.append(helper.make_node("Sum", parts, ["y"]))
     g = helper.make_graph(nodes, "loop", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", H])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", O])], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
 
 
 def test_per_expert_branches_stay_exact_and_say_that_only_the_router_shrinks():
@@ -283,7 +283,8 @@ def ort_moe_graph(E=6, H=8, I=12, k=2, op="MoE"):
                               normalize_routing_weights=1, **extra)]
     g = helper.make_graph(nodes, "ort_moe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", H])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", H])], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)],
+                             ir_version=10)
 
 
 @pytest.mark.parametrize("op", ["MoE", "QMoE"])
