@@ -355,8 +355,8 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                            target=target, overrides=overrides, steps=steps, calib=calib, calib_batches=calib_batches,
                            calib_batch_size=calib_batch_size, seed=seed, hessian=hessian, input_shapes=shapes,
                            blas_threads=blas_threads, prune_io=prune_io, grads=grads, map_path=map_path,
-                           allocate=allocate, keep_ends=keep_ends, compensate=compensate, damp=damp, obs_selection=obs_selection,
-                           synthetic=synthetic,
+                           allocate=allocate, keep_ends=keep_ends, compensate=compensate, damp=damp,
+                           obs_selection=obs_selection, synthetic=synthetic,
                            fidelity_metric=fidelity_metric, uniform_layers=uniform_layers,
                            device=device, threads=threads,
                            experts_from=experts_from, task=task, keep_tokens=keep_tokens)

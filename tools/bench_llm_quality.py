@@ -34,7 +34,7 @@ CONFIGS = {
     "flap_global": ({"criterion": "flap", "calib": "CALIB"},
                     "flap, one global threshold (spa's default allocation): the issue's first row"),
     "obspa_global": ({"criterion": "obspa", "allocate": "global", "obs_selection": "obs"},
-                     "obspa without data, one global threshold, greedy OBS selection: the issue's second row as it was"),
+                     "obspa without data, one global threshold, greedy OBS selection: the issue's second row, as was"),
     "obspa": ({"criterion": "obspa"}, "obspa without data as the issue typed it (auto: uniform, diagonal selection)"),
     "l2_uniform": ({"criterion": "l2", "allocate": "uniform"}, "weight magnitude, uniform: the control"),
     "flap_uniform": ({"criterion": "flap", "allocate": "uniform", "calib": "CALIB"}, "flap, uniform"),

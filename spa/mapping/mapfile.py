@@ -390,8 +390,8 @@ def _summary(doc, p: Plan, ck, checkpoint, output) -> dict:
         lines.append(f"warning: {len(p.not_in_map)} checkpoint tensors are not in the map, copied unchanged (if their "
                      f"layer lost channels the rebuilt model will not load them): {_few(p.not_in_map)}")
     if compensated:
-        lines.append(f"warning: the OBS compensation (obspa, --compensate obs) rewrote {len(compensated)} of these tensors "
-                     f"({_few(compensated)}): "
+        lines.append(f"warning: the OBS compensation (obspa, --compensate obs) rewrote {len(compensated)} of these "
+                     f"tensors ({_few(compensated)}): "
                      "the slices written here are the original values at the kept positions, not the pruned model's; "
                      "for the pruned network's values take them from the pruned ONNX model (see docs/map.md)")
     if doc.get("layers"):
