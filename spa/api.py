@@ -19,6 +19,7 @@ from .mapping import mapfile
 from .mapping.layers import layer_report
 from .depth import stage as depth_stage
 from .moe import stage as moe_stage
+from .rotation import stage as rotation_stage
 from .planning import allocation, fidelity, latency, layerwise
 from .planning.latency import LatencyModel, kept_multiples
 from .planning.counting import count_macs, count_params, mac_axes, node_macs
@@ -221,13 +222,17 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
     allocate, chosen = allocation.choose(first, opts.allocate, target) if target is not None else (opts.allocate, "")
     opts = replace(opts, allocate=allocate)     # every stage sees the allocation the plan uses
     history, current, current_weights, after = [], first.model, first.weights, first.probe
-    kept_map, compensated = None, set()
+    kept_map, compensated, rotated = None, set(), None
+    if opts.rotate is not None:    # the stream in its principal axes, its trailing dims cut: then channels
+        current, current_weights, after, rotated = rotation_stage.rotate_stream(first, opts, progress, analyze)
+        opts = replace(opts, exclude=rotation_stage.kept_whole(opts.exclude))
     for k in range(1, opts.steps + 1):
         tag = f"step {k}/{opts.steps}: " if opts.steps > 1 else ""
-        if k > 1:
-            progress(f"{tag}re-analysing the pruned model")
-        step = Step(first if k == 1 else analyze(current, input_shapes=opts.input_shapes, progress=progress,
-                                                  weights=current_weights, prune_io=opts.prune_io))
+        if k > 1 or rotated is not None:
+            progress(f"{tag}re-analysing the {'pruned' if k > 1 else 'rotated'} model")
+        step = Step(first if k == 1 and rotated is None else analyze(
+            current, input_shapes=opts.input_shapes, progress=progress, weights=current_weights,
+            prune_io=opts.prune_io))
         _score(step, scorer, opts, k, tag, opts.global_rank or target is not None, progress)
         if target is not None and target[0] == "latency":
             cut = _reach_latency(step, first, opts, target, k, tag, progress)
@@ -242,6 +247,8 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
                 compensated |= {n for n, v in channels.consts.items() if v is not step.analysis.channels.consts.get(n)}
         history.append(step)
     report = _report(first, history, current, after, opts, target)
+    if rotated is not None:
+        report["rotation"] = rotated
     if criterion_why:
         report["criterion_chosen"] = criterion_why
     if chosen and isinstance(report.get("plan"), dict):

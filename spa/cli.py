@@ -277,6 +277,9 @@ def _criteria():
               help="cut a causal LM's vocabulary to the token ids of FILE (JSON or text list, or .npz/.npy such as a "
                    "--calib file's input_ids; list BOS/EOS/specials there): the model takes ids 0..K-1, the report's "
                    "vocabulary.ids maps them back; a run of its own")
+@click.option("--rotate", default=None, type=click.FloatRange(0.0, 1.0, max_open=True), metavar="F",
+              help="rotate an RMSNorm residual stream into its principal axes (on --calib, else text the model "
+                   "writes), cut share F of its width, then prune channels to the rest of the target (0: rotate only)")
 @click.option("--experts-from", default=None, type=click.Path(dir_okay=False), metavar="FILE",
               help="with --target experts=F and --task: rank experts by a task pattern of `spa experts profile`")
 @click.option("--task", default=None, help="the task of --experts-from whose experts to keep")
@@ -306,7 +309,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
           device, threads,
           exclude, uniform_layers, prune_io,
           allocate, keep_ends, compensate, damp, obs_selection,
-          grads, map_path, keep_tokens, experts_from, task, report, as_json, input_shapes, force,
+          grads, map_path, keep_tokens, rotate, experts_from, task, report, as_json, input_shapes, force,
           do_check, atol, rtol, do_bench, bench_provider, bench_warmup, bench_iters, quiet, verbose):
     """Remove channels from MODEL and write the smaller model to OUTPUT.
 
@@ -359,7 +362,7 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                            obs_selection=obs_selection, synthetic=synthetic,
                            fidelity_metric=fidelity_metric, uniform_layers=uniform_layers,
                            device=device, threads=threads,
-                           experts_from=experts_from, task=task, keep_tokens=keep_tokens)
+                           experts_from=experts_from, task=task, keep_tokens=keep_tokens, rotate=rotate)
     options.checked()  # every option before the load and probe
     an = analyze(src, input_shapes=shapes, progress=_progress, prune_io=prune_io)
     result = do_prune(src, options=options, progress=_progress, analysis=an)
@@ -412,6 +415,10 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
         v = rep["vocabulary"]
         click.echo(f"vocabulary: kept {v['kept']} of {v['original']} tokens ({'tied' if v.get('tied') else 'untied'} "
                    "head); new id i is original id vocabulary.ids[i] in the report")
+    if "rotation" in rep:
+        r = rep["rotation"]
+        click.echo(f"rotation: stream {r['width'][0]} -> {r['width'][1]} wide, {100 * r['energy_kept']:.2f}% of its "
+                   f"normalised energy kept ({r['norms']} RMSNorms, principal axes on {r['source']})")
     lat = (rep.get("plan") or {}).get("latency")
     if lat:
         t = lat["table"]

@@ -74,6 +74,7 @@ class PruneOptions:
     device: str = "cpu"            # the execution provider the widths align to and --target latency= is timed on
     threads: int | None = None     # onnxruntime intra-op threads of the latency timings (None: its default)
     keep_tokens: object = None     # a file of token ids: keep only them in the vocabulary (a mode of its own)
+    rotate: float | None = None    # rotate the residual stream, then cut this share of its width (spa.rotation)
 
     def checked(self):
         """The criterion's Scorer (None for ``auto``: checked again once chosen) and the parsed target;
@@ -127,6 +128,13 @@ class PruneOptions:
         if self.keep_tokens is not None and (target is not None or self.steps != 1):
             raise SpaError("--keep-tokens cuts the vocabulary in a run of its own (no --target, --steps): prune "
                            "channels with a second spa prune of its output")
+        if self.rotate is not None and not (isinstance(self.rotate, (int, float)) and 0.0 <= self.rotate < 1.0):
+            raise SpaError(f"--rotate must be a share of the stream's width in [0, 1), got {self.rotate!r}")
+        if self.rotate is not None and (self.map_path is not None or self.keep_tokens is not None or (
+                target is not None and target[0] in ("blocks", "experts"))):
+            raise SpaError("--rotate changes the basis of every weight that reads or writes the stream: it goes with "
+                           "channel pruning (--ratio, --target params=/macs=/latency=/fidelity=), not with --map, "
+                           "--keep-tokens or --target blocks=/experts=")
         if target is not None and target[0] == "fidelity" and self.steps != 1:
             raise SpaError("--target fidelity=C measures one pruned model: use it with --steps 1")
         if target is None and not 0.0 <= self.ratio < 1.0:

@@ -139,7 +139,8 @@ def test_no_private_names_across_modules():
 #: prunes of one model; ``olive`` is spa/olive.py, the Olive pass; ``moe`` the whole-expert stage, ``depth``
 #: the residual-block stage; ``options`` is spa/options.py, PruneOptions and its checks)
 LAYERS = [("errors", "progress"), ("io",), ("runtime",), ("ops",), ("graph",), ("scoring",), ("planning",), ("surgery",),
-          ("verify", "mapping", "moe", "depth"), ("options",), ("api",), ("sweep", "olive"), ("cli",), ("spa", "zoo", "__main__")]
+          ("verify", "mapping", "moe", "depth", "rotation"), ("options",), ("api",), ("sweep", "olive"), ("cli",),
+          ("spa", "zoo", "__main__")]
 
 
 def _folder(name: str) -> str:

@@ -1,0 +1,1 @@
+"""Residual-stream rotation (SliceGPT, one rotation for the whole stream): ``spa.rotation.stage``."""
