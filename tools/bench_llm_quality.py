@@ -46,6 +46,11 @@ CONFIGS = {
     "wanda_uniform_obs_nodata": ({"criterion": "wanda", "allocate": "uniform", "calib": "synthetic",
                                   "compensate": "obs", "damp": 3.0},
                                  "wanda, uniform, OBS compensation, on text the model writes itself (no data)"),
+    "defaults": ({"calib": "CALIB"},
+                 "the defaults with calibration text (--criterion auto: wanda, uniform, OBS, ridge 3)"),
+    "rotate_defaults": ({"calib": "CALIB", "rotate": 0.05},
+                        "--rotate 0.05 (the stream rotated into its principal axes, 5% of its width cut), then the "
+                        "defaults"),
 }
 TARGETS = ["params=1.11", "params=1.25", "params=1.43"]
 HELD_OUT = ["licenses", "release_notes"]

@@ -84,7 +84,6 @@ def find_streams(proto: onnx.ModelProto, shapes: dict, consts: dict) -> list:
         by_stream[m.stream].append(m)
     position = {o: k for k, n in enumerate(nodes) for o in n.output if o}
     graph_outputs = {o.name for o in proto.graph.output}
-    graph_inputs = {i.name for i in proto.graph.input}
     # walk back from every normalised tensor through the residual Adds
     member, writers, adds, sources = set(), {}, [], set()
     todo = list(by_stream)
@@ -118,7 +117,7 @@ def find_streams(proto: onnx.ModelProto, shapes: dict, consts: dict) -> list:
             width=width, tensors=tensors, sources=sorted(t for t in component if t in sources),
             adds=comp_adds, writers=[writers[a] for a in comp_adds],
             norms=[m for t in tensors for m in by_stream.get(t, [])], foreign=foreign,
-            outputs=[t for t in tensors if t in graph_outputs or t in graph_inputs and t not in sources]))
+            outputs=[t for t in tensors if t in graph_outputs]))
     streams.sort(key=lambda s: -len(s.norms))
     return streams
 
