@@ -364,7 +364,7 @@ def _score(step: Step, scorer, opts: PruneOptions, k: int, tag: str, ranked: boo
                                             batch_size=opts.calib_batch_size, seed=opts.seed, wanted=opts.synthetic,
                                             progress=progress)
         # an OBS compensation of the same data takes its Hessians from this pass (hessians(stats=))
-        moments = moment_axes(an) if stage is not None and opts.hessian == "auto" else ()
+        moments = moment_axes(an, opts.allocate) if stage is not None and opts.hessian == "auto" else ()
         progress(f"calibrating on {desc}" + (f" (with the second moments of {len(moments)} weight inputs)"
                                              if moments else ""))
         step.stats = calib_mod.collect(an, feeds, progress=progress, source=desc, moments=moments)

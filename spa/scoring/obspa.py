@@ -341,11 +341,22 @@ def _bn_feeding(an, tensor, producer):
     return gamma, beta, act
 
 
-def moment_axes(an) -> list:
+def moment_axes(an, allocate: str = "global") -> list:
     """The input axes of every modelled consumer whose Hessian is the plain second moment of one
-    tensor (Gemm, MatMul; a Conv's is over patches): what ``calib.collect`` can gather in the pass
-    that makes a calibrated criterion's statistics (``hessians(..., stats=)``)."""
-    return list(dict.fromkeys(c.axis for c in find_consumers(an)[0] if c.conv is None))
+    tensor (Gemm, MatMul; a Conv's is over patches) and that an OBS compensation under ``allocate``
+    will use (not those of the groups it keeps whole: ``kept_whole``): what ``calib.collect`` can
+    gather in the pass that makes a calibrated criterion's statistics (``hessians(..., stats=)``)."""
+    whole = kept_whole(an, allocate)
+    used = [c for gid, items in group_consumers(an, find_consumers(an)[0]).items() if gid not in whole
+            for c, _ in items]
+    return list(dict.fromkeys(c.axis for c in used if c.conv is None))
+
+
+def kept_whole(an, allocate: str) -> set:
+    """Ids of the groups OBS neither scores nor compensates: under a uniform allocation the
+    approximate groups, which that allocation keeps whole (a decoder's residual width: every
+    q/k/v/gate/up weight of every layer, 1.1 GB of float64 on SmolLM2-135M)."""
+    return {g.id for g in an.groups if g.approximate} if allocate == "uniform" else set()
 
 
 def hessians(an, consumers, source="auto", calib=None, *, n_batches=8, batch_size=None, seed=0,
@@ -386,9 +397,9 @@ def hessians(an, consumers, source="auto", calib=None, *, n_batches=8, batch_siz
             del wanted[key]
     data = "synthetic" if synthetic else "calibration"
     shared = {key: c for key, c in wanted.items() if stats is not None and c.conv is None and c.axis in stats.moments}
-    for key, c in shared.items():
-        H, mean = stats.moments[c.axis]
-        hs.H[key], hs.mean[key], hs.source[key] = H.copy(), mean, data
+    for key, c in shared.items():     # taken over, not copied (805 MB of float64 on SmolLM2-135M)
+        H, mean = stats.moments.pop(c.axis)
+        hs.H[key], hs.mean[key], hs.source[key] = H, mean, data
         if synthetic:
             hs.shrink(key)
         del wanted[key]
@@ -585,9 +596,7 @@ class Compensation:
         self.damp = DAMP if opts.damp is None else float(opts.damp)
         consumers, self.skipped = find_consumers(an)
         self.per_group = group_consumers(an, consumers)
-        # a uniform allocation keeps approximate groups whole: no costs, no Hessians for them (a decoder's
-        # residual width: every q/k/v/gate/up weight of every layer, 1.1 GB of float64 on SmolLM2-135M)
-        whole = {g.id for g in an.groups if g.approximate} if opts.allocate == "uniform" else set()
+        whole = kept_whole(an, opts.allocate)     # no costs, no Hessians for them
         self.per_group = {gid: items for gid, items in self.per_group.items() if gid not in whole}
         used = [c for items in self.per_group.values() for c, _ in items]
         progress(f"obs: {len(used)} consumer weights in {len(self.per_group)} groups; Hessians: {opts.hessian}")

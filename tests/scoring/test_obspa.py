@@ -179,8 +179,14 @@ def test_calibration_pass_gathers_the_hessians_obs_would_measure(tmp_path):
     spec = str(tmp_path / "c.npy")
     _, feeds = calib.batches(an, spec, n_batches=8)
     stats = calib.collect(an, feeds, moments=obspa.moment_axes(an))
-    consumers = [c for c in obspa.find_consumers(an)[0] if c.conv is None]
-    assert consumers and all(c.axis in stats.moments for c in consumers)
+    # every consumer a compensation uses (those of the prunable groups) has its moment, and no other
+    grouped = obspa.group_consumers(an, obspa.find_consumers(an)[0])
+    consumers = list({id(c): c for items in grouped.values() for c, _ in items if c.conv is None}.values())
+    assert consumers and {c.axis for c in consumers} == set(stats.moments)
+    # under a uniform allocation the approximate groups stay whole: their consumers' moments are not gathered
+    whole = obspa.kept_whole(an, "uniform")
+    assert whole and set(obspa.moment_axes(an, "uniform")) == {
+        c.axis for gid, items in grouped.items() if gid not in whole for c, _ in items if c.conv is None}
     own = obspa.hessians(an, consumers, "auto", spec)
     shared = obspa.hessians(an, consumers, "auto", spec, stats=stats)
     for key in own.H:
