@@ -30,7 +30,7 @@ The numerical core is :mod:`spa.scoring.obs`; this module supplies what it needs
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -40,7 +40,7 @@ from ..io.weights import put as put_weight
 from ..errors import SpaError
 from ..progress import stepper
 from .magnitude import normalise
-from .hessians import bn_moments, hessian_from_bn, split_bias, with_bias
+from .hessians import Hessians, bn_moments, hessian_from_bn, split_bias, with_bias
 from .obs import obs_group, obs_scores
 from .structure import axis_pairs
 
@@ -50,11 +50,6 @@ SELECTIONS = ("auto", "obs", "diagonal")
 #: im2col memory and the ``rows x in^2`` accumulation cost on large feature maps.
 ROWS_PER_BATCH = 4096
 DAMP = 0.01
-#: synthetic Hessians are a guess, not a measurement: they are shrunk towards the identity by adding
-#: this multiple of their mean diagonal (on top of DAMP).  Measured (docs/obspa.md): with 0.01 the
-#: compensation trusts the guess too much and loses to l2 on the PP-OCR classifier; 1.0 beats l2 on
-#: the digits CNNs, the PP-OCR classifier and YOLOv8n.  Calibration data and BN priors keep DAMP.
-SYNTHETIC_RIDGE = 1.0
 #: precision of the dense OBS engine: float32 halves the inverse/downdate time of the big layers
 #: (docs/obspa.md: resnet50 12.5 s vs 20.9 s) and agrees with float64 (tests/scoring/test_obs.py)
 DTYPE = np.float32
@@ -88,27 +83,6 @@ class Consumer:
 
     def restore(self, W, like):
         return (W.T if self.transposed else W.reshape(like.shape)).astype(like.dtype)
-
-
-@dataclass
-class Hessians:
-    """``(H, mean)`` per consumer key, which source gave each, and the ridge already added to each
-    diagonal (synthetic Hessians are shrunk towards the identity: ``SYNTHETIC_RIDGE``)."""
-    H: dict = field(default_factory=dict)
-    mean: dict = field(default_factory=dict)
-    source: dict = field(default_factory=dict)
-    desc: str = ""
-    ridge: dict = field(default_factory=dict)
-
-    def shrink(self, key) -> None:
-        """Add ``SYNTHETIC_RIDGE`` x the mean diagonal to ``H[key]``'s diagonal, and record it."""
-        H = self.H[key]
-        self.ridge[key] = SYNTHETIC_RIDGE * max(float(np.mean(np.diag(H))), 1e-12)
-        H[np.diag_indices_from(H)] += self.ridge[key]
-
-    def second_moments(self, key) -> np.ndarray:
-        """``E[x_j^2]`` of every column, as measured (without the ridge)."""
-        return np.diag(self.H[key]) - self.ridge.get(key, 0.0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from graphs import PATTERNS, G, attention
 from spa import io
 from spa.runtime import probing
 from spa.verify.oracle import compare_outputs
-from spa.scoring import obspa
+from spa.scoring import hessians, obspa
 from spa.scoring.hessians import conv_patches
 
 
@@ -234,7 +234,7 @@ def test_synthetic_hessians_record_their_ridge():
     for key in hs.H:
         measured = np.diag(hs.H[key]) - hs.ridge[key]
         np.testing.assert_allclose(hs.second_moments(key), measured)
-        assert hs.ridge[key] > 0 and np.mean(measured) * obspa.SYNTHETIC_RIDGE == pytest.approx(hs.ridge[key], rel=1e-6)
+        assert hs.ridge[key] > 0 and np.mean(measured) * hessians.SYNTHETIC_RIDGE == pytest.approx(hs.ridge[key], rel=1e-6)
 
 
 def test_obs_selection_is_obspas_and_the_cli_offers_every_one():
