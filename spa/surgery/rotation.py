@@ -179,7 +179,8 @@ def rotate(proto: onnx.ModelProto, weights: dict, stream, Q: np.ndarray, scales=
 
 
 def _dtype(a) -> np.dtype:
-    return a.dtype if np.issubdtype(a.dtype, np.floating) else np.dtype(np.float32)
+    """The weights' own float type (bfloat16 included), float32 for anything else."""
+    return a.dtype if weight_store.is_float(a.dtype) else np.dtype(np.float32)
 
 
 def _place(g, inserts, removed) -> None:
