@@ -90,8 +90,8 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(ROOT / "tools"))
         from export_torchvision import export
         vit = export("vit_b_16", size=224, init="calibrated")
-        code = ("import sys, spa; from spa.runtime import probing; "
-                "probing.PROBE_BUDGET = int(sys.argv[2]) << 20 if len(sys.argv) > 2 else probing.PROBE_BUDGET; "
+        code = ("import sys, spa; from spa.runtime import exposure; "
+                "exposure.PROBE_BUDGET = int(sys.argv[2]) << 20 if len(sys.argv) > 2 else exposure.PROBE_BUDGET; "
                 "spa.analyze(sys.argv[1])")
         for budget, label in ((None, "default budget (256 MB)"), (1 << 20, "everything exposed at once (before)")):
             cmd = [sys.executable, "-c", code, str(vit)] + ([str(budget)] if budget else [])

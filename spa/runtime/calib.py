@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import probing
+from . import exposure, probing
 from .feeds import random_value
 from ..io import remove_dead
 from ..io.weights import BFLOAT16, is_float
@@ -201,7 +201,7 @@ def _batch_dynamic(an) -> bool:
 
 #: ``collect`` exposes at most about this many bytes of tensors per onnxruntime run (more: the
 #: tensors are split into groups, each run in a session of its own, one after another)
-CALIB_BUDGET = probing.PROBE_BUDGET
+CALIB_BUDGET = exposure.PROBE_BUDGET
 
 
 def exposing_session(an, tensors, *, arena=True):

@@ -22,15 +22,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import feeds, kinds, shapes
+from . import exposure, feeds, kinds, shapes
 from ..io import weights
 from ..errors import SpaError
 from ..io import (FEED_LIMIT, ONNX_TO_NUMPY, constants_to_initializers, drop_initializer_inputs, graph_inputs, name_nodes,
                  graph_refs, initializer_arrays, load_lazily, remove_dead, serialize, skeleton,
                  tensor_array)
 
-#: the probe exposes at most this many bytes of tensors per onnxruntime session (more: several sessions)
-PROBE_BUDGET = 256 << 20
 #: spa refuses to make a random input larger than this (bytes): a huge --input-shapes is a mistake
 INPUT_LIMIT = 4 << 30
 #: a shape-derived tensor larger than this is left as computed, not folded into a constant.
@@ -331,57 +329,6 @@ def dynamic_dims(proto):
             if not (dim.HasField("dim_value") and dim.dim_value > 0)]
 
 
-def exposure_chunks(proto, feed, exposed, budget=None) -> list:
-    """``exposed`` split into runs whose exposed tensors fit ``budget`` bytes (``PROBE_BUDGET``), from
-    ONNX shape inference at the feed's sizes (a tensor of unknown size counts as the largest known);
-    one chunk when everything fits or nothing is known."""
-    budget = PROBE_BUDGET if budget is None else budget
-    sizes = estimated_bytes(proto, feed)
-    known = [n for n in sizes.values() if n]
-    if not known:
-        return [exposed]
-    guess = max(known)
-    cost = [sizes.get(name) or guess for name in exposed]
-    if sum(cost) <= budget:
-        return [exposed]
-    outputs = [o.name for o in proto.graph.output]
-    chunks, current, total = [], [], 0
-    for name, c in zip(exposed, cost):
-        if current and total + c > budget:
-            chunks.append(outputs + [n for n in current if n not in outputs])
-            current, total = [], 0
-        current.append(name)
-        total += c
-    chunks.append(outputs + [n for n in current if n not in outputs])
-    return chunks
-
-
-def estimated_bytes(proto, feed) -> dict:
-    """{tensor: bytes} from ONNX shape inference with the inputs at the feed's sizes (weights left
-    out: big initializers are typed inputs); tensors whose shape it cannot tell are left out."""
-    try:
-        fed = {t.name for t in proto.graph.initializer if int(np.prod(t.dims)) > FEED_LIMIT}
-        m = onnx.ModelProto()
-        m.ParseFromString(skeleton(proto, fed, [], for_ort=False))
-        for inp in m.graph.input:
-            if inp.name in feed:
-                dims = inp.type.tensor_type.shape.dim
-                del dims[:]
-                for n in np.shape(feed[inp.name]):
-                    dims.add().dim_value = int(n)
-        m = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
-    except Exception:
-        return {}
-    out = {}
-    for vi in list(m.graph.value_info) + list(m.graph.output):
-        tt = vi.type.tensor_type
-        dtype = ONNX_TO_NUMPY.get(tt.elem_type)
-        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
-        if dtype is not None and tt.HasField("shape") and all(d >= 0 for d in dims):
-            out[vi.name] = int(np.prod(dims, dtype=np.float64)) * np.dtype(dtype).itemsize
-    return out
-
-
 def probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
     """Run once for the shape of every tensor (see ``_probe``); a bfloat16 model's float16 copies
     of its weights are dropped when it returns."""
@@ -414,7 +361,7 @@ def _probe(proto, input_shapes=None, *, consts=None, dynamic=True) -> Probe:
     # every node output exposed at once keeps every activation alive in onnxruntime: where that
     # would pass PROBE_BUDGET, the sizes are found with the outputs only, then the tensors are
     # exposed a chunk per session (each chunk's activations freed before the next)
-    chunks = exposure_chunks(proto, feed, exposed)
+    chunks = exposure.chunks(proto, feed, exposed)
     runner = _checked(lambda: _Runner(proto, consts, exposed if len(chunks) == 1 else
                                       [o.name for o in proto.graph.output]), feed)
     try:
