@@ -204,17 +204,18 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
         current, current_weights, report, kept = vocab.prune_vocab(first, opts.keep_tokens, opts.input_shapes,
                                                                    opts.seed, progress)
         return _finish(model, first, current, current_weights, report, opts, output, progress, t0, None, kept)
+    channels = target is None or target[0] not in ("experts", "blocks")
+    fields, criterion_why = choose_criterion(first, opts) if channels else ({}, "")
     ref = None
     if not opts.prune_io:   # the guard's reference, before any surgery (see fidelity.reference)
         progress("running the original on the fidelity guard's inputs")
-        ref = fidelity.reference(first, opts, progress)
+        ref = fidelity.reference(first, opts, progress, ahead=_text_batches(replace(opts, **fields)) if channels else 0)
     if target is not None and target[0] == "experts":
         current, current_weights, after, report = moe_stage.prune_experts(first, opts, target[1], progress)
         return _finish(model, first, current, current_weights, report, opts, output, progress, t0, ref)
     if target is not None and target[0] == "blocks":
         current, current_weights, after, report = depth_stage.prune_blocks(first, opts, target[1], ref, progress)
         return _finish(model, first, current, current_weights, report, opts, output, progress, t0, ref)
-    fields, criterion_why = choose_criterion(first, opts)
     if fields:
         opts = replace(opts, **fields)
         scorer, target = opts.checked()
@@ -352,6 +353,18 @@ def match_experts(patterns, calib, model=None, *, input_shapes=None, calib_batch
     doc = load(patterns, "patterns") if isinstance(patterns, (str, os.PathLike)) else patterns
     an = analysis or analyze(model or doc["model"], input_shapes=input_shapes, progress=progress)
     return moe_stage.match(an, doc, calib, calib_batch_size=calib_batch_size, seed=seed, progress=progress)
+
+
+def _text_batches(opts: PruneOptions) -> int:
+    """Batches of text the model writes itself that the first step's statistics read (0: none):
+    ``--calib synthetic`` for a calibrated criterion, or the Hessians of an OBS compensation without
+    data (``obspa.hessians``).  The guard's text is their first batches, written in the same run."""
+    scorer, _ = opts.checked()
+    if scorer.needs_calib:
+        return opts.calib_batches if str(opts.calib) == "synthetic" else 0
+    no_data = opts.calib is None or str(opts.calib) in ("random", "synthetic")
+    obs = compensation(scorer, opts.compensate) is not None and opts.hessian != "identity"
+    return opts.calib_batches if obs and no_data else 0
 
 
 def _score(step: Step, scorer, opts: PruneOptions, k: int, tag: str, ranked: bool, progress) -> None:

@@ -158,13 +158,13 @@ class Reference(NamedTuple):
     caution: str | None    # why the number may not reflect the task (``weak_inputs``), or None
 
 
-def reference(first, opts, progress=None) -> Reference:
+def reference(first, opts, progress=None, ahead: int = 0) -> Reference:
     """The guard's :class:`Reference`: ``eval_feeds`` (up to ``CALIB_BATCHES`` batches of the --calib
     data, or two synthetic ones, within ``REFERENCE_BYTES``), the original's outputs on them and the
     task metric of each output.  Run before surgery, while the original's weights are read anyway,
     and their pages handed back: the guard then runs only the pruned model (running the original
     after surgery would hold both models' weights at once: 1.5x a 1B decoder's size)."""
-    feeds, what = eval_feeds(first, opts, progress=progress)
+    feeds, what = eval_feeds(first, opts, progress=progress, ahead=ahead)
     original = probing.output_runner(first.model, first.probe.consts)
     kept, outputs = reference_runs(original, feeds)
     del original
@@ -203,13 +203,21 @@ def guard(ref: Reference, pruned, weights, opts) -> dict:
     return out
 
 
-def eval_feeds(an, opts, n: int = 2, progress=None) -> tuple[list, str]:
+def eval_feeds(an, opts, n: int = 2, progress=None, ahead: int = 0) -> tuple[list, str]:
     """``(feeds, what they are)``: the inputs fidelity is measured on, up to ``CALIB_BATCHES``
     --calib batches when given, else ``n`` synthetic batches at the probe's sizes (``spa.runtime.synthetic``,
-    seed 101; ``progress`` hears a language model write its text)."""
+    seed 101; ``progress`` hears a language model write its text).  A language model's are the first
+    ``n`` batches of the text its statistics are written from (seed ``opts.seed``), as the --calib
+    batches are the statistics' own: ``ahead`` batches of that text, which a later stage will read,
+    are written in the same run (one batch of 32 sequences costs less than 8 and then 24)."""
     if opts.calib is not None and str(opts.calib) not in ("random", "synthetic"):
         feeds = calib.batches(an, opts.calib, n_batches=CALIB_BATCHES, batch_size=opts.calib_batch_size)[1][:CALIB_BATCHES]
         return feeds, f"{len(feeds)} batches of calibration data"
+    if textgen.causal_lm(an) is not None:
+        what, got = synthetic.feeds(an, max(n, ahead), seed=opts.seed, progress=progress)
+        if len(got) > n:
+            what = f"{what}, the first {n} of them"
+        return got[:n], f"{what} at the probe's sizes"
     what, got = synthetic.feeds(an, n, seed=101, wanted=opts.synthetic, progress=progress)
     return got, f"{what} at the probe's sizes"
 

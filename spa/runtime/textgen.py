@@ -33,6 +33,8 @@ PER_BATCH = 4
 TOP_P = 0.95
 #: tokens a nucleus is looked for among before the whole vocabulary is sorted
 CANDIDATES = 1024
+#: random tokens whose next-token distributions, averaged, give the start tokens' distribution
+PRIOR_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -88,10 +90,11 @@ def _feed(lm: CausalLM, an, ids):
     return feed
 
 
-def _sample(logits, rng, top_p=TOP_P):
-    """One token per row from ``logits`` [rows, vocab]: temperature 1, nucleus ``top_p``.  The
-    nucleus is looked for among the ``CANDIDATES`` likeliest tokens first (a partition, not a sort
-    of the whole vocabulary); the whole vocabulary is sorted only where they hold less than ``top_p``."""
+def _sample(logits, u, top_p=TOP_P):
+    """One token per row from ``logits`` [rows, vocab]: temperature 1, nucleus ``top_p``, row ``i``
+    drawn by the uniform ``u[i]``.  The nucleus is looked for among the ``CANDIDATES`` likeliest
+    tokens first (a partition, not a sort of the whole vocabulary); the whole vocabulary is sorted
+    only where they hold less than ``top_p``."""
     z = logits.astype(np.float64)
     z -= z.max(1, keepdims=True)
     p = np.exp(z)
@@ -108,20 +111,24 @@ def _sample(logits, rng, top_p=TOP_P):
     keep = np.cumsum(sp, 1) - sp < top_p
     sp = np.where(keep, sp, 0.0)
     sp /= sp.sum(1, keepdims=True)
-    u = rng.random((len(p), 1))
-    pick = np.minimum((np.cumsum(sp, 1) < u).sum(1), sp.shape[1] - 1)
+    pick = np.minimum((np.cumsum(sp, 1) < np.reshape(u, (-1, 1))).sum(1), sp.shape[1] - 1)
     return order[np.arange(len(p)), pick]
 
 
 def generate(an, n: int, length: int = LENGTH, seed: int = 0, progress=None) -> np.ndarray:
-    """``n`` sequences of ``length`` token ids sampled from ``an``'s model (int64 [n, length]), kept
-    on the analysis's probe so that every stage of one prune that asks for the same text (the
-    calibration statistics, obspa's Hessians) pays for it once.  Raises SpaError when the model is
-    not a causal LM or onnxruntime refuses a step."""
-    key = (n, length, seed)
-    if key not in an.probe.generated:
-        an.probe.generated[key] = _generate(an, n, length, seed, progress)
-    return an.probe.generated[key]
+    """The first ``n`` sequences of ``length`` token ids that ``an``'s model writes from ``seed`` (int64
+    [n, length]).  Each sequence depends on its row and the seed only, not on how many are asked
+    for, so the first rows of a longer request are a shorter one's: the rows written are kept on
+    the analysis's probe, and every stage of one prune that asks for text (the fidelity guard, the
+    calibration statistics, obspa's Hessians) pays only for the rows nobody asked for before.
+    Raises SpaError when the model is not a causal LM or onnxruntime refuses a step."""
+    have = an.probe.generated.get((length, seed))
+    if have is None or len(have) < n:
+        start = 0 if have is None else len(have)
+        new = _generate(an, start, n, length, seed, progress)
+        have = new if have is None else np.concatenate([have, new])
+        an.probe.generated[(length, seed)] = have
+    return have if len(have) == n else have[:n]
 
 
 def cache_pairs(an, lm: CausalLM) -> dict:
@@ -177,12 +184,19 @@ def last_position_head(an, lm: CausalLM):
     return node.input[0], head
 
 
-def _generate(an, n, length, seed, progress):
+def _uniforms(seed, stop, length) -> np.ndarray:
+    """[stop, length] uniforms, row ``i`` the same for every ``stop`` > i (numpy fills row by row):
+    row ``i``'s start token and its every sampled token come from row ``i``."""
+    return np.random.default_rng([seed, 1]).random((stop, length))
+
+
+def _generate(an, start, stop, length, seed, progress):
+    """Rows ``start`` to ``stop`` of ``seed``'s text (``generate``)."""
     lm = causal_lm(an)
     if lm is None:
         raise SpaError("the model is not a causal language model (token ids in, [batch, sequence, vocab] logits "
                        "out): spa cannot make it write text")
-    rng = np.random.default_rng(seed)
+    n, u = stop - start, _uniforms(seed, stop, length)[start:]
     pairs = cache_pairs(an, lm)
     last = last_position_head(an, lm)
     runner = output_runner(an.model, an.probe.consts, outputs=[last[0] if last else lm.logits, *pairs.values()])
@@ -208,15 +222,16 @@ def _generate(an, n, length, seed, progress):
         past.update({p: got[q] for p, q in pairs.items()})
         return last[1](got[last[0]][:, -1]) if last else got[lm.logits][:, -1]
 
-    first = step(rng.integers(0, lm.vocab, (max(n, 16), 1)))          # next-token logits after random tokens
+    random_ids = np.random.default_rng([seed, 0]).integers(0, lm.vocab, (PRIOR_ROWS, 1))
+    first = step(random_ids)                                     # next-token logits after random tokens
     after = np.exp(first - first.max(1, keepdims=True))
-    prior = (after / after.sum(1, keepdims=True)).mean(0)
-    ids = rng.choice(lm.vocab, size=(n, 1), p=prior / prior.sum())
+    prior = np.cumsum((after / after.sum(1, keepdims=True)).mean(0))
+    ids = np.minimum(np.searchsorted(prior / prior[-1], u[:, 0], side="right"), lm.vocab - 1)[:, None]
     tick = stepper(progress, length - 1, f"writing synthetic text ({n} sequences"
                    + (", with the KV cache" if pairs else "") + "): token")
     for t in range(1, length):
         tick(t - 1)
-        ids = np.concatenate([ids, _sample(step(ids, cached=bool(pairs) and t > 1), rng)[:, None]], 1)
+        ids = np.concatenate([ids, _sample(step(ids, cached=bool(pairs) and t > 1), u[:, t])[:, None]], 1)
     return ids.astype(np.int64)
 
 

@@ -20,6 +20,7 @@ def test_decoders_are_causal_lms_and_write_sequences_of_their_vocabulary(name):
     assert ids.shape == (3, 10) and ids.dtype == np.int64 and 0 <= ids.min() and ids.max() < 256
     assert textgen.generate(an, 3, 10, seed=1) is ids                 # written once per analysis
     assert not np.array_equal(textgen.generate(an, 3, 10, seed=2), ids)
+    assert np.array_equal(textgen.generate(an, 2, 10, seed=1), ids[:2])
     desc, feeds = synthetic.feeds(an, 2, seed=0)
     assert "wrote itself" in desc and len(feeds) == 2
     runner = spa.runtime.probing.output_runner(an.model, an.probe.consts)
@@ -88,11 +89,12 @@ def test_a_step_computes_the_last_positions_logits_only_and_they_are_the_models(
     got = spa.runtime.probing.output_runner(an.model, an.probe.consts, outputs=[hidden, lm.logits]).run(feed)
     np.testing.assert_allclose(head(got[hidden][:, -1]), got[lm.logits][:, -1], rtol=1e-4, atol=1e-4)
     logits = np.random.default_rng(1).standard_normal((5, 4 * textgen.CANDIDATES)) * 8
-    a = textgen._sample(logits, np.random.default_rng(2))
+    u = np.random.default_rng(2).random(5)
+    a = textgen._sample(logits, u)
     old = textgen.CANDIDATES
     try:
         textgen.CANDIDATES = 10 ** 9             # the full sort
-        b = textgen._sample(logits, np.random.default_rng(2))
+        b = textgen._sample(logits, u)
     finally:
         textgen.CANDIDATES = old
     assert np.array_equal(a, b)
@@ -122,3 +124,36 @@ def test_criterion_auto_picks_what_works_on_a_causal_lm(tmp_path):
                        analysis=an).report                 # a map's rebuild cannot carry a compensation
     assert mapped["criterion"] == "wanda" and "compensation" not in mapped
     assert spa.prune(path, target="params=1.1", criterion="l2", analysis=an).report["criterion"] == "l2"
+
+
+def test_a_sequence_is_the_same_however_many_are_asked_for_and_is_written_once(monkeypatch):
+    """Row i of a seed's text depends on i and the seed only: the rows a shorter request wrote are the
+    first rows of a longer one, which writes only the rows missing (one run of the model per step)."""
+    path = export("llama_gqa")
+    alone = textgen.generate(spa.analyze(path), 6, 9, seed=4)
+    an = spa.analyze(path)
+    first = textgen.generate(an, 2, 9, seed=4)
+    written = []
+    real = textgen._generate
+    monkeypatch.setattr(textgen, "_generate", lambda an, start, stop, *a: written.append((start, stop))
+                        or real(an, start, stop, *a))
+    both = textgen.generate(an, 6, 9, seed=4)
+    assert written == [(2, 6)] and np.array_equal(both[:2], first)
+    assert np.array_equal(both, alone)                  # 2 then 4 rows: the 6 written at once
+    assert textgen.generate(an, 3, 9, seed=4).shape == (3, 9) and written == [(2, 6)]
+
+
+def test_the_guard_of_a_language_model_without_data_measures_the_first_batches_of_the_statistics_text(monkeypatch):
+    """obspa without data writes its Hessians' text once, the guard's batches with it: the guard
+    measures on the first two of the eight batches, and nothing is written twice."""
+    path = export("llama_gqa")
+    written = []
+    real = textgen._generate
+    monkeypatch.setattr(textgen, "_generate", lambda an, start, stop, *a: written.append((start, stop))
+                        or real(an, start, stop, *a))
+    r = spa.prune(path, target="params=1.1", criterion="obspa", calib_batches=3)
+    assert written == [(0, 3 * textgen.PER_BATCH)]
+    assert "the first 2 of them" in r.report["fidelity"]["inputs"] and "wrote itself" in r.report["fidelity"]["inputs"]
+    written.clear()
+    spa.prune(path, target="params=1.1", criterion="l2")
+    assert written == [(0, 2 * textgen.PER_BATCH)]      # the guard's own two batches, nothing ahead
