@@ -15,7 +15,7 @@ from ..graph.masks import insert_masks
 from ..io import initializer_arrays
 from ..progress import stepper
 from ..runtime import probing, textgen
-from .fidelity import batch_macs, drift_of, eval_feeds, fidelity_on, meets, metrics_for, reference_runs
+from .fidelity import batch_macs, batch_rows, drift_of, eval_feeds, fidelity_on, meets, metrics_for, reference_runs
 from .plan import CostModel, all_units, multiple, n_remove, plan as local_plan, resolve_overrides, selectable
 
 
@@ -169,7 +169,7 @@ def sensitivity_batches(an, feeds: list) -> int:
     """How many of ``feeds`` the sensitivity table is measured on (``SENSITIVITY_MACS``)."""
     if not feeds:
         return SENSITIVITY_BATCHES
-    fit = int(SENSITIVITY_MACS // batch_macs(an, feeds[0]))
+    fit = int(SENSITIVITY_MACS // batch_macs(an, batch_rows(feeds[0])))
     return min(len(feeds), max(SENSITIVITY_BATCHES, fit))
 
 

@@ -224,33 +224,31 @@ def eval_feeds(an, opts, n: int = 2, progress=None, ahead: int = 0) -> tuple[lis
         if len(got) > n:
             what = f"{what}, the first {n} of them"
         return got[:n], f"{what} at the probe's sizes"
+    n = max(n, _guard_batches(an, synthetic.rows_per_batch(an, opts.synthetic)))
     what, got = synthetic.feeds(an, n, seed=101, wanted=opts.synthetic, progress=progress)
-    more = _guard_batches(an, got[0]) if got else n
-    if more > n:
-        what, got = synthetic.feeds(an, more, seed=101, wanted=opts.synthetic, progress=progress)
     return got, f"{what} at the probe's sizes"
 
 
-def _guard_batches(an, feed: dict) -> int:
-    """Synthetic batches like ``feed`` to measure fidelity on: enough for ``GUARD_SAMPLES`` samples
-    along the batch dim where ``GUARD_MACS`` allow (the analysis's MACs scaled by the batch), else 2.
-    Only where two batches already hold the samples a discrete agreement needs
-    (``agreement.MIN_SAMPLES``): more batches make the same metric reliable, they do not turn a
-    cosine over two images of a static-batch model into a top-1 agreement over hundreds."""
-    rows = _rows(feed)
+def _guard_batches(an, rows: int) -> int:
+    """Synthetic batches of ``rows`` samples to measure fidelity on: enough for ``GUARD_SAMPLES``
+    samples where ``GUARD_MACS`` allow (``batch_macs``), else 2.  Only where two batches already hold
+    the samples a discrete agreement needs (``agreement.MIN_SAMPLES``): more batches make the same
+    metric reliable, they do not turn a cosine over two images of a static-batch model into a top-1
+    agreement over hundreds."""
     if 2 * rows < agreement.MIN_SAMPLES["top1"]:
         return 2
     wanted = -(-GUARD_SAMPLES // rows)
-    return int(max(2, min(wanted, GUARD_MACS // batch_macs(an, feed))))
+    return int(max(2, min(wanted, GUARD_MACS // batch_macs(an, rows))))
 
 
-def _rows(feed: dict) -> int:
+def batch_rows(feed: dict) -> int:
+    """The batch dim of a feed (its first input with one)."""
     return max(next((np.shape(v)[0] for v in feed.values() if np.ndim(v)), 1), 1)
 
 
-def batch_macs(an, feed: dict) -> float:
-    """The MACs of one run on ``feed``: the analysis's (at the probe's inputs) scaled by the batch."""
-    return max(an.macs * _rows(feed) / _rows(an.probe.inputs), 1.0)
+def batch_macs(an, rows: int) -> float:
+    """The MACs of one run on a batch of ``rows``: the analysis's (at the probe's inputs) scaled by the batch."""
+    return max(an.macs * rows / batch_rows(an.probe.inputs), 1.0)
 
 
 #: the cosine's weight in a measured drift beside the task agreement: a tie-breaker (on a few samples a

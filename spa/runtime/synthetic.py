@@ -179,6 +179,23 @@ def _dynamic_batch(an, name) -> bool:
     return (name, 0) in set(dynamic_dims(an.model))
 
 
+def _line_rows(an, name, nchw) -> int:
+    """Rendered lines in a batch of image input ``name`` (``nchw``: its probed shape, channels first)."""
+    return lines_per_batch(*nchw[2:]) if _dynamic_batch(an, name) else nchw[0]
+
+
+def rows_per_batch(an, wanted: str = "auto") -> int:
+    """The batch dim of :func:`feeds`' batches for a model that is not a language model, known
+    before any is made: rendered lines of a dynamic batch fill ``lines_per_batch``, else the probe's."""
+    if kind(an, wanted) == "text lines":
+        for image in kinds.images(an.model, an.probe):
+            shape = an.probe.inputs[image.name].shape
+            if kinds.is_line(image, shape):
+                return int(_line_rows(an, image.name, image.nchw(shape)))
+    first = next((v for v in an.probe.inputs.values() if np.ndim(v)), None)
+    return int(np.shape(first)[0]) if first is not None else 1
+
+
 def feeds(an, n_batches, seed=0, wanted: str = "auto", progress=None):
     """``(description, feeds)``: ``n_batches`` synthetic batches at the probed shapes (see the module
     doc for what each kind of input gets; ``wanted``: ``--synthetic``, one of ``KINDS``); a causal
@@ -204,7 +221,7 @@ def feeds(an, n_batches, seed=0, wanted: str = "auto", progress=None):
             if characters is not None and not kinds.is_line(image, v.shape):
                 x = text_pages(rng, shape, characters)
             elif characters is not None:
-                n = lines_per_batch(*shape[2:]) if _dynamic_batch(an, name) else shape[0]
+                n = _line_rows(an, name, shape)
                 x = text_lines(rng, (n,) + shape[1:], characters, upside_down)
                 lines = n
                 if n != v.shape[0]:   # the other inputs follow the batch

@@ -214,3 +214,24 @@ def test_fidelity_targets_outside_0_1_are_refused_in_one_line(tmp_path, value):
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("spa: error: --target fidelity") and "Traceback" not in res.output
     assert not (tmp_path / "p.onnx").exists()
+
+
+def test_a_cheap_models_guard_measures_on_more_samples_and_a_costly_or_static_one_on_two_batches(monkeypatch):
+    """The direction classifier (16 rendered lines of 16M MACs a batch) is measured on GUARD_SAMPLES
+    lines, and its sensitivity table on as many of those batches as SENSITIVITY_MACS allow; under a
+    small MAC budget, or for a model whose two batches hold too few samples for a discrete agreement
+    (a static batch of one), the guard keeps its two batches."""
+    from spa.planning import allocation, fidelity
+    an = spa.analyze("ppocr_cls")
+    opts = spa.PruneOptions()
+    feeds, what = fidelity.eval_feeds(an, opts)
+    rows = fidelity.batch_rows(feeds[0])
+    assert rows == 16 and len(feeds) * rows == fidelity.GUARD_SAMPLES and "16 batches" in what
+    assert allocation.sensitivity_batches(an, feeds) == int(allocation.SENSITIVITY_MACS // (16 * an.macs))
+    monkeypatch.setattr(fidelity, "GUARD_MACS", 4 * 16 * an.macs)
+    assert len(fidelity.eval_feeds(an, opts)[0]) == 4
+    monkeypatch.setattr(fidelity, "GUARD_MACS", 1.0)
+    assert len(fidelity.eval_feeds(an, opts)[0]) == 2
+    monkeypatch.undo()
+    chain = spa.analyze(residual_chain())
+    assert fidelity.batch_rows(chain.probe.inputs) < 8 and len(fidelity.eval_feeds(chain, opts)[0]) == 2
