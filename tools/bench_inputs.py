@@ -12,7 +12,8 @@ every row gives the fidelity spa printed (``report['fidelity']['min']``), what i
 agreement on them:
 
 ``ppocr_rec_nometa``  PP-OCRv4's recogniser (zoo ``ppocr_rec``) with its ``character`` metadata removed:
-                      ``--lines`` held-out rendered lines (24; ``bench_fidelity.text_lines``, DejaVu fonts, seed 1234) at
+                      ``--lines`` held-out rendered lines (24; ``bench_fidelity.text_lines``, DejaVu fonts,
+                      seed 1234) at
                       48x320; task = character accuracy of CTC greedy decoding relative to the dense
                       model's (the dictionary from the original's metadata).
 ``ppocr_cls``         PaddleOCR's direction classifier (0 / 180 degrees): the same 24 lines, every second

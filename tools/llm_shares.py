@@ -52,7 +52,8 @@ def main(argv=None) -> int:
         calib=str(paths["calib"]), calib_batch_size=4, overrides=overrides), output=out, analysis=an)
     ppl = bench.measure(out, paths["held"])
     print(json.dumps({"ratio": ratio, "target": target, "reached": r.report.get("target_reached"),
-                      "share_mlp": round(shares(hi)[mlp[1].id], 3), "share_head_dims": round(shares(hi)[heads[-1].id], 3),
+                      "share_mlp": round(shares(hi)[mlp[1].id], 3),
+                      "share_head_dims": round(shares(hi)[heads[-1].id], 3),
                       "perplexity": ppl, "seconds": round(time.perf_counter() - t0)}))
     return 0
 

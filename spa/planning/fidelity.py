@@ -212,7 +212,8 @@ def guard(ref: Reference, pruned, weights, opts) -> dict:
 def eval_feeds(an, opts, n: int = 2, progress=None, ahead: int = 0) -> tuple[list, str]:
     """``(feeds, what they are)``: the inputs fidelity is measured on, up to ``CALIB_BATCHES``
     --calib batches when given, else ``n`` synthetic batches at the probe's sizes (``spa.runtime.synthetic``,
-    seed 101; more for a cheap model: ``GUARD_SAMPLES``; ``progress`` hears a language model write its text).  A language model's are the first
+    seed 101; more for a cheap model: ``GUARD_SAMPLES``; ``progress`` hears a language model write its
+    text).  A language model's are the first
     ``n`` batches of the text its statistics are written from (seed ``opts.seed``), as the --calib
     batches are the statistics' own: ``ahead`` batches of that text, which a later stage will read,
     are written in the same run (one batch of 32 sequences costs less than 8 and then 24)."""
