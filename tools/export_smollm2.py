@@ -43,7 +43,7 @@ import time
 import warnings
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from export_torchvision import cache_dir, checked_export  # noqa: E402
+from export_torchvision import cache_dir, checked_export, import_torchvision  # noqa: E402
 from export_transformers import keep_parameters_apart, single_sequence_masks, tensor_names, wrap  # noqa: E402
 
 NAMES = ["smollm2", "smollm2_kv"]
@@ -76,7 +76,9 @@ def _gguf(progress=print) -> pathlib.Path:
 
 @contextlib.contextmanager
 def _quiet_transformers():
-    """transformers' GGUF loader draws progress bars and warns about the deprecated names it uses."""
+    """transformers' GGUF loader draws progress bars and warns about the deprecated names it uses.
+    transformers imports torchvision where it is installed, whose PyPI build needs help beside a CPU torch."""
+    import_torchvision()
     from transformers.utils import logging as tf_logging
     tf_logging.disable_progress_bar()
     with warnings.catch_warnings():
@@ -85,18 +87,18 @@ def _quiet_transformers():
 
 
 def tokenizer():
-    from transformers import AutoTokenizer
     path = _gguf()
     with _quiet_transformers():
+        from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def torch_model():
     """The dequantised fp32 LlamaForCausalLM, eval mode, eager attention."""
     import torch
-    from transformers import AutoModelForCausalLM
     path = _gguf()
     with _quiet_transformers():
+        from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
                                                      attn_implementation="eager")
     return model.eval()

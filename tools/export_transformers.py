@@ -74,7 +74,8 @@ import time
 import warnings
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from export_torchvision import cache_dir, calibrate_parameters, checked_export, unshare_initializers  # noqa: E402
+from export_torchvision import (cache_dir, calibrate_parameters, checked_export, import_torchvision,  # noqa: E402
+                                unshare_initializers)
 
 NAMES = ["gpt2_ts", "gpt2_dynamo", "llama_gqa", "llama_gqa_kv", "bert"]
 #: fp16 variants (weights and activations in half precision, as LLMs ship): ``NAME_fp16`` of these
@@ -165,6 +166,7 @@ def wrap(name: str, model):
 def build(name: str, init: str = "transformers"):
     """The eval-mode fp32 wrapper module of ``name`` with seeded random weights (see the docstring)."""
     import torch
+    import_torchvision()  # transformers imports torchvision, whose PyPI build needs help beside a CPU torch
     import transformers as tf
 
     _check_name(name)
