@@ -238,7 +238,9 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
         if target is not None and target[0] == "latency":
             cut = _reach_latency(step, first, opts, target, k, tag, progress)
         else:
-            cut = _cut_step(step, first, opts, target, k, tag, progress)
+            cut = _cut_step(step, first, opts, target, k, tag, progress, final=True)
+        if step.compensation is not None:   # the cut is final: its Hessians are not needed again
+            step.compensation.release()
         units = all_units(step.removal)
         if len(units):
             current, current_weights, after, channels = cut
@@ -258,11 +260,14 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
                    compensated)
 
 
-def _cut_step(step: Step, first: Analysis, opts: PruneOptions, target, k: int, tag: str, progress):
+def _cut_step(step: Step, first: Analysis, opts: PruneOptions, target, k: int, tag: str, progress, final=False):
     """Plan, compensate, cut and validate one step: ``(model, weights, probe, channel model)`` of the
-    pruned model, or Nones when the plan removes nothing."""
+    pruned model, or Nones when the plan removes nothing.  ``final``: no other plan of this step
+    follows (a latency target tries several), so the compensation's Hessians go before validation."""
     _plan(step, first, opts, target, k, progress)
     source, channels = _compensated(step, step.removal, progress)
+    if final and step.compensation is not None:
+        step.compensation.release()
     units = all_units(step.removal)
     progress(f"{tag}removing {len(units)} channels from {len(step.removal)} groups")
     if not len(units):

@@ -158,6 +158,18 @@ def release_pages(arrays) -> None:
             pass
 
 
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``).  Freed buffers below
+    malloc's mmap threshold (which rises to the largest block freed so far, up to 32 MB: a Hessian,
+    a weight) stay in its heaps otherwise, counted, and a later large allocation (a run's logits) is
+    mapped fresh beside them; the same for onnxruntime's buffers without an arena."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 # ----------------------------------------------------------------------------------------------
 # reading a model file without copying its weights
 

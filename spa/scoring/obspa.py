@@ -36,7 +36,7 @@ import numpy as np
 
 from ..runtime import calib as calib_mod, probing, synthetic as synthetic_inputs, textgen
 from ..runtime.calib import exposing_session
-from ..io.weights import put as put_weight
+from ..io.weights import put as put_weight, trim_heap
 from ..errors import SpaError
 from ..progress import stepper
 from .magnitude import normalise
@@ -267,10 +267,10 @@ def data_hessians(an, wanted, feeds, *, rows=ROWS_PER_BATCH, seed=0, source="syn
         for key, c in wanted.items():
             X = _rows(np.asarray(values[c.axis[0]], np.float32), c, rows, rng)
             if key not in S:
-                S[key] = np.zeros((X.shape[1], X.shape[1]), np.float64)
+                S[key] = np.zeros((X.shape[1], X.shape[1]), np.float32)
                 s[key] = np.zeros(X.shape[1])
                 n[key] = 0
-            S[key] += X.T @ X                 # float32 GEMM (syrk), float64 running sum
+            S[key] += X.T @ X                 # float32 GEMM (syrk) and running sum (see calib._accumulate)
             s[key] += X.sum(0, dtype=np.float64)
             n[key] += len(X)
         del values
@@ -577,7 +577,7 @@ class Compensation:
         self.hs = hessians(an, used, opts.hessian, opts.calib, n_batches=opts.calib_batches,
                            batch_size=opts.calib_batch_size, seed=opts.seed, progress=progress,
                            synthetic_kind=opts.synthetic, stats=stats)
-        self.results = {}
+        self.results, self.released = {}, False
         for g in an.groups:
             if g.prunable and g.id in whole:
                 scores.notes[g.id] = "approximate, kept whole by the uniform allocation: not scored by OBS"
@@ -600,6 +600,8 @@ class Compensation:
         of channels (``removal`` is updated in place)."""
         import dataclasses
         import onnx
+        if self.released:
+            raise RuntimeError("Compensation.apply after release(): the Hessians are gone")
         an, sc = self.an, self.scores
         groups = {g.id: g for g in an.groups}
         counts = {gid: len(u) for gid, u in removal.items()}
@@ -623,6 +625,15 @@ class Compensation:
             if init.name in new:
                 put_weight(model, consts, init.name, new[init.name], tensor=init)
         return model, dataclasses.replace(an.channels, consts=consts)
+
+    def release(self) -> None:
+        """Drop the Hessians once the step's cut is final: they are the largest thing a compensated prune
+        holds (SmolLM2-135M: 60 matrices, 323 MB), and validation, the guard and the write come after.
+        ``apply`` cannot run again; the report needs only what ``results`` and ``hs.desc`` keep."""
+        self.hs.H.clear()
+        self.hs.mean.clear()
+        self.released = True
+        trim_heap()
 
     def report(self) -> dict:
         return {"hessian": self.hessian, "source": self.hs.desc, "damp": self.damp,
