@@ -95,18 +95,27 @@ def ctc_decode(frames: np.ndarray, blank: int) -> list:
     return best[keep].tolist()
 
 
+#: positions of a language model's logits taken to float64 at a time (``token_agreement``)
+POSITIONS = 32
+
+
 def token_agreement(logits, ids) -> tuple[float, int, np.ndarray]:
     """``(sum of next-token negative log-likelihoods, tokens, argmax)`` of a causal LM's ``logits``
     [batch, sequence, vocab] on the token ``ids`` [batch, sequence] it read (each position predicts
-    the next token), computed in float64 a row at a time."""
+    the next token), computed in float64 ``POSITIONS`` positions at a time (a whole row of a 49k-word
+    vocabulary over 256 positions was 100 MB of float64, and its exponentials as much again)."""
     nll, count, top = 0.0, 0, []
     for row, x in zip(logits, ids):
-        z = np.asarray(row[:-1], np.float64)
-        m = z.max(1)
-        lse = m + np.log(np.exp(z - m[:, None]).sum(1))
-        nll += float((lse - z[np.arange(len(z)), x[1:]]).sum())
-        count += len(z)
-        top.append(z.argmax(1))
+        row_top = []
+        for lo in range(0, len(row) - 1, POSITIONS):
+            hi = min(lo + POSITIONS, len(row) - 1)
+            z = np.asarray(row[lo:hi], np.float64)
+            m = z.max(1)
+            lse = m + np.log(np.exp(z - m[:, None]).sum(1))
+            nll += float((lse - z[np.arange(hi - lo), x[lo + 1:hi + 1]]).sum())
+            row_top.append(z.argmax(1))
+        count += len(row) - 1
+        top.append(np.concatenate(row_top) if row_top else np.zeros(0, np.int64))
     return nll, count, np.stack(top) if top else np.zeros((0, 0), np.int64)
 
 

@@ -24,7 +24,8 @@ import numpy as np
 
 from ..errors import SpaError
 from ..progress import stepper
-from .probing import output_runner, ort_reason
+from .calib import exposing_session
+from .probing import ort_reason
 from .shapes import integer_ranges
 
 #: tokens per generated sequence, and sequences per batch of a dynamic batch
@@ -199,7 +200,9 @@ def _generate(an, start, stop, length, seed, progress):
     n, u = stop - start, _uniforms(seed, stop, length)[start:]
     pairs = cache_pairs(an, lm)
     last = last_position_head(an, lm)
-    runner = output_runner(an.model, an.probe.consts, outputs=[last[0] if last else lm.logits, *pairs.values()])
+    # only the tensors read here: the graph's logits over every position (a [32, 64, 49152] float
+    # array at the last step of SmolLM2's text, 400 MB) and the lm_head that makes them are left out
+    runner, fetch = exposing_session(an, [last[0] if last else lm.logits, *pairs.values()])
     past = {}
 
     def step(ids, cached=False):
@@ -214,7 +217,7 @@ def _generate(an, start, stop, length, seed, progress):
                 elif what == "positions":
                     feed[name] = np.full((len(ids), 1), ids.shape[1] - 1, feed[name].dtype)
         try:
-            got = runner.run(feed)
+            got = runner.run(feed, fetch)
         except Exception as exc:
             raise SpaError(f"generating text with the model failed at length {ids.shape[1]} "
                            f"({ort_reason(exc)})") from None

@@ -76,11 +76,18 @@ def test_a_kv_cache_export_writes_with_its_cache_and_the_text_is_the_same(monkey
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "gpt2_dynamo"])
-def test_a_step_computes_the_last_positions_logits_only_and_they_are_the_models(name):
+def test_a_step_computes_the_last_positions_logits_only_and_they_are_the_models(name, monkeypatch):
     """The logits of a dynamo export are one MatMul of the last hidden state with a weight (or a tied
     embedding's Transpose): a step exposes the hidden state and computes the last position's logits
-    itself, equal to the model's; a sampled nucleus among the likeliest candidates equals the full sort's."""
+    itself, equal to the model's, and its session has neither the graph's logits nor the head that
+    makes them; a sampled nucleus among the likeliest candidates equals the full sort's."""
     an = spa.analyze(export(name))
+    sessions = []
+    exposing = textgen.exposing_session
+    monkeypatch.setattr(textgen, "exposing_session", lambda *a, **k: sessions.append(exposing(*a, **k)) or sessions[-1])
+    textgen.generate(an, 2, 4, seed=5)
+    (runner, fetch), = sessions
+    assert "logits" not in runner.outputs and "logits" not in fetch
     lm = textgen.causal_lm(an)
     found = textgen.last_position_head(an, lm)
     assert found is not None, "the logits' MatMul was not recognised"
