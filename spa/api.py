@@ -23,8 +23,8 @@ from .rotation import stage as rotation_stage
 from .planning import allocation, fidelity, latency, layerwise
 from .planning.latency import LatencyModel, kept_multiples
 from .planning.counting import count_macs, count_params, mac_axes, node_macs
-from .planning.plan import (CostModel, all_units, plan as make_plan, plan_target, plan_uniform, resolve_overrides,
-                            stack_ends)
+from .planning.plan import (CostModel, all_units, plan as make_plan, plan_stacks, plan_target, plan_uniform,
+                            resolve_overrides, stack_ends)
 from .runtime import calib as calib_mod, probing, synthetic
 from .runtime.latency import LatencyTable, kernel_alignment
 from .options import PruneOptions, check_regex
@@ -220,7 +220,8 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
         opts = replace(opts, **fields)
         scorer, target = opts.checked()
         progress(f"criterion {opts.criterion} ({criterion_why})")
-    allocate, chosen = allocation.choose(first, opts.allocate, target) if target is not None else (opts.allocate, "")
+    allocate, chosen = (allocation.choose(first, opts.allocate, target, compensated=_obs_compensated(opts))
+                        if target is not None else (opts.allocate, ""))
     opts = replace(opts, allocate=allocate)     # every stage sees the allocation the plan uses
     history, current, current_weights, after = [], first.model, first.weights, first.probe
     kept_map, compensated, rotated = None, set(), None
@@ -368,8 +369,13 @@ def _text_batches(opts: PruneOptions) -> int:
     if scorer.needs_calib:
         return opts.calib_batches if str(opts.calib) == "synthetic" else 0
     no_data = opts.calib is None or str(opts.calib) in ("random", "synthetic")
-    obs = compensation(scorer, opts.compensate) is not None and opts.hessian != "identity"
-    return opts.calib_batches if obs and no_data else 0
+    return opts.calib_batches if _obs_compensated(opts) and no_data else 0
+
+
+def _obs_compensated(opts: PruneOptions) -> bool:
+    """Whether the prune has an OBS compensation with measured (data or synthetic) Hessians."""
+    scorer, _ = opts.checked()
+    return scorer is not None and compensation(scorer, opts.compensate) is not None and opts.hessian != "identity"
 
 
 def _score(step: Step, scorer, opts: PruneOptions, k: int, tag: str, ranked: bool, progress) -> None:
@@ -436,12 +442,16 @@ def _plan(step: Step, first: Analysis, opts: PruneOptions, target, k: int, progr
         now = an.macs if kind == "macs" else an.params
         goal = base0 / factor ** (k / n)
         rel = factor if kind == "latency" else max(now / goal, 1.0) if goal > 0 else 1.0
-        if opts.allocate == "uniform":
+        if opts.allocate in ("uniform", "stacks"):
             position = {node.name: i for i, node in enumerate(an.model.graph.node)}
             spared = () if opts.uniform_layers else stack_ends(groups, position, *opts.keep_ends)  # one width per kind
-            step.removal, step.plan = plan_uniform(groups, step.scores.normalised, cost, (kind, rel),
-                                                   overrides=step.overrides, unscored=step.scores.notes,
-                                                   spared=spared, **common)
+            uniform = dict(overrides=step.overrides, unscored=step.scores.notes, spared=spared, **common)
+            if opts.allocate == "stacks":
+                step.removal, step.plan = plan_stacks(groups, step.scores.normalised, cost, (kind, rel),
+                                                      lambda removal: step.compensation.residuals(removal, progress),
+                                                      position=position, **uniform)
+            else:
+                step.removal, step.plan = plan_uniform(groups, step.scores.normalised, cost, (kind, rel), **uniform)
         else:
             step.removal, step.plan = plan_target(groups, step.scores.normalised, cost, (kind, rel),
                                                   overrides=step.overrides, **common)

@@ -247,10 +247,13 @@ def _criteria():
               help="graph inputs/outputs whose names match may lose channels along their static dims (e.g. "
                    "'past_key_values|present': KV heads and head dims, a smaller cache); the report lists each change")
 @click.option("--allocate", type=click.Choice(list(ALLOCATIONS)), default="auto", show_default=True,
-              help="how --target spreads over the groups: auto = uniform for a causal language model, sensitivity "
+              help="how --target spreads over the groups: auto = stacks for a causal language model with an OBS "
+                   "compensation (else uniform), sensitivity "
                    "for latency=F, else global; "
                    "global, one score threshold; uniform, the one fraction "
-                   "of every exact group that reaches the target; or sensitivity, per-group amounts chosen by the output "
+                   "of every exact group that reaches the target; stacks, uniform with each stack of repeated blocks "
+                   "(every layer's MLP, head dims) given a share by the OBS residual its channels cost (with "
+                   "--compensate obs or obspa); or sensitivity, per-group amounts chosen by the output "
                    "drift each group causes, measured in onnxruntime (--target fidelity=C always does the latter)")
 @click.option("--keep-ends", default="1,0", show_default=True, metavar="FIRST,LAST", callback=lambda c, p, v: _ends(v),
               help="--allocate uniform: keep the first FIRST and last LAST blocks of every stack of repeated blocks "

@@ -60,8 +60,10 @@ class PruneOptions:
     prune_io: str | None = None    # regex: graph inputs/outputs that may lose channels (off: None)
     grads: object = None           # gradient criteria: per-initializer gradients (.npz/.safetensors path or dict)
     map_path: object = None        # where to write the map back to the framework (spa.mapping), or None
-    allocate: str = "auto"         # a target: "global" score threshold, "uniform", "sensitivity" (measured drift);
-                                   # auto: uniform for a causal language model, else global (planning.allocation.choose)
+    allocate: str = "auto"         # a target: "global" score threshold, "uniform", "stacks" (uniform, a share per
+                                   # stack by its OBS residual), "sensitivity" (measured drift);
+                                   # auto: stacks (with an OBS compensation) or uniform for a causal language model,
+                                   # else global (planning.allocation.choose)
     keep_ends: tuple = (1, 0)      # uniform: the first/last groups of every stack of repeated blocks kept whole
     compensate: str = "auto"       # the criterion's own (obspa), "none", or "obs" (OBS update of the kept weights)
     damp: float | None = None      # OBS: ridge on each Hessian, a multiple of its mean diagonal (None: obspa's DAMP)
@@ -97,7 +99,7 @@ class PruneOptions:
         if self.allocate not in ALLOCATIONS:
             raise SpaError(f"--allocate must be one of {', '.join(ALLOCATIONS)}, got {self.allocate!r}")
         sizes = ("macs", "params", "latency") + (("experts", "blocks") if self.allocate == "sensitivity" else ())
-        if self.allocate in ("sensitivity", "uniform") and (target is None or target[0] not in sizes):
+        if self.allocate in ("sensitivity", "uniform", "stacks") and (target is None or target[0] not in sizes):
             raise SpaError(f"--allocate {self.allocate} spreads a size over the groups: use it with --target macs=F or "
                            "params=F (--ratio R is already uniform; --target fidelity=C always allocates by sensitivity)")
         ends = tuple(self.keep_ends) if isinstance(self.keep_ends, (tuple, list)) else ()
@@ -108,6 +110,10 @@ class PruneOptions:
         if self.compensate == "none" and scorer.compensation is not None:
             raise SpaError(f"--criterion {self.criterion} compensates the weights it keeps by definition: "
                            "use --compensate auto (or another criterion)")
+        if self.allocate == "stacks" and self.criterion != "auto" and (self.hessian == "identity" or (
+                scorer.compensation is None and self.compensate != "obs")):
+            raise SpaError("--allocate stacks weighs each stack by its OBS residual: use it with --compensate obs "
+                           "or --criterion obspa, and Hessians other than identity")
         if self.damp is not None and not (0.0 <= self.damp < float("inf")):
             raise SpaError(f"--damp must be a finite number >= 0, got {self.damp}")
         if self.uniform_layers and (self.allocate == "sensitivity" or (target is not None and target[0] == "fidelity")):

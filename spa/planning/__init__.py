@@ -3,6 +3,6 @@ plan from scores and a target (``plan``), the sensitivity-aware allocation acros
 (``allocation``) and the fidelity guard every prune reports (``fidelity``)."""
 
 #: --allocate: how a target is spread over the groups (``spa.api``; here, with no imports, for the command line)
-ALLOCATIONS = ("auto", "global", "uniform", "sensitivity")
+ALLOCATIONS = ("auto", "global", "uniform", "stacks", "sensitivity")
 #: --fidelity-metric: what fidelity measures per output (``spa.planning.agreement``; here for the command line)
 METRICS = ("auto", "cosine", "top1", "ctc", "mask", "neighbours", "tokens")

@@ -256,17 +256,22 @@ def allocate(an, scores, kind: str, goal: float, opts, attempt, alternative: dic
                    "reachable": bool(left <= goal), "inputs": t.inputs}
 
 
-def choose(an, allocate: str, target) -> tuple[str, str]:
+def choose(an, allocate: str, target, compensated: bool = False) -> tuple[str, str]:
     """``(allocation, why)`` for ``--allocate`` ``allocate`` and the parsed ``target``: ``allocate``, or
-    for ``auto`` uniform on a causal language model (one global threshold over a trained decoder's scores, which are not comparable across layers,
-    cut single layers' MLPs to a tenth: SmolLM2-135M at params=1.11, flap, 6.0x the dense perplexity;
-    uniform 1.5x, docs/llm_quality.md) and the global threshold elsewhere (CNNs, where it measured
+    for ``auto`` on a causal language model stacks where an OBS compensation (``compensated``) measures
+    each stack's residual (SmolLM2-135M at params=1.25: 1.88x dense on held-out text against
+    uniform's 1.95x; obspa without data 2.58x against 2.71x), else uniform (one global threshold over
+    a trained decoder's scores, which are not comparable across layers, cut single layers' MLPs to a
+    tenth: SmolLM2-135M at params=1.11, flap, 6.0x the dense perplexity; uniform 1.5x,
+    docs/llm_quality.md) and the global threshold elsewhere (CNNs, where it measured
     better); for ``--target latency=F`` elsewhere the measured drift per millisecond saved
     (sensitivity): YOLOv8n at a measured 2x, fidelity 0.985 against 0.77 for the global threshold
     (docs/latency.md)."""
     if allocate != "auto":
         return allocate, ""
     if textgen.causal_lm(an) is not None:
+        if compensated:
+            return "stacks", "auto: a causal language model with an OBS compensation"
         return "uniform", "auto: a causal language model"
     if target[0] == "latency":
         return "sensitivity", "auto: a latency target (drift per millisecond saved)"

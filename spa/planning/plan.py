@@ -338,31 +338,37 @@ def plan_target(groups, scores, cost: CostModel, target, *, round_to: int = 1, e
 STACK = 8
 
 
-def stack_ends(groups, position: dict, first: int, last: int, min_stack: int = STACK) -> list[int]:
-    """Ids of the first ``first`` and last ``last`` groups of every stack: groups of one signature
-    (channel count and the multiset of their nodes' operators: the same block repeated, such as every
-    layer's MLP or attention heads of a decoder), at least ``min_stack`` of them, in graph order
-    (``position``: node name -> index in the graph).  The first blocks of a trained decoder carry
-    what every later one reads: on SmolLM2-135M at params=1.25 keeping its first two layers' MLPs
-    whole took the held-out perplexity from 2.25x to 1.96x dense (docs/llm_quality.md)."""
+def stacks(groups, position: dict, min_stack: int = STACK) -> list[list]:
+    """Every stack: groups of one signature (channel count and the multiset of their nodes' operators:
+    the same block repeated, such as every layer's MLP or attention heads of a decoder), at least
+    ``min_stack`` of them, each in graph order (``position``: node name -> index in the graph)."""
     from collections import Counter
-    stacks = {}
+    found = {}
     for g in groups:
         if not g.nodes:
             continue
         key = (g.channels, tuple(sorted(Counter(op for _, op in g.nodes).items())))
-        stacks.setdefault(key, []).append(g)
+        found.setdefault(key, []).append(g)
+    out = []
+    for members in found.values():
+        if len(members) >= min_stack:
+            out.append(sorted(members, key=lambda g: min(position.get(n, 1 << 30) for n, _ in g.nodes)))
+    return out
+
+
+def stack_ends(groups, position: dict, first: int, last: int, min_stack: int = STACK) -> list[int]:
+    """Ids of the first ``first`` and last ``last`` groups of every :func:`stacks` stack.  The first
+    blocks of a trained decoder carry what every later one reads: on SmolLM2-135M at params=1.25
+    keeping its first two layers' MLPs whole took the held-out perplexity from 2.25x to 1.96x dense
+    (docs/llm_quality.md)."""
     ends = []
-    for members in stacks.values():
-        if len(members) < max(min_stack, first + last + 1):
-            continue
-        members.sort(key=lambda g: min(position.get(n, 1 << 30) for n, _ in g.nodes))
+    for members in stacks(groups, position, max(min_stack, first + last + 1)):
         ends += [g.id for g in members[:first]] + ([g.id for g in members[-last:]] if last else [])
     return sorted(ends)
 
 
 def plan_uniform(groups, scores, cost: CostModel, target, *, round_to: int = 1, exclude: str | None = None,
-                 max_ratio: float = 0.9, overrides: dict | None = None, unscored=(), spared=()):
+                 max_ratio: float = 0.9, overrides: dict | None = None, unscored=(), spared=(), weights=None):
     """``--allocate uniform``: the smallest fraction ``f`` that, removed from every selectable exact
     group (each group's lowest-scored ``floor(f n)`` units, rounded by ``round_to``), reaches
     ``target``.  Scores then only rank units inside a group, never across groups: what FLAP calls
@@ -371,12 +377,13 @@ def plan_uniform(groups, scores, cost: CostModel, target, *, round_to: int = 1, 
     norm or a softmax over the axis) are left whole: no uniform share of them is safe; so are the
     ``unscored`` groups (ids the criterion could not score and filled with another rule: wanda on
     the query/key dims of every layer's rotary embedding, read only by Q.K^T), and the ``spared``
-    ones (:func:`stack_ends`) unless an override names them.
+    ones (:func:`stack_ends`) unless an override names them.  ``weights`` ({group id: w}, default 1):
+    a group loses ``w f`` instead of ``f`` (:func:`plan_stacks`).
     Returns ``(removal, info)`` like :func:`plan_target`."""
     kind, factor = parse_target(target)
     fixed = dict(overrides or {})
     fixed.update({gid: 0.0 for gid in spared if gid not in fixed})
-    unscored = set(unscored)
+    unscored, weights = set(unscored), weights or {}
     whole = [g for g in selectable(groups, exclude) if g.id not in fixed and (g.approximate or g.id in unscored)]
     chosen = [g for g in selectable(groups, exclude) if g.id in fixed or g not in whole]
     ranked = _ranked(chosen, scores)
@@ -385,7 +392,7 @@ def plan_uniform(groups, scores, cost: CostModel, target, *, round_to: int = 1, 
     def at(f):
         removal = {}
         for g in chosen:
-            share = fixed.get(g.id, f)
+            share = fixed.get(g.id, min(f * weights.get(g.id, 1.0), 1.0))
             n = n_remove(g.channels, int(math.floor(g.channels * share + 1e-9)), multiple(round_to, g.id),
                          1.0 if g.id in fixed else max_ratio)
             if n:
@@ -407,3 +414,52 @@ def plan_uniform(groups, scores, cost: CostModel, target, *, round_to: int = 1, 
             "allocation": "uniform", "fraction": hi, "kept_whole": [g.id for g in whole],
             "ends_kept": sorted(gid for gid in spared if fixed.get(gid) == 0.0)}
     return rem, info
+
+
+def stack_weights(groups, position: dict, removal: dict, residual: dict, cost: CostModel,
+                  kind: str = "params") -> tuple[dict, list]:
+    """``({group id: w}, per stack report)``: each :func:`stacks` stack's share weight, the geometric
+    mean over all measured groups of the residual per unit of ``kind`` saved (``residual[gid]`` for
+    removing ``removal[gid]``) over that mean within the stack.  A stack whose channels cost twice the
+    typical residual per parameter loses half the typical share; groups outside a measured stack keep 1.
+    Geometric means, because a decoder's layers differ by orders of magnitude in output energy while
+    its stacks (MLPs, head dims) run through the same layers: the layers' scale cancels."""
+    per_param = {}
+    for g in groups:
+        units, r = removal.get(g.id), residual.get(g.id)
+        if units is None or not len(units) or r is None or not r > 0:
+            continue
+        saved = cost.base[kind] - cost.estimate(units)[kind]
+        if saved > 0:
+            per_param[g.id] = r / saved
+    if not per_param:
+        return {}, []
+    typical = float(np.exp(np.mean(np.log(list(per_param.values())))))
+    weights, report = {}, []
+    for members in stacks(groups, position):
+        got = [per_param[g.id] for g in members if g.id in per_param]
+        if len(got) < max(2, len(members) // 2):
+            continue
+        mean = float(np.exp(np.mean(np.log(got))))
+        weights.update({g.id: typical / mean for g in members})
+        report.append({"channels": members[0].channels, "groups": [g.id for g in members], "measured": len(got),
+                       f"residual_per_{kind}": mean, "weight": round(typical / mean, 4)})
+    return weights, report
+
+
+def plan_stacks(groups, scores, cost: CostModel, target, residual, *, position: dict, **uniform):
+    """``--allocate stacks``: :func:`plan_uniform`, then every stack's share weighed by what its channels
+    cost (:func:`stack_weights`): ``residual(removal)`` gives each group's OBS residual, the
+    compensated calibration loss of removing exactly those units, and the uniform plan is remade
+    with the weights.  Layers keep one share per stack, as under uniform (a share per layer measured
+    worse on a trained decoder); the stacks differ: on SmolLM2-135M the value head dims cost about
+    twice an MLP channel's residual per parameter.  Returns ``(removal, info)`` like
+    :func:`plan_target`."""
+    first, info0 = plan_uniform(groups, scores, cost, target, **uniform)
+    weights, report = stack_weights(groups, position, first, residual(first) if first else {}, cost,
+                                    parse_target(target)[0])
+    if not weights:
+        return first, {**info0, "stacks": "no stack's residual measured: uniform"}
+    removal, info = plan_uniform(groups, scores, cost, target, weights=weights, **uniform)
+    info.update(allocation="stacks", uniform_fraction=info0["fraction"], stacks=report)
+    return removal, info

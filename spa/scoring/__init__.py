@@ -17,8 +17,8 @@ from ..errors import SpaError
 def _function(name: str):
     """A criterion's function by name; its module (numpy and the rest) is imported when a
     criterion runs, not when the command line lists the criteria (``spa --help`` loads no numpy)."""
-    from . import activation, gradient, obspa, structure
-    for module in (structure, activation, gradient, obspa):
+    from . import activation, gradient, obs_stage, obspa, structure
+    for module in (structure, activation, gradient, obspa, obs_stage):
         if hasattr(module, name):
             return getattr(module, name)
     raise SpaError(f"internal: no scoring function {name!r}")

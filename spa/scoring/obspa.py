@@ -2,7 +2,7 @@
 greedy selection with weight compensation written back into the model (``--criterion obspa``).
 
 The numerical core is :mod:`spa.scoring.obs`; this module supplies what it needs (see
-``docs/obspa.md``, "Wiring"):
+``docs/obspa.md``, "Wiring"), and :mod:`spa.scoring.obs_stage` runs it as a stage of the prune:
 
 * **consumers** -- every *contract* sink of the channel model whose other operand is a constant
   weight used by that node alone: Conv (``group == 1``, 2-D), Gemm (``transA == 0``, alpha = beta
@@ -34,12 +34,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..runtime import calib as calib_mod, probing, synthetic as synthetic_inputs, textgen
+from ..runtime import calib as calib_mod, probing, synthetic as synthetic_inputs
 from ..runtime.calib import exposing_session
-from ..io.weights import put as put_weight, trim_heap
 from ..errors import SpaError
 from ..progress import stepper
-from .magnitude import normalise
 from .hessians import Hessians, bn_moments, hessian_from_bn, split_bias, with_bias
 from .obs import obs_group, obs_scores
 from .structure import axis_pairs
@@ -330,7 +328,7 @@ def kept_whole(an, allocate: str) -> set:
     """Ids of the groups OBS neither scores nor compensates: under a uniform allocation the
     approximate groups, which that allocation keeps whole (a decoder's residual width: every
     q/k/v/gate/up weight of every layer, 1.1 GB of float64 on SmolLM2-135M)."""
-    return {g.id for g in an.groups if g.approximate} if allocate == "uniform" else set()
+    return {g.id for g in an.groups if g.approximate} if allocate in ("uniform", "stacks") else set()
 
 
 def hessians(an, consumers, source="auto", calib=None, *, n_batches=8, batch_size=None, seed=0,
@@ -401,7 +399,7 @@ def hessians(an, consumers, source="auto", calib=None, *, n_batches=8, batch_siz
 # one group's OBS problem
 # ------------------------------------------------------------------------------------------------
 
-def _problem(c: Consumer, owner, n_units, weights, gone, hs):
+def problem(c: Consumer, owner, n_units, weights, gone, hs):
     """``(W, H, block, n_fixed, layout)`` for obs_group, or None when the positions do not split
     evenly into the group's units.  ``layout`` maps the problem's columns back to the weight's."""
     dead = gone.get(c.weight)
@@ -477,7 +475,7 @@ def group_scores(an, per_group, hs, damp=DAMP, progress=_quiet):
     for i, g in enumerate(todo):
         items = per_group[g.id]
         tick(i, f"{g.channels} channels")
-        probs = [p for p in (_problem(c, owner, len(g.units), weights, gone, hs) for c, owner in items) if p]
+        probs = [p for p in (problem(c, owner, len(g.units), weights, gone, hs) for c, owner in items) if p]
         if probs:
             out[g.id] = obs_scores([p[:4] for p in probs], damp=damp, dtype=DTYPE)
     return out
@@ -496,7 +494,7 @@ def diagonal_scores(an, per_group, hs, progress=_quiet):
         tick(i, f"{g.channels} channels")
         n, total, seen = len(g.units), np.zeros(len(g.units)), False
         for c, owner in per_group[g.id]:
-            p = _problem(c, owner, n, weights, {}, hs)
+            p = problem(c, owner, n, weights, {}, hs)
             if p is None:
                 continue
             W, block, cols = p[0], p[2], p[4][:n * p[2]]
@@ -524,7 +522,7 @@ def prune_groups(an, per_group, hs, counts, *, damp=DAMP, progress=_quiet, chose
         step(i, f"id {g.id}, removing {counts[g.id]} of {g.channels} channels")
         probs, used = [], []
         for c, owner in items:
-            p = _problem(c, owner, len(g.units), weights, gone, hs)
+            p = problem(c, owner, len(g.units), weights, gone, hs)
             if p is not None:
                 probs.append(p)
                 used.append((c, owner))
@@ -538,107 +536,3 @@ def prune_groups(an, per_group, hs, counts, *, damp=DAMP, progress=_quiet, chose
                                     info.get("first_costs", np.zeros(0)))
     changed = {k: v for k, v in weights.items() if v is not an.channels.consts.get(k)}
     return results, changed
-
-
-def selection(an, how: str = "auto") -> tuple[str, str]:
-    """``(selection, why)`` of obspa for ``--obs-selection`` ``how`` (see the module doc)."""
-    if how not in SELECTIONS:
-        raise SpaError(f"--obs-selection must be one of {', '.join(SELECTIONS)}, got {how!r}")
-    if how != "auto":
-        return how, ""
-    if textgen.causal_lm(an) is not None:
-        return "diagonal", "auto: a causal language model"
-    return "obs", "auto"
-
-
-class Compensation:
-    """OBS compensation in the prune pipeline: consumers and Hessians of every group, and ``apply``,
-    which removes a plan's channels and compensates the kept weights of their consumers.
-
-    ``choose=True`` is ``criterion='obspa'``, with its selection (``opts.obs_selection``, see the module
-    doc): under ``obs``, with a global plan or a target (``ranked``) the groups' scores become their
-    single-removal OBS costs (a local ratio needs only counts), and ``apply`` lets OBS choose which
-    channels go, as many per group as the plan says; under ``diagonal`` the scores become the
-    uncompensated diagonal costs and the plan's channels go.  ``choose=False`` is ``--compensate obs``
-    under another criterion: that criterion's channels go, and OBS only compensates (the
-    least-squares update of the kept weights for exactly that set).  ``damp``: the ridge added to
-    every Hessian, a multiple of its mean diagonal (``DAMP`` by default)."""
-
-    def __init__(self, an, scores, opts, ranked, progress=_quiet, choose=True, stats=None):
-        self.an, self.scores, self.hessian = an, scores, opts.hessian
-        self.selection, self.why = selection(an, opts.obs_selection) if choose else ("criterion", "")
-        self.damp = DAMP if opts.damp is None else float(opts.damp)
-        consumers, self.skipped = find_consumers(an)
-        self.per_group = group_consumers(an, consumers)
-        whole = kept_whole(an, opts.allocate)     # no costs, no Hessians for them
-        self.per_group = {gid: items for gid, items in self.per_group.items() if gid not in whole}
-        used = [c for items in self.per_group.values() for c, _ in items]
-        progress(f"obs: {len(used)} consumer weights in {len(self.per_group)} groups; Hessians: {opts.hessian}")
-        self.hs = hessians(an, used, opts.hessian, opts.calib, n_batches=opts.calib_batches,
-                           batch_size=opts.calib_batch_size, seed=opts.seed, progress=progress,
-                           synthetic_kind=opts.synthetic, stats=stats)
-        self.results, self.released = {}, False
-        for g in an.groups:
-            if g.prunable and g.id in whole:
-                scores.notes[g.id] = "approximate, kept whole by the uniform allocation: not scored by OBS"
-            elif g.prunable and g.id not in self.per_group:
-                scores.notes[g.id] = ("obspa: no consumer weight modelled; l2, not compensated" if choose
-                                      else "obs: no consumer weight modelled; not compensated")
-        costs = None
-        if self.selection == "diagonal":       # the plan picks by these, for a ratio too
-            costs = diagonal_scores(an, self.per_group, self.hs, progress=progress)
-        elif self.selection == "obs" and ranked:
-            costs = group_scores(an, self.per_group, self.hs, damp=self.damp, progress=progress)
-        if costs is not None:
-            groups = {g.id: g for g in an.groups}
-            for gid, s in costs.items():
-                scores.raw[groups[gid].units] = s
-            scores.normalised = normalise(scores.raw, an.groups, scores.normalisation)
-
-    def apply(self, removal, progress=_quiet):
-        """The model and channel model carrying the compensated weights; with ``choose``, OBS's choice
-        of channels (``removal`` is updated in place)."""
-        import dataclasses
-        import onnx
-        if self.released:
-            raise RuntimeError("Compensation.apply after release(): the Hessians are gone")
-        an, sc = self.an, self.scores
-        groups = {g.id: g for g in an.groups}
-        counts = {gid: len(u) for gid, u in removal.items()}
-        greedy = self.selection == "obs"
-        chosen = None if greedy else {gid: np.searchsorted(groups[gid].units, u) for gid, u in removal.items()}
-        self.results, new = prune_groups(an, self.per_group, self.hs, counts, damp=self.damp, progress=progress,
-                                         chosen=chosen)
-        if greedy:
-            for gid, r in self.results.items():
-                units = groups[gid].units
-                removal[gid] = units[r.removed]
-                if len(r.first_costs) == len(units):
-                    sc.raw[units] = r.first_costs
-            sc.normalised = normalise(sc.raw, an.groups, sc.normalisation)
-        if not new:
-            return an.model, an.channels
-        model = onnx.ModelProto()
-        model.CopyFrom(an.model)   # big weights are stubs (spa.io.weights): a small copy
-        consts = dict(an.channels.consts)
-        for init in model.graph.initializer:
-            if init.name in new:
-                put_weight(model, consts, init.name, new[init.name], tensor=init)
-        return model, dataclasses.replace(an.channels, consts=consts)
-
-    def release(self) -> None:
-        """Drop the Hessians once the step's cut is final: they are the largest thing a compensated prune
-        holds (SmolLM2-135M: 60 matrices, 323 MB), and validation, the guard and the write come after.
-        ``apply`` cannot run again; the report needs only what ``results`` and ``hs.desc`` keep."""
-        self.hs.H.clear()
-        self.hs.mean.clear()
-        self.released = True
-        trim_heap()
-
-    def report(self) -> dict:
-        return {"hessian": self.hessian, "source": self.hs.desc, "damp": self.damp,
-                "selection": self.selection + (f" ({self.why})" if self.why else ""), "not_modelled": self.skipped}
-
-    def group_report(self, gid):
-        r = self.results.get(gid)
-        return None if r is None else {"cost": r.cost, "hessian": r.sources, "inverse": sorted(set(r.how))}

@@ -221,3 +221,46 @@ def test_uniform_allocation_keeps_the_first_blocks_of_a_stack_whole():
         assert rep["after"]["params"] <= rep["before"]["params"] / 1.3 + 1
     with pytest.raises(SpaError, match="--keep-ends"):
         spa.prune(m, target="params=1.3", allocate="uniform", keep_ends=(1,))
+
+
+def _two_stacks(blocks=10, d=8, loud=3.0):
+    """x -> blocks x (MLP of 24, Add, MLP of 16, Add): two stacks of repeated residual Relu MLPs whose
+    hidden units differ in what they cost: the MLPs of 16 have output weights ``loud`` times larger."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for b in range(blocks):
+        for kind, h, scale in (("q", 24, 0.1), ("l", 16, 0.1 * loud)):
+            inits += [numpy_helper.from_array(rng.standard_normal((d, h)).astype(np.float32), f"w{kind}{b}a"),
+                      numpy_helper.from_array(rng.standard_normal((h, d)).astype(np.float32) * scale, f"w{kind}{b}b")]
+            nodes += [helper.make_node("MatMul", [x, f"w{kind}{b}a"], [f"h{kind}{b}"], name=f"up{kind}{b}"),
+                      helper.make_node("Relu", [f"h{kind}{b}"], [f"a{kind}{b}"], name=f"act{kind}{b}"),
+                      helper.make_node("MatMul", [f"a{kind}{b}", f"w{kind}{b}b"], [f"o{kind}{b}"], name=f"down{kind}{b}"),
+                      helper.make_node("Add", [x, f"o{kind}{b}"], [f"x{kind}{b}"], name=f"add{kind}{b}")]
+            x = f"x{kind}{b}"
+    g = helper.make_graph(nodes, "stacks", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d])],
+                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["n", d])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_stacks_allocation_gives_the_costlier_stack_the_smaller_share(tmp_path):
+    """--allocate stacks: the uniform plan's OBS residual per parameter saved, a geometric mean per stack,
+    sets each stack's share: the stack whose hidden units have 3x louder output weights (9x the residual
+    per parameter) loses far less than the other, every block of a stack the same share, at the target;
+    without an OBS compensation there is no residual to weigh by."""
+    m = _two_stacks()
+    calib = tmp_path / "x.npy"
+    np.save(calib, np.random.default_rng(1).standard_normal((64, 8)).astype(np.float32))
+    kw = dict(target="params=1.3", criterion="wanda", calib=str(calib), compensate="obs", keep_ends=(0, 0))
+    rep = spa.prune(m, allocate="stacks", **kw).report
+    plan = rep["plan"]
+    assert plan["allocation"] == "stacks" and len(plan["stacks"]) == 2
+    hidden = {n: g for g in rep["groups"] if g["channels"] in (16, 24) for n in g["nodes"]}
+    share = {k: [hidden[f"up{k}{b}"]["removed"] / hidden[f"up{k}{b}"]["channels"] for b in range(10)] for k in "ql"}
+    assert len(set(share["q"])) == 1 and len(set(share["l"])) == 1, share       # one share per stack
+    weight = {s["channels"]: s["weight"] for s in plan["stacks"]}
+    assert 4 < weight[24] / weight[16] < 20, weight
+    assert share["l"][0] < share["q"][0] / 3 and 0 < plan["fraction"] < plan["uniform_fraction"] * 2
+    assert rep["after"]["params"] <= rep["before"]["params"] / 1.3 + 1
+    with pytest.raises(SpaError, match="--allocate stacks"):
+        spa.prune(m, target="params=1.3", criterion="l2", allocate="stacks")

@@ -216,12 +216,13 @@ def test_moments_are_float32_and_a_final_cut_drops_the_hessians_before_validatio
         assert S.dtype == np.float32
         np.testing.assert_allclose(S, X.T @ X / len(X), rtol=1e-5, atol=1e-6 * np.abs(S).max())
     seen, held = [], []
-    apply = obspa.Compensation.apply
+    from spa.scoring.obs_stage import Compensation
+    apply = Compensation.apply
 
     def recording(self, removal, progress=obspa._quiet):
         seen.append(self)
         return apply(self, removal, progress)
-    monkeypatch.setattr(obspa.Compensation, "apply", recording)
+    monkeypatch.setattr(Compensation, "apply", recording)
     validate = api.validate
     monkeypatch.setattr(api, "validate", lambda *a, **k: (held.append(len(seen[-1].hs.H)), validate(*a, **k))[1])
     r = spa.prune(m, target="params=1.3", criterion="wanda", calib=spec, compensate="obs", allocate="uniform")
