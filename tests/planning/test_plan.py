@@ -189,22 +189,29 @@ def test_the_ends_of_a_stack_of_repeated_blocks_are_found_in_graph_order():
     assert stack_ends(layers[:7], position, 1, 0) == []
 
 
-def _deep_mlp_stack(blocks=10, d=8, h=24):
-    """x -> blocks x (MatMul, Relu, MatMul, Add x): ten repeated residual MLP blocks."""
+def _mlp_blocks(kinds, blocks=10, d=8):
+    """x -> blocks x, per ``(name, hidden, output scale)`` of ``kinds``, (MatMul, Relu, MatMul, Add x):
+    repeated residual MLP blocks, a stack per kind."""
     from onnx import TensorProto, helper, numpy_helper
     rng = np.random.default_rng(0)
     nodes, inits, x = [], [], "x"
     for b in range(blocks):
-        inits += [numpy_helper.from_array(rng.standard_normal((d, h)).astype(np.float32), f"w{b}a"),
-                  numpy_helper.from_array(rng.standard_normal((h, d)).astype(np.float32) * 0.1, f"w{b}b")]
-        nodes += [helper.make_node("MatMul", [x, f"w{b}a"], [f"h{b}"], name=f"up{b}"),
-                  helper.make_node("Relu", [f"h{b}"], [f"r{b}"], name=f"relu{b}"),
-                  helper.make_node("MatMul", [f"r{b}", f"w{b}b"], [f"o{b}"], name=f"down{b}"),
-                  helper.make_node("Add", [x, f"o{b}"], [f"x{b}"], name=f"add{b}")]
-        x = f"x{b}"
+        for kind, h, scale in kinds:
+            inits += [numpy_helper.from_array(rng.standard_normal((d, h)).astype(np.float32), f"w{kind}{b}a"),
+                      numpy_helper.from_array(rng.standard_normal((h, d)).astype(np.float32) * scale, f"w{kind}{b}b")]
+            nodes += [helper.make_node("MatMul", [x, f"w{kind}{b}a"], [f"h{kind}{b}"], name=f"up{kind}{b}"),
+                      helper.make_node("Relu", [f"h{kind}{b}"], [f"a{kind}{b}"], name=f"relu{kind}{b}"),
+                      helper.make_node("MatMul", [f"a{kind}{b}", f"w{kind}{b}b"], [f"o{kind}{b}"], name=f"down{kind}{b}"),
+                      helper.make_node("Add", [x, f"o{kind}{b}"], [f"x{kind}{b}"], name=f"add{kind}{b}")]
+            x = f"x{kind}{b}"
     g = helper.make_graph(nodes, "stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d])],
                           [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["n", d])], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _deep_mlp_stack():
+    """Ten repeated residual MLP blocks of 24 hidden units (nodes up0, down0, ...)."""
+    return _mlp_blocks([("", 24, 0.1)])
 
 
 def test_uniform_allocation_keeps_the_first_blocks_of_a_stack_whole():
@@ -223,24 +230,10 @@ def test_uniform_allocation_keeps_the_first_blocks_of_a_stack_whole():
         spa.prune(m, target="params=1.3", allocate="uniform", keep_ends=(1,))
 
 
-def _two_stacks(blocks=10, d=8, loud=3.0):
-    """x -> blocks x (MLP of 24, Add, MLP of 16, Add): two stacks of repeated residual Relu MLPs whose
-    hidden units differ in what they cost: the MLPs of 16 have output weights ``loud`` times larger."""
-    from onnx import TensorProto, helper, numpy_helper
-    rng = np.random.default_rng(0)
-    nodes, inits, x = [], [], "x"
-    for b in range(blocks):
-        for kind, h, scale in (("q", 24, 0.1), ("l", 16, 0.1 * loud)):
-            inits += [numpy_helper.from_array(rng.standard_normal((d, h)).astype(np.float32), f"w{kind}{b}a"),
-                      numpy_helper.from_array(rng.standard_normal((h, d)).astype(np.float32) * scale, f"w{kind}{b}b")]
-            nodes += [helper.make_node("MatMul", [x, f"w{kind}{b}a"], [f"h{kind}{b}"], name=f"up{kind}{b}"),
-                      helper.make_node("Relu", [f"h{kind}{b}"], [f"a{kind}{b}"], name=f"act{kind}{b}"),
-                      helper.make_node("MatMul", [f"a{kind}{b}", f"w{kind}{b}b"], [f"o{kind}{b}"], name=f"down{kind}{b}"),
-                      helper.make_node("Add", [x, f"o{kind}{b}"], [f"x{kind}{b}"], name=f"add{kind}{b}")]
-            x = f"x{kind}{b}"
-    g = helper.make_graph(nodes, "stacks", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d])],
-                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["n", d])], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+def _two_stacks(loud=3.0):
+    """Ten blocks of (MLP of 24, Add, MLP of 16, Add): two stacks of repeated residual MLPs whose hidden
+    units differ in what they cost: the MLPs of 16 have output weights ``loud`` times larger."""
+    return _mlp_blocks([("q", 24, 0.1), ("l", 16, 0.1 * loud)])
 
 
 def test_stacks_allocation_gives_the_costlier_stack_the_smaller_share(tmp_path):

@@ -167,18 +167,24 @@ def test_compensate_obs_keeps_another_criterions_choice_and_compensates_it(tmp_p
         spa.prune(m, 0.3, criterion="obspa", compensate="none")
 
 
-def test_calibration_pass_gathers_the_hessians_obs_would_measure(tmp_path):
-    """One pass over the calibration data: the second moments gathered with a calibrated criterion's
-    statistics are the Hessians obspa's own pass measures (MatMul/Gemm consumers), and a prune that
-    shares them gives the same compensated model."""
+def _attention_moments(tmp_path, n_batches):
+    """``(model, analysis, calibration file, feeds, statistics with every compensation's moments)`` of
+    a small attention block and 8 random samples."""
     from spa.runtime import calib
     m = attention(n=6, d=32, heads=4)
     an = spa.analyze(m)
     data = np.random.default_rng(3).standard_normal((8,) + tuple(an.probe.inputs["x"].shape[1:])).astype(np.float32)
     np.save(tmp_path / "c.npy", data)
     spec = str(tmp_path / "c.npy")
-    _, feeds = calib.batches(an, spec, n_batches=8)
-    stats = calib.collect(an, feeds, moments=obspa.moment_axes(an))
+    _, feeds = calib.batches(an, spec, n_batches=n_batches)
+    return m, an, spec, feeds, calib.collect(an, feeds, moments=obspa.moment_axes(an))
+
+
+def test_calibration_pass_gathers_the_hessians_obs_would_measure(tmp_path):
+    """One pass over the calibration data: the second moments gathered with a calibrated criterion's
+    statistics are the Hessians obspa's own pass measures (MatMul/Gemm consumers), and a prune that
+    shares them gives the same compensated model."""
+    m, an, spec, feeds, stats = _attention_moments(tmp_path, 8)
     # every consumer a compensation uses (those of the prunable groups) has its moment, and no other
     grouped = obspa.group_consumers(an, obspa.find_consumers(an)[0])
     consumers = list({id(c): c for items in grouped.values() for c, _ in items if c.conv is None}.values())
@@ -201,14 +207,7 @@ def test_moments_are_float32_and_a_final_cut_drops_the_hessians_before_validatio
     for SmolLM2's 60 weight inputs), within 1e-5 of float64 ones; and once a step's cut is final the
     compensation drops its Hessians before validation, the guard and the write, and cannot apply again."""
     from spa import api
-    from spa.runtime import calib
-    m = attention(n=6, d=32, heads=4)
-    an = spa.analyze(m)
-    data = np.random.default_rng(3).standard_normal((8,) + tuple(an.probe.inputs["x"].shape[1:])).astype(np.float32)
-    np.save(tmp_path / "c.npy", data)
-    spec = str(tmp_path / "c.npy")
-    _, feeds = calib.batches(an, spec, n_batches=4)
-    stats = calib.collect(an, feeds, moments=obspa.moment_axes(an))
+    m, an, spec, feeds, stats = _attention_moments(tmp_path, 4)
     assert stats.moments
     for (tensor, dim), (S, _) in stats.moments.items():
         rows = [np.moveaxis(probing.run_all(an.model, f, an.probe.consts)[tensor], dim, -1) for f in feeds]
