@@ -201,7 +201,8 @@ def _mlp_blocks(kinds, blocks=10, d=8):
                       numpy_helper.from_array(rng.standard_normal((h, d)).astype(np.float32) * scale, f"w{kind}{b}b")]
             nodes += [helper.make_node("MatMul", [x, f"w{kind}{b}a"], [f"h{kind}{b}"], name=f"up{kind}{b}"),
                       helper.make_node("Relu", [f"h{kind}{b}"], [f"a{kind}{b}"], name=f"relu{kind}{b}"),
-                      helper.make_node("MatMul", [f"a{kind}{b}", f"w{kind}{b}b"], [f"o{kind}{b}"], name=f"down{kind}{b}"),
+                      helper.make_node("MatMul", [f"a{kind}{b}", f"w{kind}{b}b"], [f"o{kind}{b}"],
+                                       name=f"down{kind}{b}"),
                       helper.make_node("Add", [x, f"o{kind}{b}"], [f"x{kind}{b}"], name=f"add{kind}{b}")]
             x = f"x{kind}{b}"
     g = helper.make_graph(nodes, "stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d])],
