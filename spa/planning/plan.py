@@ -424,20 +424,20 @@ def stack_weights(groups, position: dict, removal: dict, residual: dict, cost: C
     typical residual per parameter loses half the typical share; groups outside a measured stack keep 1.
     Geometric means, because a decoder's layers differ by orders of magnitude in output energy while
     its stacks (MLPs, head dims) run through the same layers: the layers' scale cancels."""
-    per_param = {}
+    per_unit = {}
     for g in groups:
         units, r = removal.get(g.id), residual.get(g.id)
         if units is None or not len(units) or r is None or not r > 0:
             continue
         saved = cost.base[kind] - cost.estimate(units)[kind]
         if saved > 0:
-            per_param[g.id] = r / saved
-    if not per_param:
+            per_unit[g.id] = r / saved
+    if not per_unit:
         return {}, []
-    typical = float(np.exp(np.mean(np.log(list(per_param.values())))))
+    typical = float(np.exp(np.mean(np.log(list(per_unit.values())))))
     weights, report = {}, []
     for members in stacks(groups, position):
-        got = [per_param[g.id] for g in members if g.id in per_param]
+        got = [per_unit[g.id] for g in members if g.id in per_unit]
         if len(got) < max(2, len(members) // 2):
             continue
         mean = float(np.exp(np.mean(np.log(got))))
