@@ -410,6 +410,12 @@ def prune(model, output, ratio, target, criterion, reduction, normalisation, cal
                + (f"{sum(e['experts'] - len(e['kept']) for e in rep['experts']['layers'] if 'kept' in e)} experts "
                   "removed" if "experts" in rep else f"{len(rep['blocks']['removed'])} of {rep['blocks']['found']} "
                   "blocks removed" if "blocks" in rep else f"{pruned_groups} groups pruned") + f", {rep['seconds']:.1f}s")
+    plan = rep.get("plan") or {}
+    if plan.get("allocation") == "stacks":
+        click.echo(f"allocation stacks: the uniform share {plan['uniform_fraction']:.3f} times each stack's weight, "
+                   "by its OBS residual per unit saved: " + ", ".join(
+                       f"{len(st['groups'])} groups of {st['channels']} channels x{st['weight']:.2f}"
+                       for st in plan["stacks"]))
     if "blocks" in rep:
         gone = [e for e in rep["blocks"]["blocks"] if e["removed"]]
         click.echo(f"blocks removed ({rep['blocks']['scorer']}): " +

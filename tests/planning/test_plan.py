@@ -258,3 +258,11 @@ def test_stacks_allocation_gives_the_costlier_stack_the_smaller_share(tmp_path):
     assert rep["after"]["params"] <= rep["before"]["params"] / 1.3 + 1
     with pytest.raises(SpaError, match="--allocate stacks"):
         spa.prune(m, target="params=1.3", criterion="l2", allocate="stacks")
+    import onnx
+    from click.testing import CliRunner
+    from spa.cli import cli
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    out = CliRunner().invoke(cli, ["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "p.onnx"), "--target",
+                                   "params=1.3", "--criterion", "wanda", "--calib", str(calib), "--compensate", "obs",
+                                   "--keep-ends", "0,0", "--allocate", "stacks"], catch_exceptions=False).output
+    assert "allocation stacks: the uniform share 0.250 times" in out and "10 groups of 16 channels x0." in out, out
