@@ -238,10 +238,10 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
         _score(step, scorer, opts, k, tag, opts.global_rank or target is not None, progress)
         if target is not None and target[0] == "latency":
             cut = _reach_latency(step, first, opts, target, k, tag, progress)
+            if step.compensation is not None:   # the rounds are over: its Hessians are not needed again
+                step.compensation.release()
         else:
             cut = _cut_step(step, first, opts, target, k, tag, progress, final=True)
-        if step.compensation is not None:   # the cut is final: its Hessians are not needed again
-            step.compensation.release()
         units = all_units(step.removal)
         if len(units):
             current, current_weights, after, channels = cut

@@ -8,16 +8,12 @@ import numpy as np
 
 from ..errors import SpaError
 from ..io.weights import put as put_weight, trim_heap
-from ..progress import stepper
+from ..progress import quiet as _quiet, stepper
 from ..runtime import textgen
 from .magnitude import normalise
 from .obs import obs_group
 from .obspa import (DAMP, DTYPE, SELECTIONS, diagonal_scores, find_consumers, group_consumers, group_scores,
                     hessians, kept_whole, problem, prune_groups)
-
-
-def _quiet(msg):
-    pass
 
 
 def selection(an, how: str = "auto") -> tuple[str, str]:
