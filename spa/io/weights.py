@@ -16,7 +16,9 @@ them a third time; a 1.2 GB model cost 3-4 GB.
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
+import threading
 
 import numpy as np
 import onnx
@@ -136,11 +138,10 @@ def full_model(proto, weights) -> onnx.ModelProto:
 RELEASE_ABOVE = 1 << 20
 
 
-def release_pages(arrays) -> None:
-    """Hand back the pages of the memory maps behind ``arrays`` (each array's own range) that this
-    process has read; they stay in the page cache and come back on the next read.  A stage that
-    read all the weights does not leave them counted against the next one.  Arrays that are not
-    views of a memory map are left alone."""
+def _mapped_ranges(arrays) -> list:
+    """``(memory map, first byte, end)`` of the pages behind each of ``arrays`` that views a memory
+    map, ranges that touch merged (a model's weights lie end to end in its file: one range or a few)."""
+    ranges = {}
     for a in arrays:
         base = a
         while isinstance(base, np.ndarray) and base.base is not None:
@@ -151,11 +152,68 @@ def release_pages(arrays) -> None:
             continue
         try:
             start = a.ctypes.data - np.frombuffer(base, np.uint8, 1).ctypes.data
-            lo = start - start % mmap.PAGESIZE
-            hi = min(len(base), start + a.nbytes)
+        except ValueError:  # a closed map
+            continue
+        ranges.setdefault(id(base), (base, []))[1].append((start - start % mmap.PAGESIZE,
+                                                          min(len(base), start + a.nbytes)))
+    merged = []
+    for base, spans in ranges.values():
+        spans.sort()
+        lo, hi = spans[0]
+        for s, e in spans[1:]:
+            if s > hi + mmap.PAGESIZE:
+                merged.append((base, lo, hi))
+                lo = s
+            hi = max(hi, e)
+        merged.append((base, lo, hi))
+    return merged
+
+
+def _hand_back(ranges) -> None:
+    for base, lo, hi in ranges:
+        try:
             base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
         except (AttributeError, OSError, ValueError):
             pass
+
+
+def release_pages(arrays) -> None:
+    """Hand back the pages of the memory maps behind ``arrays`` (each array's own range) that this
+    process has read; they stay in the page cache and come back on the next read.  A stage that
+    read all the weights does not leave them counted against the next one.  Arrays that are not
+    views of a memory map are left alone."""
+    _hand_back(_mapped_ranges(arrays))
+
+
+#: seconds between two hand-backs of the weights' pages while onnxruntime reads them
+SWEEP_SECONDS = 0.05
+
+
+@contextlib.contextmanager
+def pages_handed_back(arrays, every: float = SWEEP_SECONDS):
+    """Hand back the pages of ``arrays`` (see :func:`release_pages`) every ``every`` seconds while
+    the block runs, and once at its end.  A run of the whole model (onnxruntime reading weights
+    fed from the memory map) then holds the pages of the last interval's operators, not every
+    page of the file: SmolLM2's 540 MB were all resident at the end of each run.  Pages read again
+    come back from the page cache (a minor fault, not a disk read)."""
+    ranges = _mapped_ranges(arrays)
+    if not ranges:
+        yield
+        return
+    stop = threading.Event()
+
+    def sweep():
+        while not stop.wait(every):
+            _hand_back(ranges)
+
+    sweeper = threading.Thread(target=sweep, name="spa-pages", daemon=True)
+    sweeper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        sweeper.join()
+        _hand_back(ranges)
 
 
 def trim_heap() -> None:

@@ -247,7 +247,8 @@ class _Runner:
         quiet = ort.RunOptions()
         quiet.log_severity_level = 4  # a size the model refuses is an answer here, not an error to print
         try:
-            out = self.sess.run(names, {**feed, **self.fed}, quiet)
+            with weights.pages_handed_back(self.fed.values()):
+                out = self.sess.run(names, {**feed, **self.fed}, quiet)
         except Exception:
             if self.ran or not self.fed:  # after one good run, a failure is the feed's
                 raise

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import SpaError
+from ..io.weights import RELEASE_ABOVE, release_pages
 from .magnitude import SliceAccumulator
 from .structure import fallback
 
@@ -32,6 +33,16 @@ def act_mean_scores(an, stats=None, reduction="sum", **_):
     return raw, fallback(an, raw, acc.covered(), reduction, "no calibrated activation")
 
 
+def _abs_power(cm, name, power) -> np.ndarray:
+    """``|W| ** power`` of weight ``name`` in float64; a weight read from the file's memory map hands
+    its pages back after (``spa.io.weights``), so scoring every consumer does not hold the model."""
+    value = cm.consts[name]
+    w = np.abs(value.astype(np.float64)) ** power
+    if value.nbytes > RELEASE_ABOVE:
+        release_pages([value])
+    return w
+
+
 def consumer_columns(an, node, index, power):
     """Per input channel of sink ``(node, index)``: sum over the consumer's weight column of |W|^power.
 
@@ -42,7 +53,7 @@ def consumer_columns(an, node, index, power):
     if op in ("Conv",) and index == 0:
         if len(node.input) < 2 or node.input[1] not in cm.consts:
             return None
-        w = np.abs(cm.consts[node.input[1]].astype(np.float64)) ** power
+        w = _abs_power(cm, node.input[1], power)
         g = next((a.i for a in node.attribute if a.name == "group"), 1) or 1
         co, cig = w.shape[0], w.shape[1]
         a = w.reshape(co, cig, -1).sum(2)                       # [Co, Ci/G]
@@ -50,14 +61,14 @@ def consumer_columns(an, node, index, power):
     if op == "Gemm" and index == 0:
         if node.input[1] not in cm.consts:
             return None
-        w = np.abs(cm.consts[node.input[1]].astype(np.float64)) ** power
+        w = _abs_power(cm, node.input[1], power)
         tb = any(a.name == "transB" and a.i for a in node.attribute)
         return w.sum(0) if tb else w.sum(1)
     if op == "MatMul":
         other = node.input[1 - index]
         if other not in cm.consts:
             return None
-        w = np.abs(cm.consts[other].astype(np.float64)) ** power
+        w = _abs_power(cm, other, power)
         if w.ndim < 2:
             return None
         k = w.ndim - 2 if index == 0 else w.ndim - 1

@@ -108,6 +108,31 @@ def test_released_pages_read_back_the_same_values(tmp_path):
         np.testing.assert_array_equal(v, before[k])
 
 
+def _file_pages_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RssFile from /proc")
+def test_a_run_hands_the_weights_pages_back_while_it_reads_them(tmp_path):
+    """A probe-style run over weights fed from the file's memory map ends holding none of their pages
+    (the sweeper hands them back during the run and at its end), and computes the same outputs."""
+    m = _mlp(4, hidden=1024, inner=16384)          # w1 2 MB, w2 64 MB
+    path = str(tmp_path / "m.onnx")
+    onnx.save_model(m, path)
+    x = np.random.default_rng(2).standard_normal((2, 32)).astype(np.float32)
+    proto, arrays = io.load_lazily(path)
+    runner = probing.output_runner(proto, arrays)
+    assert runner.fed, "the big weights are fed from the memory map, not copied into the session"
+    before = _file_pages_mb()
+    got = runner.run({"x": x})["y"]
+    assert _file_pages_mb() - before < 16, "the run kept the weights' 64 MB of pages"
+    want = _run(m, x)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    np.asarray(arrays["w2"]).sum()                  # reading outside a run touches them, as before
+    assert _file_pages_mb() - before > 48
+
+
 def test_a_pruned_file_model_keeps_stubs_until_written_and_runs_like_the_filled_one(tmp_path):
     m = _mlp(3, hidden=64, inner=256)
     path = str(tmp_path / "m.onnx")
