@@ -244,11 +244,11 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
             cut = _cut_step(step, first, opts, target, k, tag, progress, final=True)
         units = all_units(step.removal)
         if len(units):
-            current, current_weights, after, channels = cut
+            current, current_weights, after, changed = cut
             if opts.map_path is not None:
                 step_kept = mapfile.step_map(step.analysis, units)
                 kept_map = step_kept if kept_map is None else mapfile.compose(kept_map, step_kept)
-                compensated |= {n for n, v in channels.consts.items() if v is not step.analysis.channels.consts.get(n)}
+                compensated |= changed
         history.append(step)
     report = _report(first, history, current, after, opts, target)
     if rotated is not None:
@@ -262,9 +262,10 @@ def _prune(model, opts, scorer, target, output, progress, analysis) -> PruneResu
 
 
 def _cut_step(step: Step, first: Analysis, opts: PruneOptions, target, k: int, tag: str, progress, final=False):
-    """Plan, compensate, cut and validate one step: ``(model, weights, probe, channel model)`` of the
-    pruned model, or Nones when the plan removes nothing.  ``final``: no other plan of this step
-    follows (a latency target tries several), so the compensation's Hessians go before validation."""
+    """Plan, compensate, cut and validate one step: ``(model, weights, probe, names of the weights the
+    compensation changed)`` of the pruned model, or Nones when the plan removes nothing.  ``final``: no
+    other plan of this step follows (a latency target tries several), so the compensation's Hessians go
+    before validation.  The new weights live in a temporary file's memory map (``weights.spilled``)."""
     _plan(step, first, opts, target, k, progress)
     source, channels = _compensated(step, step.removal, progress)
     if final and step.compensation is not None:
@@ -272,11 +273,15 @@ def _cut_step(step: Step, first: Analysis, opts: PruneOptions, target, k: int, t
     units = all_units(step.removal)
     progress(f"{tag}removing {len(units)} channels from {len(step.removal)} groups")
     if not len(units):
-        return None, None, None, channels
+        return None, None, None, set()
     model, weights = slicing.cut(source, channels, step.analysis.probe, units)
+    changed = {n for n, v in channels.consts.items() if v is not step.analysis.channels.consts.get(n)}
     weight_store.release_pages(channels.consts.values())
+    source = channels = None     # the compensated weights before slicing (SmolLM2: 146 MB) are not read again
+    weights = weight_store.spilled(weights)
+    weight_store.trim_heap()
     progress("validating the pruned model in onnxruntime")
-    return model, weights, validate(model, first, opts.input_shapes, weights=weights), channels
+    return model, weights, validate(model, first, opts.input_shapes, weights=weights), changed
 
 
 def _reach_latency(step: Step, first: Analysis, opts: PruneOptions, target, k: int, tag: str, progress):

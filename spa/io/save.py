@@ -86,7 +86,8 @@ def _write_external(proto, weights, folder, name, data_name) -> None:
                 f.write(b"\0" * offset)
             start = f.tell()
             if stub:
-                f.write(_raw_bytes(weights_mod.array_of(t, weights)))
+                f.write(_raw_bytes(value := weights_mod.array_of(t, weights)))
+                weights_mod.release_pages([value])
             else:
                 f.write(t.raw_data)
             h = weights_mod.header(t) if stub else _without_data(t)
@@ -184,7 +185,8 @@ def _write_stream(proto, plan, path, weights=None) -> None:
                     head, nbytes = stub
                     f.write(head)
                     f.write(_RAW_TAG + _varint(nbytes))
-                    f.write(_raw_bytes(weights_mod.array_of(t, weights)))
+                    f.write(_raw_bytes(value := weights_mod.array_of(t, weights)))
+                    weights_mod.release_pages([value])   # a pruned model's are read from a memory map too
                     continue
                 data = t.SerializeToString()
                 if len(data) != n:

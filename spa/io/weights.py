@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import tempfile
 import threading
 
 import numpy as np
@@ -214,6 +215,45 @@ def pages_handed_back(arrays, every: float = SWEEP_SECONDS):
         stop.set()
         sweeper.join()
         _hand_back(ranges)
+
+
+#: bytes: new weights of more than this in all (surgery's) are kept in a temporary file's memory map
+#: (:func:`spilled`); below it a file is not worth its system calls
+SPILL_ABOVE = 64 << 20
+#: byte alignment of each array in the temporary file
+SPILL_ALIGN = 64
+
+
+def spilled(arrays: dict, directory=None) -> dict:
+    """``arrays`` with the big ones that are not views of a memory map already (the slices and
+    compensated weights surgery makes) written end to end to an unlinked temporary file (in
+    ``directory``, by default ``tempfile``'s: ``TMPDIR``) and replaced by read-only views of its
+    memory map, when they pass ``SPILL_ABOVE`` in all.  As arrays they stayed resident through
+    validation, the guard and the write (SmolLM2 at 10%: 290 MB); as a map they cost the page cache,
+    and a run hands their pages back (:func:`pages_handed_back`) as it does the original's.  The
+    file goes when the last view does.  Without room on disk they stay as they are."""
+    big = {k: v for k, v in arrays.items()
+           if isinstance(v, np.ndarray) and v.nbytes > RELEASE_ABOVE and not _mapped_ranges([v])}
+    if sum(v.nbytes for v in big.values()) <= SPILL_ABOVE:
+        return arrays
+    offsets, end = {}, 0
+    for k, v in big.items():
+        offsets[k] = end
+        end += -(-v.nbytes // SPILL_ALIGN) * SPILL_ALIGN
+    try:
+        with tempfile.TemporaryFile(dir=directory, prefix="spa-weights-") as f:
+            for k, v in big.items():
+                f.seek(offsets[k])
+                f.write(np.ascontiguousarray(v).reshape(-1).view(np.uint8).data)
+            f.truncate(end)
+            f.flush()
+            mm = mmap.mmap(f.fileno(), end, access=mmap.ACCESS_READ)
+    except OSError:
+        return arrays
+    out = dict(arrays)
+    for k, v in big.items():
+        out[k] = np.frombuffer(mm, dtype=v.dtype, count=v.size, offset=offsets[k]).reshape(v.shape)
+    return out
 
 
 def trim_heap() -> None:

@@ -143,10 +143,11 @@ def _cosines(reference: list, outputs) -> dict:
 
 def reference_runs(runner, feeds) -> tuple[list, list]:
     """``(feeds, outputs)``: ``runner`` run on ``feeds`` while the outputs kept stay within
-    ``REFERENCE_BYTES`` (the first batch always)."""
+    ``REFERENCE_BYTES`` (the first batch always).  The outputs are copies: one that an arena session
+    returned keeps the session's whole arena while it lives."""
     kept, outputs, size = [], [], 0
     for f in feeds:
-        out = runner.run(f)
+        out = {k: np.array(v) for k, v in runner.run(f).items()}
         size += sum(np.asarray(v).nbytes for v in out.values())
         if outputs and size > REFERENCE_BYTES:
             break
@@ -169,11 +170,13 @@ def reference(first, opts, progress=None, ahead: int = 0) -> Reference:
     data, or two synthetic ones, within ``REFERENCE_BYTES``), the original's outputs on them and the
     task metric of each output.  Run before surgery, while the original's weights are read anyway,
     and their pages handed back: the guard then runs only the pruned model (running the original
-    after surgery would hold both models' weights at once: 1.5x a 1B decoder's size).  The session
-    runs without onnxruntime's arena, and the heap is trimmed after it: an output kept from an arena
-    session kept the whole arena (SmolLM2's 200 MB of logits held 0.58 GB to the end of the prune)."""
+    after surgery would hold both models' weights at once: 1.5x a 1B decoder's size).  The outputs
+    kept are copies and the heap is trimmed after the session: an output kept from an arena session
+    kept the whole arena (SmolLM2's 200 MB of logits held 0.58 GB to the end of the prune).  The
+    session keeps its arena: without one, a run of 4 x 256 tokens of SmolLM2 peaked 0.36 GB higher
+    (every tensor malloc'd apart)."""
     feeds, what = eval_feeds(first, opts, progress=progress, ahead=ahead)
-    original = probing.output_runner(first.model, first.probe.consts, arena=False)
+    original = probing.output_runner(first.model, first.probe.consts)
     kept, outputs = reference_runs(original, feeds)
     del original
     release_pages(first.probe.consts.values())
@@ -204,7 +207,7 @@ def guard(ref: Reference, pruned, weights, opts) -> dict:
     model, top-1 for class scores, greedy CTC decoding for a recogniser...), the cosine beside it,
     which inputs it was measured on, and a ``caution`` where those are unlike the model's data.  The
     cosine alone says little: 0.99 on a decoder at 1.3x dense perplexity, 0.91 on one at 13x."""
-    runner = probing.output_runner(pruned, initializer_arrays(pruned, weights), arena=False)
+    runner = probing.output_runner(pruned, initializer_arrays(pruned, weights))
     out = compare_runs(ref.outputs, (runner.run(f) for f in ref.feeds), metrics=ref.metrics, feeds=ref.feeds)
     del runner
     trim_heap()

@@ -37,6 +37,7 @@ import numpy as np
 from ..runtime import calib as calib_mod, probing, synthetic as synthetic_inputs
 from ..runtime.calib import exposing_session
 from ..errors import SpaError
+from ..io.weights import release_pages, trim_heap
 from ..progress import stepper
 from .hessians import Hessians, bn_moments, hessian_from_bn, split_bias, with_bias
 from .obs import obs_group, obs_scores
@@ -425,6 +426,7 @@ def problem(c: Consumer, owner, n_units, weights, gone, hs):
     H0, mean0 = hs.H[c.key], hs.mean[c.key]
     safe = np.where(cols >= 0, cols, 0)
     W = W0[:, safe]
+    release_pages([weights[c.weight]])   # W is a copy: the original's memory-mapped pages can go
     H = np.asarray(H0[np.ix_(safe, safe)], np.float64)
     mean = mean0[safe].astype(np.float64)
     pad = cols < 0
@@ -446,6 +448,7 @@ def problem(c: Consumer, owner, n_units, weights, gone, hs):
 
 def _write_back(c: Consumer, W_new, cols, owner, removed_local, weights, gone):
     W_full = c.matrix(weights[c.weight]).copy()
+    release_pages([weights[c.weight]])
     if c.bias is not None:
         W_new, b = split_bias(W_new)
         weights[c.bias] = b.reshape(weights[c.bias].shape).astype(weights[c.bias].dtype)
@@ -534,5 +537,7 @@ def prune_groups(an, per_group, hs, counts, *, damp=DAMP, progress=_quiet, chose
             _write_back(c, W_new, p[4], owner, removed, weights, gone)
         results[g.id] = GroupResult(removed, info["cost"], info["how"], sorted({hs.source[c.key] for c, _ in used}),
                                     info.get("first_costs", np.zeros(0)))
+        del probs, removed, W_news
+        trim_heap()   # a group's float64 problems (19 MB each for SmolLM2's down_proj) stay in malloc's heaps
     changed = {k: v for k, v in weights.items() if v is not an.channels.consts.get(k)}
     return results, changed

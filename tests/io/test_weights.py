@@ -133,6 +133,24 @@ def test_a_run_hands_the_weights_pages_back_while_it_reads_them(tmp_path):
     assert _file_pages_mb() - before > 48
 
 
+def test_spilled_weights_are_the_same_values_in_an_unlinked_memory_map(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "SPILL_ABOVE", 1 << 20)
+    rng = np.random.default_rng(5)
+    made = {"a": rng.standard_normal((700, 600)).astype(np.float32),       # 1.7 MB: over RELEASE_ABOVE
+            "b": rng.standard_normal((3, 1000, 201)).astype(np.float16),     # 1.2 MB
+            "small": np.arange(10, dtype=np.int64)}
+    got = weights.spilled(made, directory=tmp_path)
+    assert os.listdir(tmp_path) == []                 # the file has no name: it goes with its last view
+    assert got["small"] is made["small"]              # small arrays stay as they are
+    for k in ("a", "b"):
+        np.testing.assert_array_equal(got[k], made[k])
+        assert got[k].dtype == made[k].dtype and not got[k].flags.writeable
+        assert got[k].ctypes.data % weights.SPILL_ALIGN == 0
+    assert weights.spilled(got, directory=tmp_path)["a"] is got["a"]   # views of a map are not written again
+    monkeypatch.setattr(weights, "SPILL_ABOVE", 1 << 30)
+    assert weights.spilled(made)["a"] is made["a"]    # below the threshold nothing moves
+
+
 def test_a_pruned_file_model_keeps_stubs_until_written_and_runs_like_the_filled_one(tmp_path):
     m = _mlp(3, hidden=64, inner=256)
     path = str(tmp_path / "m.onnx")
