@@ -187,7 +187,7 @@ def release_pages(arrays) -> None:
 
 
 #: seconds between two hand-backs of the weights' pages while onnxruntime reads them
-SWEEP_SECONDS = 0.05
+SWEEP_SECONDS = 0.01
 
 
 @contextlib.contextmanager
